@@ -6,11 +6,13 @@ it taps the pre-logits vector. The loss is computed from the heads, shallow to d
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+import contextlib
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._lookup import find_module, module_names
 from .heads import BottleneckHead, HeadFactory
@@ -94,6 +96,19 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     return torch.zeros(1, channels, height, width, device=device, dtype=dtype)
 
 
+@contextlib.contextmanager
+def keep_running_stats(module: nn.Module) -> Iterator[None]:
+    """Undo buffer updates made inside the block, so that recomputing a head in backward does
+    not count the batch twice in its batch-norm running statistics."""
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
 class GradualSelfDistiller(nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
@@ -114,6 +129,8 @@ class GradualSelfDistiller(nn.Module):
             shape; default one zero image at the model's configured input size.
         check_finite: Raise ``FloatingPointError`` naming the culprits when the loss is not
             finite (one device sync per training step; skipped under ``torch.compile``).
+        checkpoint_heads: Recompute the heads during backward instead of keeping their
+            activations, bounding their extra memory at the price of a second head forward.
     """
 
     def __init__(
@@ -130,6 +147,7 @@ class GradualSelfDistiller(nn.Module):
         num_prefix_tokens: Optional[int] = None,
         example_input: Optional[torch.Tensor] = None,
         check_finite: bool = True,
+        checkpoint_heads: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -182,6 +200,7 @@ class GradualSelfDistiller(nn.Module):
         self.num_classes = int(classes)
         self.hidden_size = int(pre_logits.shape[1])
         self.check_finite = check_finite
+        self.checkpoint_heads = checkpoint_heads
         self.heads = nn.ModuleList(
             head_factory(
                 in_channels=channels_of(seen[name].shape, layout),
@@ -287,7 +306,7 @@ class GradualSelfDistiller(nn.Module):
 
         head_logits, head_features = [], []
         for head, output, layout in zip(self.heads, stage_outputs, self.layouts):
-            z, f = head(to_feature_map(output, layout, self.num_prefix_tokens))
+            z, f = self._run_head(head, to_feature_map(output, layout, self.num_prefix_tokens))
             head_logits.append(z)
             head_features.append(f)
         head_logits.append(logits)
@@ -301,6 +320,16 @@ class GradualSelfDistiller(nn.Module):
         if self.check_finite and not torch.compiler.is_compiling():
             self._check_finite(loss, losses, names, head_logits, head_features)
         return DistillerOutput(logits, loss, losses, tuple(head_logits), tuple(head_features))
+
+    def _run_head(self, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (self.checkpoint_heads and torch.is_grad_enabled()):
+            return head(x)
+        return checkpoint(
+            head,
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), keep_running_stats(head)),
+        )
 
     def _check_captured(self, stage_outputs: list, pre_logits: object) -> None:
         missing = [n for n, out in zip(self.stage_names, stage_outputs) if out is None]
