@@ -37,6 +37,7 @@ class StageTaps:
         self.input_names = tuple(input_names)
         self._store: dict[str, dict[str, torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = []
+        self.active = True  # a plain flag: torch.compile cannot inspect hook handles
         try:
             for name in self.names:
                 hook = partial(self._record_output, name)
@@ -85,17 +86,13 @@ class StageTaps:
         finally:
             self.stop(str(device))
 
-    @property
-    def active(self) -> bool:
-        """Whether any hook is still attached."""
-        return bool(self._handles)
-
     def remove(self) -> None:
         """Detach every hook; safe to call more than once."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._store.clear()
+        self.active = False
 
 
 def to_feature_map(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) -> torch.Tensor:
