@@ -1,0 +1,102 @@
+"""What every dataset builder returns, and image loading that names the file that failed."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger("gsdnet")
+
+ImageSource = Union[Path, np.ndarray]
+
+
+class LabelFileError(ValueError):
+    """A label file line that cannot be parsed; the message names the file and line."""
+
+
+class ImageList(Dataset):
+    """``(image, label)`` pairs from a list of files (or in-memory uint8 arrays) and labels.
+
+    Images are decoded lazily and converted to RGB; a corrupt file raises an error naming it.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[ImageSource],
+        labels: Sequence[int],
+        transform: Optional[Callable] = None,
+    ) -> None:
+        if len(sources) != len(labels):
+            raise ValueError(f"{len(sources)} images but {len(labels)} labels")
+        self.sources = list(sources)
+        self.labels = [int(label) for label in labels]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def load(self, index: int) -> Image.Image:
+        source = self.sources[index]
+        if isinstance(source, np.ndarray):
+            return Image.fromarray(source).convert("RGB")
+        try:
+            with Image.open(source) as image:
+                return image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:
+            raise OSError(f"cannot read image {source}: {error}") from error
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's train and test splits (and validation, where the protocol has one).
+
+    Attributes:
+        classes: Class names in label order (label ``i`` is ``classes[i]``).
+        description: One line for the log (layout, counts, protocol).
+        hflip: Whether horizontal flipping preserves the label (faces: yes; digits: no).
+        train_weights: Per-sample weights for class-balanced sampling, when requested.
+        notes: Counts of anything dropped while parsing, by reason, for the log and metrics.
+    """
+
+    train: ImageList
+    test: ImageList
+    classes: list[str]
+    description: str
+    val: Optional[ImageList] = None
+    hflip: bool = True
+    train_weights: Optional[torch.Tensor] = None
+    notes: dict[str, int] = field(default_factory=dict)
+
+
+def require_files(paths: Sequence[Path], what: str) -> None:
+    """Raise one error listing missing images (count and the first few paths)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = "\n  ".join(str(p) for p in missing[:5])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(paths)} {what} images are missing, e.g.:\n  {shown}"
+        )
+
+
+def require_path(path: Path, hint: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; {hint}")
+    return path
+
+
+def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-sample weights ``1 / count(label)`` so that every class is drawn equally often."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    return (1.0 / counts.clamp(min=1))[torch.as_tensor(labels)]

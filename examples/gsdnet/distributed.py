@@ -1,0 +1,102 @@
+"""Process-group setup for ``torchrun`` (gloo on CPU, NCCL on CUDA) and the samplers it needs."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False  # whether init_distributed created the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
+    if world_size == 1:
+        return DistEnv(0, 1, device)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns_group)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Give every process rank 0's BatchNorm statistics, so all evaluate the checkpointed model."""
+    if env.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class WeightedShardSampler(Sampler[int]):
+    """Draw ``len(weights)`` indices with replacement in proportion to ``weights`` (the same
+    draw on every process, seeded by ``seed + epoch``) and keep this process's share."""
+
+    def __init__(self, weights: torch.Tensor, rank: int, world_size: int, seed: int) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_samples = math.ceil(len(self.weights) / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.num_samples * self.world_size
+        draw = torch.multinomial(self.weights, total, replacement=True, generator=generator)
+        return iter(draw[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def shard_indices(length: int, env: Optional[DistEnv]) -> list[int]:
+    """This process's share of an evaluation set, without the padding DistributedSampler adds."""
+    if env is None or not env.distributed:
+        return list(range(length))
+    return list(range(env.rank, length, env.world_size))
