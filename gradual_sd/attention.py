@@ -11,7 +11,7 @@ takes ``attn_layer=`` or ``se_layer=``.
 """
 from __future__ import annotations
 
-from typing import Optional, Type, Union
+from typing import Any, Optional, Type, Union
 
 import torch
 from einops import rearrange
@@ -61,7 +61,7 @@ class ACAM(nn.Module):
                 raise ValueError(f"ACAM rd_ratio must be > 0, got {rd_ratio!r}")
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         rd_channels = max(1, int(rd_channels))
-        dd = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
         self.channels = channels
         self.rd_channels = rd_channels
         self.normalize_weights = normalize_weights

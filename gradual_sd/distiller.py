@@ -7,7 +7,7 @@ it taps the pre-logits vector. The loss is computed from the heads, shallow to d
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,9 @@ class GradualSelfDistiller(nn.Module):
             activations, bounding their extra memory at the price of a second head forward.
     """
 
+    teacher_projection_weight: torch.Tensor
+    teacher_projection_bias: torch.Tensor
+
     def __init__(
         self,
         model: nn.Module,
@@ -168,21 +171,14 @@ class GradualSelfDistiller(nn.Module):
         self._validate_names(model, names, classifier_name)
 
         example = default_example_input(model) if example_input is None else example_input
-        seen, order, logits = self._probe(model, names, classifier_name, example)
+        shapes, order, classes = self._probe(model, names, classifier_name, example)
         if order != names:
             raise ValueError(
                 f"stage_names must be listed shallow to deep in the order they run; got {names}, "
                 f"but they ran as {order}"
             )
         layout_hint = stage_layout or getattr(model, "output_fmt", None)
-        layouts = [infer_layout(seen[name].shape, name, layout_hint) for name in names]
-        pre_logits = seen[classifier_name]
-        if not isinstance(pre_logits, torch.Tensor) or pre_logits.dim() != 2:
-            shape = tuple(pre_logits.shape) if isinstance(pre_logits, torch.Tensor) else pre_logits
-            raise ValueError(
-                f"classifier {classifier_name!r} must take a (N, D) pre-logits tensor, got {shape}"
-            )
-        classes = logits.shape[-1]
+        layouts = [infer_layout(shapes[name], name, layout_hint) for name in names]
         if num_classes is not None and num_classes != classes:
             raise ValueError(
                 f"num_classes={num_classes} but the model's classifier {classifier_name!r} "
@@ -197,29 +193,30 @@ class GradualSelfDistiller(nn.Module):
         self.num_prefix_tokens = int(
             getattr(model, "num_prefix_tokens", 0) if num_prefix_tokens is None else num_prefix_tokens
         )
-        self.num_classes = int(classes)
-        self.hidden_size = int(pre_logits.shape[1])
+        self.num_classes = classes
+        self.hidden_size = int(shapes[classifier_name][1])
         self.check_finite = check_finite
         self.checkpoint_heads = checkpoint_heads
         self.heads = nn.ModuleList(
             head_factory(
-                in_channels=channels_of(seen[name].shape, layout),
+                in_channels=channels_of(shapes[name], layout),
                 hidden_size=self.hidden_size,
                 num_classes=self.num_classes,
                 feature_dim=feature_dim,
             )
             for name, layout in zip(names, layouts)
         )
+        reference = next(model.parameters(), None)
+        dd: dict[str, Any] = {}
+        if reference is not None and reference.is_floating_point():
+            dd = {"device": reference.device, "dtype": reference.dtype}
+            self.heads.to(**dd)
         # The last classifier's feature only ever serves as a detached teacher, so (as in the
         # reference code, where it never receives a gradient) it is a fixed random projection.
         # Buffers, not frozen parameters: DDP must not expect gradients for them.
-        projection = nn.Linear(self.hidden_size, feature_dim)
+        projection = nn.Linear(self.hidden_size, feature_dim, **dd)
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())
-        reference = next(model.parameters(), None)
-        if reference is not None and reference.is_floating_point():
-            self.heads.to(device=reference.device, dtype=reference.dtype)
-            self.to(device=reference.device)
         self.taps = StageTaps(model, names, input_names=[classifier_name])
 
     @staticmethod
@@ -240,8 +237,10 @@ class GradualSelfDistiller(nn.Module):
     @staticmethod
     def _probe(
         model: nn.Module, names: list[str], classifier_name: str, example: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], list[str], torch.Tensor]:
-        output: list[torch.Tensor] = []
+    ) -> tuple[dict[str, torch.Size], list[str], int]:
+        """Shapes of every stage output and of the pre-logits, their run order, and the number
+        of classes, from one dry run; raises for anything the heads could not use."""
+        output: list[object] = []
         hook = model.register_forward_hook(lambda module, args, out: output.append(out))
         try:
             seen, order = probe_outputs(model, names, example, input_names=[classifier_name])
@@ -253,6 +252,7 @@ class GradualSelfDistiller(nn.Module):
         missing = [name for name in [*names, classifier_name] if name not in seen]
         if missing:
             raise ValueError(f"modules {missing} did not run in a forward pass of the model")
+        shapes: dict[str, torch.Size] = {}
         for name in names:
             value = seen[name]
             if not isinstance(value, torch.Tensor):
@@ -260,7 +260,15 @@ class GradualSelfDistiller(nn.Module):
                     f"stage {name!r} returns {type(value).__name__}, not a feature-map tensor"
                 )
             infer_layout(value.shape, name)
-        return seen, order, logits
+            shapes[name] = value.shape
+        pre_logits = seen[classifier_name]
+        if not isinstance(pre_logits, torch.Tensor) or pre_logits.dim() != 2:
+            got = tuple(pre_logits.shape) if isinstance(pre_logits, torch.Tensor) else pre_logits
+            raise ValueError(
+                f"classifier {classifier_name!r} must take a (N, D) pre-logits tensor, got {got}"
+            )
+        shapes[classifier_name] = pre_logits.shape
+        return shapes, order, int(logits.shape[-1])
 
     @property
     def attached(self) -> bool:
@@ -299,10 +307,10 @@ class GradualSelfDistiller(nn.Module):
             logits = self.model(images)
         finally:
             self.taps.stop(device)
-        stage_outputs = [captured.get(name) for name in self.stage_names]
-        pre_logits = captured.get(self.classifier_name)
         if not torch.compiler.is_compiling():
-            self._check_captured(stage_outputs, pre_logits)
+            self._check_captured(captured)
+        stage_outputs = [captured[name] for name in self.stage_names]
+        pre_logits = captured[self.classifier_name]
 
         head_logits, head_features = [], []
         for head, output, layout in zip(self.heads, stage_outputs, self.layouts):
@@ -331,10 +339,8 @@ class GradualSelfDistiller(nn.Module):
             context_fn=lambda: (contextlib.nullcontext(), keep_running_stats(head)),
         )
 
-    def _check_captured(self, stage_outputs: list, pre_logits: object) -> None:
-        missing = [n for n, out in zip(self.stage_names, stage_outputs) if out is None]
-        if pre_logits is None:
-            missing.append(self.classifier_name)
+    def _check_captured(self, captured: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in (*self.stage_names, self.classifier_name) if n not in captured]
         if missing:
             raise RuntimeError(
                 f"modules {missing} did not run during this forward pass, so their heads cannot "
@@ -342,7 +348,7 @@ class GradualSelfDistiller(nn.Module):
                 "blocks directly and skips these hooks; disable it, or tap modules that run"
             )
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()):
-            stale = [n for n, out in zip(self.stage_names, stage_outputs) if not out.requires_grad]
+            stale = [n for n in self.stage_names if not captured[n].requires_grad]
             if stale:
                 raise RuntimeError(
                     f"stages {stale} produced outputs without gradient history (gradient "

@@ -144,7 +144,7 @@ def probe_outputs(
         model.eval()
         with torch.no_grad(), taps.capture(example_input.device) as captured:
             model(example_input)
-            seen = dict(captured)
+            seen: dict[str, object] = dict(captured)
     finally:
         model.train(was_training)
         taps.remove()

@@ -4,6 +4,8 @@ import gc
 import weakref
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import timm
 import torch
 import torchvision
@@ -338,3 +340,27 @@ def test_custom_head_factory_is_called_with_stage_widths():
     assert calls == [
         {"in_channels": c, "hidden_size": 512, "num_classes": 5, "feature_dim": 32} for c in (64, 128, 256)
     ]
+
+
+@given(
+    n=st.integers(2, 4),  # BatchNorm in training needs two values per channel
+    height=st.integers(8, 40),
+    width=st.integers(8, 40),
+    classes=st.integers(2, 6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+@settings(max_examples=20, deadline=None)
+def test_any_input_size_batch_and_dtype(n, height, width, classes, dtype):
+    torch.manual_seed(0)
+    model = TinyCNN(classes).to(dtype)
+    distiller = GradualSelfDistiller(
+        model, ["stem", "block1", "block2"], example_input=torch.zeros(1, 3, 16, 16, dtype=dtype)
+    )
+    images = torch.randn(n, 3, height, width, dtype=dtype)
+    targets = torch.arange(n) % classes
+    out = distiller.train()(images, targets)
+    assert [z.shape for z in out.head_logits] == [(n, classes)] * 4
+    assert all(z.dtype == dtype for z in out.head_logits) and torch.isfinite(out.loss)
+    out.loss.backward()
+    distiller.eval()
+    torch.testing.assert_close(distiller(images).logits, model(images), rtol=0, atol=0)
