@@ -191,6 +191,11 @@ class GradualDistillationLoss(nn.Module):
             )
         return torch.stack(list(losses.values())).sum(), losses
 
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The plain classification term (validated targets, float32, label smoothing)."""
+        check_targets(targets, logits.shape[0], logits.shape[1])
+        return self._cross_entropy(logits, targets)
+
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets = targets.float() if targets.is_floating_point() else targets.long()
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
