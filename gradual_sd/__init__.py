@@ -1,4 +1,5 @@
 """gradual-sd: GSDNet's gradual self distillation and ACAM attention for any PyTorch backbone."""
+
 from .attention import ACAM, NormalizedACAM
 from .distiller import DistillerOutput, GradualSelfDistiller, default_stage_names
 from .heads import BottleneckHead, HeadFactory, PooledHead

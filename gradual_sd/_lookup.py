@@ -1,4 +1,5 @@
 """Find submodules by dotted name, with errors that list the names a model does have."""
+
 from __future__ import annotations
 
 import difflib

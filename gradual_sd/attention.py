@@ -9,9 +9,10 @@ The constructor follows timm's attention-layer contract (``channels, rd_ratio, r
 rd_divisor, act_layer, gate_layer, device, dtype``), so ``ACAM`` can be passed wherever timm
 takes ``attn_layer=`` or ``se_layer=``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional, Type, Union
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -44,14 +45,14 @@ class ACAM(nn.Module):
         self,
         channels: int,
         rd_ratio: float = 1.0 / 16,
-        rd_channels: Optional[int] = None,
+        rd_channels: int | None = None,
         rd_divisor: int = 1,
-        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
-        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        act_layer: str | type[nn.Module] = nn.ReLU,
+        gate_layer: str | type[nn.Module] = "sigmoid",
         mlp_bias: bool = True,
         normalize_weights: bool = False,
-        device: Optional[torch.device] = None,
-        dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(channels, int) or channels < 1:

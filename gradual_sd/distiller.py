@@ -4,10 +4,12 @@ Forward hooks tap the outputs of named stages; one head per stage turns a stage 
 logits and a feature; the model's own classifier is the deepest head, and a forward pre-hook on
 it taps the pre-logits vector. The loss is computed from the heads, shallow to deep.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ class DistillerOutput(NamedTuple):
     """
 
     logits: torch.Tensor
-    loss: Optional[torch.Tensor]
+    loss: torch.Tensor | None
     losses: dict[str, torch.Tensor]
     head_logits: tuple[torch.Tensor, ...]
     head_features: tuple[torch.Tensor, ...]
@@ -78,9 +80,7 @@ def find_classifier_name(model: nn.Module) -> str:
             return name
     linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
     if not linear:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear classifier; pass classifier_name"
-        )
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; pass classifier_name")
     return linear[-1]
 
 
@@ -139,16 +139,16 @@ class GradualSelfDistiller(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        stage_names: Optional[Sequence[str]] = None,
+        stage_names: Sequence[str] | None = None,
         *,
-        loss: Optional[GradualDistillationLoss] = None,
+        loss: GradualDistillationLoss | None = None,
         head_factory: HeadFactory = BottleneckHead,
         feature_dim: int = 128,
-        classifier_name: Optional[str] = None,
-        num_classes: Optional[int] = None,
-        stage_layout: Optional[Layout] = None,
-        num_prefix_tokens: Optional[int] = None,
-        example_input: Optional[torch.Tensor] = None,
+        classifier_name: str | None = None,
+        num_classes: int | None = None,
+        stage_layout: Layout | None = None,
+        num_prefix_tokens: int | None = None,
+        example_input: torch.Tensor | None = None,
         check_finite: bool = True,
         checkpoint_heads: bool = False,
     ) -> None:
@@ -256,9 +256,7 @@ class GradualSelfDistiller(nn.Module):
         for name in names:
             value = seen[name]
             if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"stage {name!r} returns {type(value).__name__}, not a feature-map tensor"
-                )
+                raise ValueError(f"stage {name!r} returns {type(value).__name__}, not a feature-map tensor")
             infer_layout(value.shape, name)
             shapes[name] = value.shape
         pre_logits = seen[classifier_name]
@@ -278,9 +276,9 @@ class GradualSelfDistiller(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
+        targets: torch.Tensor | None = None,
         *,
-        run_heads: Optional[bool] = None,
+        run_heads: bool | None = None,
     ) -> DistillerOutput:
         """Classify ``images``; in training with ``targets``, also run the heads and the loss.
 
@@ -368,9 +366,7 @@ class GradualSelfDistiller(nn.Module):
             return
         bad_terms = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
         bad_logits = [n for n, z in zip(names, head_logits) if not bool(torch.isfinite(z).all())]
-        bad_features = [
-            n for n, f in zip(names, head_features) if not bool(torch.isfinite(f).all())
-        ]
+        bad_features = [n for n, f in zip(names, head_features) if not bool(torch.isfinite(f).all())]
         raise FloatingPointError(
             f"non-finite loss ({loss.item()}): terms {bad_terms}; non-finite logits from heads "
             f"{bad_logits}; non-finite features from heads {bad_features}"
@@ -385,7 +381,7 @@ class GradualSelfDistiller(nn.Module):
         self.remove()
         return self.model
 
-    def __enter__(self) -> "GradualSelfDistiller":
+    def __enter__(self) -> GradualSelfDistiller:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -4,9 +4,11 @@ A head maps a ``(N, C, H, W)`` stage output to ``(logits, feature)``: class logi
 feature vector used by the feature-distillation term. Any module with that contract can be
 used; :class:`GradualSelfDistiller` builds one per stage through a :data:`HeadFactory`.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Type
+from typing import Protocol
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,8 +42,8 @@ class BottleneckHead(nn.Module):
         hidden_size: int,
         num_classes: int,
         feature_dim: int = 128,
-        attn_layer: Optional[AttnFactory] = ACAM,
-        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        attn_layer: AttnFactory | None = ACAM,
+        norm_layer: type[nn.Module] = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
         self.attn = attn_layer(in_channels) if attn_layer is not None else nn.Identity()
@@ -70,7 +72,7 @@ class PooledHead(nn.Module):
         hidden_size: int,
         num_classes: int,
         feature_dim: int = 128,
-        attn_layer: Optional[AttnFactory] = ACAM,
+        attn_layer: AttnFactory | None = ACAM,
     ) -> None:
         super().__init__()
         del hidden_size  # part of the factory contract; this head keeps the stage's width

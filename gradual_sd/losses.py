@@ -13,9 +13,11 @@ Two formulations of the pair terms:
 The soft cross-entropy and the KL divergence differ by the teacher's entropy, a constant for
 the student, so both give the same gradients up to the ``T**2`` factor.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +96,7 @@ def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int) -> N
             f"tensor); got dtype {targets.dtype}"
         )
     if targets.shape != (batch_size,):
-        raise ValueError(
-            f"class-index targets must have shape ({batch_size},), got {tuple(targets.shape)}"
-        )
+        raise ValueError(f"class-index targets must have shape ({batch_size},), got {tuple(targets.shape)}")
     if targets.numel() and not torch.compiler.is_compiling():
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= num_classes:
@@ -161,7 +161,7 @@ class GradualDistillationLoss(nn.Module):
         logits: Sequence[torch.Tensor],
         features: Sequence[torch.Tensor],
         targets: torch.Tensor,
-        names: Optional[Sequence[str]] = None,
+        names: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the total loss and its weighted terms keyed ``ce``, ``ce/<head>``,
         ``kl/<student>`` and ``feature/<student>``."""
@@ -180,9 +180,7 @@ class GradualDistillationLoss(nn.Module):
         losses = {"ce": self._cross_entropy(logits[-1], targets)}
         for s, t in distillation_pairs(len(logits), self.teacher):
             if self.aux_ce_weight > 0:
-                losses[f"ce/{names[s]}"] = self.aux_ce_weight * self._cross_entropy(
-                    logits[s], targets
-                )
+                losses[f"ce/{names[s]}"] = self.aux_ce_weight * self._cross_entropy(logits[s], targets)
             losses[f"kl/{names[s]}"] = self.kl_weight * kl_term(
                 logits[s], logits[t].detach(), self.temperature
             )

@@ -1,7 +1,8 @@
 """Model surgery: put a module (ACAM by default) after named submodules of an existing model."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -15,9 +16,9 @@ __all__ = ["insert_after"]
 
 def insert_after(
     model: nn.Module,
-    names: Union[str, Sequence[str]],
+    names: str | Sequence[str],
     attn_layer: Callable[[int], nn.Module] = ACAM,
-    example_input: Optional[torch.Tensor] = None,
+    example_input: torch.Tensor | None = None,
 ) -> dict[str, nn.Module]:
     """Insert ``attn_layer(channels)`` after each named submodule, in place.
 

@@ -4,11 +4,13 @@ Captured tensors are kept per device, so DataParallel replicas running in thread
 overwrite each other, and only inside :meth:`StageTaps.capture`, so a plain ``model(x)`` call
 or a recomputation during backward stores nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal
+from collections.abc import Iterator, Sequence
 
 import torch
 from einops import rearrange
@@ -30,9 +32,7 @@ class StageTaps:
     name that fired to its tensor. :meth:`remove` detaches every hook.
     """
 
-    def __init__(
-        self, model: nn.Module, names: Sequence[str], input_names: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], input_names: Sequence[str] = ()) -> None:
         self.names = tuple(names)
         self.input_names = tuple(input_names)
         self._store: dict[str, dict[str, torch.Tensor]] = {}
@@ -108,7 +108,7 @@ def to_feature_map(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) 
     return rearrange(x[:, num_prefix_tokens:], "n l c -> n c l 1")
 
 
-def infer_layout(shape: torch.Size, name: str, hint: Optional[str] = None) -> Layout:
+def infer_layout(shape: torch.Size, name: str, hint: str | None = None) -> Layout:
     """Layout of a stage output from its shape; 4-D outputs are NCHW unless ``hint`` says NHWC."""
     if len(shape) == 3:
         return "NLC"
@@ -136,8 +136,7 @@ def probe_outputs(
     order: list[str] = []
     taps = StageTaps(model, names, input_names)
     order_hooks = [
-        find_module(model, name).register_forward_hook(lambda *_, n=name: order.append(n))
-        for name in names
+        find_module(model, name).register_forward_hook(lambda *_, n=name: order.append(n)) for name in names
     ]
     was_training = model.training
     try:

@@ -1,4 +1,5 @@
 """ACAM against an independent float64 reference, and inside timm models."""
+
 from functools import partial
 
 import numpy as np
@@ -169,8 +170,10 @@ def test_acam_in_byobnet():
     from timm.models.byobnet import ByoBlockCfg, ByobNet, ByoModelCfg
 
     cfg = ByoModelCfg(
-        blocks=(ByoBlockCfg(type="bottle", d=1, c=64, s=1, gs=0, br=0.25),
-                ByoBlockCfg(type="bottle", d=1, c=128, s=2, gs=0, br=0.25)),
+        blocks=(
+            ByoBlockCfg(type="bottle", d=1, c=64, s=1, gs=0, br=0.25),
+            ByoBlockCfg(type="bottle", d=1, c=128, s=2, gs=0, br=0.25),
+        ),
         stem_chs=32,
         attn_layer=ACAM,
     )

@@ -1,4 +1,5 @@
 """The distiller under torch.compile and CPU bfloat16 autocast."""
+
 import copy
 
 import pytest

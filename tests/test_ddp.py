@@ -1,4 +1,5 @@
 """Two CPU processes (gloo) train the distiller under DistributedDataParallel."""
+
 import os
 import socket
 
@@ -29,7 +30,10 @@ def worker(rank: int, world_size: int, port: int, results) -> None:
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
         for _ in range(3):
-            images, targets = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 3, (2,), generator=gen)
+            images, targets = (
+                torch.randn(2, 3, 32, 32, generator=gen),
+                torch.randint(0, 3, (2,), generator=gen),
+            )
             optimizer.zero_grad()
             ddp(images, targets).loss.backward()
             no_grad = [n for n, p in distiller.named_parameters() if p.requires_grad and p.grad is None]

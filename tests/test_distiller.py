@@ -1,4 +1,5 @@
 """GradualSelfDistiller on timm families and hand-written models: outputs, losses, hygiene."""
+
 import copy
 import gc
 import weakref
@@ -26,7 +27,10 @@ FAMILIES = {
     "convnext_atto": ({}, 64, ["stages.0", "stages.1", "stages.2"], "NCHW"),
     "vit_tiny_patch16_224": ({"img_size": 64, "depth": 4}, 64, ["blocks.0", "blocks.1", "blocks.2"], "NLC"),
     "swin_tiny_patch4_window7_224": (
-        {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)}, 64, ["layers.0", "layers.1", "layers.2"], "NHWC"
+        {"img_size": 64, "window_size": 4, "depths": (1, 1, 1, 1)},
+        64,
+        ["layers.0", "layers.1", "layers.2"],
+        "NHWC",
     ),
 }
 
@@ -272,7 +276,9 @@ def test_non_finite_loss_names_the_culprits():
     model, example = make("resnet18")
     distiller = GradualSelfDistiller(model, example_input=example)
     model.layer2[0].conv1.register_forward_hook(lambda m, a, out: out * float("nan"))
-    with pytest.raises(FloatingPointError, match=r"non-finite logits from heads \['layer2', 'layer3', 'fc'\]"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite logits from heads \['layer2', 'layer3', 'fc'\]"
+    ):
         distiller(*batch())
 
 
@@ -295,7 +301,12 @@ class TupleStage(nn.Module):
         (["global_pool"], {}, ValueError, r"stage 'global_pool' outputs a tensor of shape \(1, 512\)"),
         (["fc"], {}, ValueError, "is the model's classifier"),
         ([], {}, ValueError, "stage_names is empty"),
-        (["layer1"], {"num_classes": 7}, ValueError, "num_classes=7 but the model's classifier 'fc' outputs 5"),
+        (
+            ["layer1"],
+            {"num_classes": 7},
+            ValueError,
+            "num_classes=7 but the model's classifier 'fc' outputs 5",
+        ),
         (["layer1"], {"stage_layout": "NWHC"}, ValueError, r"stage_layout must be one of \('NCHW', 'NHWC'\)"),
         (["layer1"], {"feature_dim": 0}, ValueError, "feature_dim must be a positive int"),
     ],
@@ -308,7 +319,9 @@ def test_bad_configuration_is_refused_at_construction(stages, kwargs, error, mat
 
 
 def test_models_without_feature_info_must_name_stages():
-    with pytest.raises(ValueError, match=r"stage_names must be given.*\['stem', 'block1', 'block2', 'pool', 'classifier'\]"):
+    with pytest.raises(
+        ValueError, match=r"stage_names must be given.*\['stem', 'block1', 'block2', 'pool', 'classifier'\]"
+    ):
         GradualSelfDistiller(TinyCNN())
 
 

@@ -1,4 +1,5 @@
 """The GSD loss against independently computed values (float64 numpy)."""
+
 import numpy as np
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_teachers_receive_no_gradient_from_their_pair(teacher):
     targets = torch.tensor([0, 4, 2])
     loss = GradualDistillationLoss(teacher=teacher)
     _, terms = loss(logits, feats, targets, [str(i) for i in range(heads)])
-    for s, t in distillation_pairs(heads, teacher):
+    for s, _teacher in distillation_pairs(heads, teacher):
         grads = torch.autograd.grad(
             terms[f"kl/{s}"] + terms[f"feature/{s}"], logits + feats, allow_unused=True, retain_graph=True
         )

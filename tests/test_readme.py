@@ -1,4 +1,5 @@
 """The README's quickstart runs, and CI runs the README's test command."""
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """insert_after: attention after named stages of existing models."""
+
 import pytest
 import timm
 import torch
@@ -59,7 +60,9 @@ def test_errors_name_the_problem():
     model = timm.create_model("resnet18", num_classes=3)
     with pytest.raises(KeyError, match=r"no submodule 'layer9'"):
         insert_after(model, "layer9")
-    with pytest.raises(ValueError, match=r"'global_pool' does not output an \(N, C, H, W\) feature map \(got \(1, 512\)\)"):
+    with pytest.raises(
+        ValueError, match=r"'global_pool' does not output an \(N, C, H, W\) feature map \(got \(1, 512\)\)"
+    ):
         insert_after(model, "global_pool", example_input=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="names is empty"):
         insert_after(model, [])
