@@ -123,6 +123,8 @@ def load_weights(model: nn.Module, path: Path, classifier_prefix: str = "fc.") -
         else:
             to_load[key] = value.to(own[key].dtype)
     report.loaded = sorted(to_load)
+    report.unexpected.sort()
+    report.mismatched.sort()
     report.missing = sorted(k for k in own if k not in state)
     backbone = [k for k in own if not k.startswith(classifier_prefix) and "num_batches_tracked" not in k]
     matched = sum(k in to_load for k in backbone)

@@ -1,0 +1,226 @@
+"""The training script end to end on tiny noise-image fixtures: one epoch per layout, resume,
+the non-finite stop, the method comparison, the ablation table and a 2-process gloo run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import examples_path  # noqa: F401
+import ablation
+import train_gsdnet
+from gsdnet.datasets import build_datasets
+from gsdnet.engine import NonFiniteLossError, Trainer
+from gsdnet.metrics import accuracy, confusion_matrix
+from gsdnet.models import load_exported
+from gsdnet.transforms import eval_transform
+from test_examples_datasets import noise_image, write_affectnet, write_ferplus, write_rafdb
+
+TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu"]
+STAGES = ["layer1", "layer2", "layer3", "fc"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test models are tiny; one thread avoids oversubscribing a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def rafdb_basic(root: Path) -> list[str]:
+    labels = {f"train_{i:05d}.jpg": i % 7 + 1 for i in range(1, 17)}
+    labels.update({f"test_{i:04d}.jpg": i % 7 + 1 for i in range(1, 7)})
+    write_rafdb(root, labels)
+    return ["--dataset", "rafdb", "--data-dir", str(root)]
+
+
+def rafdb_folders(root: Path) -> list[str]:
+    for i in range(14):
+        noise_image(root / "train" / str(i % 7 + 1) / f"{i}.jpg", seed=i)
+    for i in range(4):
+        noise_image(root / "test" / str(i + 1) / f"{i}.jpg", seed=100 + i)
+    return ["--dataset", "rafdb", "--data-dir", str(root)]
+
+
+def ferplus_csvs(root: Path) -> list[str]:
+    def votes(label):
+        return [10 if j == label else 0 for j in range(10)]
+
+    rows = [("Training", votes(i % 8)) for i in range(16)]
+    rows += [("PublicTest", votes(i)) for i in range(3)] + [("PrivateTest", votes(i)) for i in range(5)]
+    write_ferplus(root, rows)
+    return ["--dataset", "ferplus", "--data-dir", str(root)]
+
+
+def affectnet_csvs(root: Path) -> list[str]:
+    write_affectnet(root, {"train": [i % 11 for i in range(22)], "test": [0, 1, 2, 3, 9]})
+    return ["--dataset", "affectnet", "--data-dir", str(root), "--balanced"]
+
+
+def image_folder(root: Path) -> list[str]:
+    for split, count in (("train", 12), ("test", 4)):
+        for i in range(count):
+            noise_image(root / split / ("ab"[i % 2]) / f"{i}.png", seed=i)
+    return ["--dataset", "imagefolder", "--data-dir", str(root)]
+
+
+def digits(root: Path) -> list[str]:
+    return ["--dataset", "digits", "--train-limit", "48"]
+
+
+LAYOUTS = {
+    "rafdb-basic": (rafdb_basic, 6),
+    "rafdb-folders": (rafdb_folders, 4),
+    "ferplus": (ferplus_csvs, 5),
+    "affectnet": (affectnet_csvs, 4),
+    "imagefolder": (image_folder, 4),
+    "digits": (digits, 364),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_one_epoch_per_layout(tmp_path, layout, capsys):
+    make, num_test = LAYOUTS[layout]
+    out = tmp_path / "run"
+    metrics = train_gsdnet.main([*make(tmp_path / "data"), *TINY, "--epochs", "1", "--output-dir", str(out)])
+    for name in ("metrics.json", "log.jsonl", "confusion_matrix.png", "model_final.pt", "model_best.pt",
+                 "checkpoint.pt", "train.log"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["num_test_samples"] == num_test == metrics["num_test_samples"]
+    assert saved["classes"] == metrics["classes"]
+    for which in ("final", "best"):
+        result = saved[which]
+        assert result["epoch"] == 1
+        assert list(result["per_head_accuracy"]) == STAGES
+        assert result["per_head_accuracy"]["fc"] == result["accuracy"]
+        assert list(result["per_class_accuracy"]) == saved["classes"]
+        assert sum(map(sum, result["confusion_matrix"])) == num_test
+    log_lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(log_lines) == 1 and "kl/layer1" in json.loads(log_lines[0])["losses"]
+    printed = capsys.readouterr().out
+    assert "epoch 1/1" in printed and str(out) in printed
+    if layout == "digits":
+        assert "NOT RAF-DB" in printed and "NOT RAF-DB" in saved["note"]
+
+
+def state_of(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    data = rafdb_basic(tmp_path / "data")
+    run = [*data, *TINY, "--epochs", "2"]
+    whole = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "whole")])
+
+    steps_per_epoch, calls = 2, {"n": 0}  # 16 images, batch 8
+    original = Trainer.check_finite
+
+    def killed_in_epoch_two(self, *args):
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 2:  # after one optimizer step of epoch 2
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "check_finite", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed")])
+    monkeypatch.setattr(Trainer, "check_finite", original)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed"), "--resume"])
+
+    expected, got = state_of(tmp_path / "whole" / "model_final.pt"), state_of(tmp_path / "killed" / "model_final.pt")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert resumed["final"] == whole["final"] and resumed["best"] == whole["best"]
+    lines = (tmp_path / "killed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+    with pytest.raises(ValueError, match="different run configuration"):
+        train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed"), "--resume", "--seed", "1"])
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    data = rafdb_basic(tmp_path / "data")
+    out = tmp_path / "run"
+    original, calls = Trainer.step_loss, {"n": 0}
+
+    def nan_in_epoch_two(self, images, targets):
+        logits, loss, losses = original(self, images, targets)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses = dict(losses, ce=losses["ce"] * float("nan"))
+            loss = loss * float("nan")
+        return logits, loss, losses
+
+    monkeypatch.setattr(Trainer, "step_loss", nan_in_epoch_two)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 0 \(terms \['ce'\]"):
+        train_gsdnet.main([*data, *TINY, "--epochs", "3", "--output-dir", str(out)])
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1 and len(saved["history"]) == 1
+    for value in saved["module"].values():
+        assert torch.isfinite(value.float()).all()
+
+
+def test_method_all_compares_the_three_rows_per_head(tmp_path):
+    out = tmp_path / "cmp"
+    result = train_gsdnet.main([*rafdb_basic(tmp_path / "data"), *TINY, "--epochs", "1",
+                                "--method", "all", "--output-dir", str(out)])
+    assert list(result["runs"]) == ["baseline", "gsd", "gsd-acam"]
+    assert list(result["runs"]["baseline"]["final"]["per_head_accuracy"]) == ["fc"]
+    text = (out / "comparison.md").read_text()
+    assert "RAF-DB basic" in text
+    rows = [line for line in text.splitlines() if line.startswith("| gsd-acam |")]
+    gsd_acam = result["runs"]["gsd-acam"]["final"]
+    assert rows[0].startswith(f"| gsd-acam | 1 | {100 * gsd_acam['accuracy']:.2f} |")
+    assert rows[0].count("|") == 2 + 4 + 1 + 1  # method, epoch, accuracy, four heads
+    for method in ("baseline", "gsd", "gsd-acam"):
+        assert (out / method / "metrics.json").is_file()
+
+
+def test_ablation_table(tmp_path):
+    data = rafdb_basic(tmp_path / "data")
+    out = tmp_path / "table2"
+    result = ablation.main(["--seeds", "0", "1", "--methods", "baseline", "gsd-acam", "--output-dir",
+                            str(out), "--", *data, *TINY, "--epochs", "1"])
+    text = (out / "ablation.md").read_text()
+    assert "| ResNet50 (plain) |" in text and "| + gradual SD + ACAM |" in text
+    finals = [100 * r["final"]["accuracy"] for r in result["runs"]["gsd-acam"]]
+    assert f"{sum(finals) / 2:.2f} ± " in text
+    assert "| 90.91 |" in text  # the paper's RAF-DB number beside the measured one
+    assert (out / "gsd-acam-seed1" / "metrics.json").is_file()
+
+
+def evaluate_exported(path: Path, dataset) -> float:
+    model, config = load_exported(path)
+    dataset.transform = eval_transform(config["img_size"])
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        predictions = model(images).argmax(1)
+    return accuracy(confusion_matrix(predictions, torch.tensor(dataset.labels), len(config["classes"])))
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    data = rafdb_basic(tmp_path / "data")
+    out = tmp_path / "ddp"
+    script = Path(examples_path.EXAMPLES) / "train_gsdnet.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), *data, *TINY, "--epochs", "2", "--output-dir", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["num_test_samples"] == 6
+    assert sum(map(sum, metrics["final"]["confusion_matrix"])) == 6  # no padded duplicates
+    assert done.stdout.count("epoch 2/2") == 1  # rank 0 logs, rank 1 does not
+    # Sharded evaluation, summed over both processes, equals a plain single-process evaluation.
+    test = build_datasets("rafdb", Path(data[3])).test
+    assert evaluate_exported(out / "model_final.pt", test) == pytest.approx(metrics["final"]["accuracy"])
