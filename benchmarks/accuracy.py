@@ -10,6 +10,7 @@ expressions). Every configuration of a regime gets the same data, epochs and sch
 Accuracies are those of the final epoch; the best epoch (picked on the test set, as the
 reference code does) is reported for the last classifier only, as an optimistic aside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,27 +52,51 @@ def child(argv: list[str]) -> None:
     models.PAPER_LOSS = {**models.PAPER_LOSS, **overrides}
     metrics = train_gsdnet.main(argv[1:])
     final, best = metrics["final"], metrics["best"]
-    print(json.dumps({"final": final["per_head_accuracy"], "best_last": best["accuracy"],
-                      "train_samples": metrics["num_train_samples"],
-                      "test_samples": metrics["num_test_samples"],
-                      "seconds": metrics["wall_time_s"]}))
+    print(
+        json.dumps(
+            {
+                "final": final["per_head_accuracy"],
+                "best_last": best["accuracy"],
+                "train_samples": metrics["num_train_samples"],
+                "test_samples": metrics["num_test_samples"],
+                "seconds": metrics["wall_time_s"],
+            }
+        )
+    )
 
 
 def run(config: str, regime: dict, seed: int, args: argparse.Namespace) -> dict:
     flags, overrides = CONFIGS[config]
     out = args.output_dir / regime["name"] / config.replace(" ", "_") / f"seed{seed}"
-    argv = [*flags, "--dataset", args.dataset, "--seed", str(seed), "--device", "cpu",
-            "--img-size", str(args.img_size), "--epochs", str(regime["epochs"]),
-            "--output-dir", str(out), *regime["flags"]]
+    argv = [
+        *flags,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--img-size",
+        str(args.img_size),
+        "--epochs",
+        str(regime["epochs"]),
+        "--output-dir",
+        str(out),
+        *regime["flags"],
+    ]
     result = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(overrides), *argv],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{config} seed {seed} failed:\n{result.stderr[-3000:]}")
     record = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{regime['name']:8s} {config:22s} seed {seed}: {record['final']}  {record['seconds']}s",
-          file=sys.stderr, flush=True)
+    print(
+        f"{regime['name']:8s} {config:22s} seed {seed}: {record['final']}  {record['seconds']}s",
+        file=sys.stderr,
+        flush=True,
+    )
     return record
 
 
@@ -111,8 +136,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--full-epochs", type=int, default=8)
     parser.add_argument("--reduced-limit", type=int, default=300)
     parser.add_argument("--reduced-epochs", type=int, default=20)
-    parser.add_argument("--regimes", nargs="+", default=["full", "reduced"],
-                        choices=["full", "reduced"])
+    parser.add_argument("--regimes", nargs="+", default=["full", "reduced"], choices=["full", "reduced"])
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/benchmark-accuracy"))
     return parser.parse_args(argv)
@@ -128,22 +152,30 @@ def main(argv: list[str]) -> None:
     started = time.time()
     regimes = {
         "full": {"name": "full", "epochs": args.full_epochs, "flags": []},
-        "reduced": {"name": "reduced", "epochs": args.reduced_epochs,
-                    "flags": ["--train-limit", str(args.reduced_limit)]},
+        "reduced": {
+            "name": "reduced",
+            "epochs": args.reduced_epochs,
+            "flags": ["--train-limit", str(args.reduced_limit)],
+        },
     }
-    jobs = [(regime, config, seed) for regime in args.regimes for config in args.configs
-            for seed in args.seeds]
+    jobs = [
+        (regime, config, seed) for regime in args.regimes for config in args.configs for seed in args.seeds
+    ]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {job: pool.submit(run, job[1], regimes[job[0]], job[2], args) for job in jobs}
-    print(f"`{command_line()}`\n\n{machine_line(torch.device('cpu'))}; "
-          f"{args.jobs} runs at once, 1 thread each; {time.time() - started:.0f} s in all\n")
+    print(
+        f"`{command_line()}`\n\n{machine_line(torch.device('cpu'))}; "
+        f"{args.jobs} runs at once, 1 thread each; {time.time() - started:.0f} s in all\n"
+    )
     for name in args.regimes:
         regime = regimes[name]
         records = {c: [futures[(name, c, s)].result() for s in args.seeds] for c in args.configs}
         sample = next(iter(records.values()))[0]
-        print(f"{name} data: {sample['train_samples']} train / {sample['test_samples']} test "
-              f"images, {regime['epochs']} epochs, {args.img_size} px, seeds {args.seeds}; test "
-              f"accuracy %, mean ± std over seeds\n")
+        print(
+            f"{name} data: {sample['train_samples']} train / {sample['test_samples']} test "
+            f"images, {regime['epochs']} epochs, {args.img_size} px, seeds {args.seeds}; test "
+            f"accuracy %, mean ± std over seeds\n"
+        )
         print(table(records) + "\n")
     with open(args.output_dir / "results.json", "w") as f:
         json.dump({f"{r}/{c}/{s}": fut.result() for (r, c, s), fut in futures.items()}, f, indent=1)

@@ -3,16 +3,24 @@ spatial sizes, as paired ratios to SE (see ``_harness``).
 
     python benchmarks/attention.py --threads 1
 
-All three modules use the same reduction (1/16). The input requires grad, as inside a network,
-so the backward includes the gradient of the input through the gating multiply.
+All modules use the same reduction (1/16). The input requires grad, as inside a network, so
+the backward includes the gradient of the input through the gating multiply.
+
+``acam-index-max`` is not a library module: it is ACAM with its max descriptor taken by
+``adaptive_max_pool2d``, whose backward scatters into the stored argmax positions, instead of
+``amax``, whose backward compares the whole input with the maximum and divides among ties. It
+measures what that one change would save (the two differ only in how a tie shares its gradient).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 
 import torch
+import torch.nn.functional as F
 from timm.layers import SEModule
 from timm.layers.cbam import ChannelAttn
 
@@ -26,7 +34,15 @@ from _harness import (
 )
 from gradual_sd import ACAM
 
-MODULES = {"se": SEModule, "cbam-channel": ChannelAttn, "acam": ACAM}
+
+class IndexMaxACAM(ACAM):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.stack((x.mean((2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1)), dim=1)
+        attn = (self.fc2(self.act(self.fc1(pooled))) * self.branch_weights(pooled)).sum(dim=1)
+        return x * self.gate(attn)[:, :, None, None]
+
+
+MODULES = {"se": SEModule, "cbam-channel": ChannelAttn, "acam": ACAM, "acam-index-max": IndexMaxACAM}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,12 +50,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--channels", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
     parser.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 28, 56])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--max-elements", type=int, default=2048 * 28 * 28,
-                        help="skip shapes with more than this many elements per sample")
+    parser.add_argument(
+        "--max-elements",
+        type=int,
+        default=2048 * 28 * 28,
+        help="skip shapes with more than this many elements per sample",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-ms", type=float, default=50.0, help="target duration of one sample")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
@@ -49,8 +70,9 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16"
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+    )
     print(f"`{command_line()}`\n\n{machine_line(device)}\n", flush=True)
     rows = []
     for channels in args.channels:
@@ -63,30 +85,53 @@ def main(argv: list[str]) -> None:
             x = torch.randn(args.batch, channels, size, size, device=device, requires_grad=True)
             grad = torch.randn_like(x)
 
-            def fwd_bwd(module: torch.nn.Module):
+            def fwd_bwd(module: torch.nn.Module, calls: int, x: torch.Tensor = x, grad: torch.Tensor = grad):
                 def call() -> None:
-                    with amp:
-                        out = module(x)
-                    out.backward(grad.to(out.dtype))
-                    module.zero_grad(set_to_none=True)
-                    x.grad = None
+                    for _ in range(calls):
+                        with amp:
+                            out = module(x)
+                        out.backward(grad.to(out.dtype))
+                        module.zero_grad(set_to_none=True)
+                        x.grad = None
+
                 return call
 
-            times = interleaved_times(
-                {name: fwd_bwd(m) for name, m in modules.items()}, device, args.repeats, args.warmup
-            )
+            # Small shapes take well under a millisecond; time enough calls per sample that
+            # one sample lasts about --min-ms, so timer and scheduler noise stay small.
+            single = interleaved_times({"se": fwd_bwd(modules["se"], 1)}, device, 3, args.warmup)
+            calls = max(1, math.ceil(args.min_ms / 1e3 / min(single["se"])))
+            fns = {name: fwd_bwd(m, calls) for name, m in modules.items()}
+            times = interleaved_times(fns, device, args.repeats, warmup=1)
+            times = {name: [t / calls for t in values] for name, values in times.items()}
             ratios = paired_ratios(times, "se")
             cbam_base = paired_ratios(times, "cbam-channel")
-            rows.append([
-                channels, f"{size}x{size}", f"{ratios['se']['median_s'] * 1e3:.2f}",
-                format_ratio(ratios["cbam-channel"]), format_ratio(ratios["acam"]),
-                format_ratio(cbam_base["acam"]),
-            ])
+            rows.append(
+                [
+                    channels,
+                    f"{size}x{size}",
+                    f"{ratios['se']['median_s'] * 1e3:.2f}",
+                    format_ratio(ratios["cbam-channel"]),
+                    format_ratio(ratios["acam"]),
+                    format_ratio(cbam_base["acam"]),
+                    format_ratio(ratios["acam-index-max"]),
+                ]
+            )
             print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
-        rows.append([channels, "params", params["se"], params["cbam-channel"], params["acam"], ""])
-    header = ["C", "H x W", "SE ms (median)", "CBAM-channel / SE", "ACAM / SE", "ACAM / CBAM-channel"]
-    print(f"Forward + backward, batch {args.batch}, {args.device}, amp={args.amp}; "
-          f"{args.repeats} paired repetitions after {args.warmup} warm-up; median [IQR]\n")
+        rows.append([channels, "params", params["se"], params["cbam-channel"], params["acam"], "", ""])
+    header = [
+        "C",
+        "H x W",
+        "SE ms (median)",
+        "CBAM-channel / SE",
+        "ACAM / SE",
+        "ACAM / CBAM-channel",
+        "ACAM index-max / SE",
+    ]
+    print(
+        f"Forward + backward, batch {args.batch}, {args.device}, amp={args.amp}; "
+        f"{args.repeats} paired repetitions of >= {args.min_ms:.0f} ms each, after warm-up; "
+        "time per call: median [IQR] of paired ratios, then ratio of fastest times\n"
+    )
     print(markdown_table(header, rows))
 
 

@@ -10,6 +10,7 @@ ratios to the plain model (see ``_harness``); FLOPs are torch's ``FlopCounterMod
 forward and backward (matrix products and convolutions only: pooling, gates and other
 elementwise work count zero, which is why attention's FLOPs ratio is ~1 while its time is not).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ import contextlib
 import copy
 import json
 import sys
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import timm
 import torch
@@ -70,7 +72,8 @@ def hand_wired_variant(example: torch.Tensor) -> Variant:
     hooks, the reference loss inline without checks or a dict of terms. Its time against the
     distiller's is the library's own overhead."""
     distiller = GradualSelfDistiller(resnet50(), example_input=example)
-    heads, weight, bias = distiller.heads, distiller.teacher_projection_weight, distiller.teacher_projection_bias
+    heads = distiller.heads
+    weight, bias = distiller.teacher_projection_weight, distiller.teacher_projection_bias
     model = distiller.export()
     holder = nn.ModuleDict({"model": model, "heads": heads})
     temperature, kl_weight, feature_weight = 3.0, 0.3, 0.01
@@ -195,30 +198,50 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     if not args.skip_memory:
         for name in args.variants:
             memory[name] = run_child(
-                [__file__, "--child-memory", name, "--batch", str(batch_size),
-                 "--threads", str(torch.get_num_threads()),
-                 "--img-size", str(args.img_size), "--device", args.device, "--amp", args.amp]
+                [
+                    __file__,
+                    "--child-memory",
+                    name,
+                    "--batch",
+                    str(batch_size),
+                    "--threads",
+                    str(torch.get_num_threads()),
+                    "--img-size",
+                    str(args.img_size),
+                    "--device",
+                    args.device,
+                    "--amp",
+                    args.amp,
+                ]
             )["peak_mib"]
     rows = []
     for name in args.variants:
         flop_ratio = flops[name] / flops["plain"]
-        row = [name, f"{flops[name] / 1e9:.1f}", f"{flop_ratio:.3f}", format_ratio(ratios[name]),
-               f"{ratios[name]['median'] - flop_ratio:+.3f}"]
+        row = [
+            name,
+            f"{flops[name] / 1e9:.1f}",
+            f"{flop_ratio:.3f}",
+            format_ratio(ratios[name]),
+            f"{ratios[name]['median'] - flop_ratio:+.3f}",
+        ]
         if memory:
             row += [f"{memory[name]:.0f}", f"{memory[name] / memory['plain']:.2f}"]
         rows.append(row)
-    header = ["variant", "GFLOPs fwd+bwd", "FLOPs ratio", "time ratio: median [IQR]",
-              "time - FLOPs ratio"]
+    header = ["variant", "GFLOPs fwd+bwd", "FLOPs ratio", "time ratio: median [IQR] fastest"]
+    header.append("time - FLOPs ratio")
     if memory:
         header += ["peak MiB", "memory ratio"]
-    title = (f"Training step, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
-             f"amp={args.amp}; {args.repeats} paired repetitions after {args.warmup} warm-up "
-             f"(plain step median {ratios['plain']['median_s'] * 1e3:.0f} ms)")
+    title = (
+        f"Training step, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
+        f"amp={args.amp}; {args.repeats} paired repetitions after {args.warmup} warm-up "
+        f"(plain step median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
+    )
     text = f"{title}\n\n{markdown_table(header, rows)}"
     if "hand-wired-paper-heads" in ratios and "gsd-paper-heads" in ratios:
         overhead = paired_ratios(times, "hand-wired-paper-heads")["gsd-paper-heads"]
-        text += ("\n\nLibrary overhead (distiller / hand-wired, same heads and loss): "
-                 f"{format_ratio(overhead)}")
+        text += (
+            f"\n\nLibrary overhead (distiller / hand-wired, same heads and loss): {format_ratio(overhead)}"
+        )
     return text
 
 
@@ -234,18 +257,20 @@ def inference_table(args: argparse.Namespace, batch_size: int, device: torch.dev
         def call() -> None:
             with torch.no_grad(), autocast(device, args.amp):
                 fn(x)
+
         return call
 
-    fns = {"plain": run(plain), "wrapped-eval": run(lambda t: wrapped(t).logits),
-           "exported": run(exported)}
+    fns = {"plain": run(plain), "wrapped-eval": run(lambda t: wrapped(t).logits), "exported": run(exported)}
     repeats = args.repeats * 6  # forward only: cheaper, and the target is tight
     times = interleaved_times(fns, device, repeats=repeats, warmup=args.warmup)
     ratios = paired_ratios(times, "plain")
     rows = [[name, format_ratio(ratios[name])] for name in fns]
-    title = (f"Inference, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
-             f"amp={args.amp}, no_grad; {repeats} paired repetitions "
-             f"(plain median {ratios['plain']['median_s'] * 1e3:.0f} ms)")
-    return f"{title}\n\n{markdown_table(['model', 'time ratio: median [IQR]'], rows)}"
+    title = (
+        f"Inference, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
+        f"amp={args.amp}, no_grad; {repeats} paired repetitions "
+        f"(plain median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
+    )
+    return f"{title}\n\n{markdown_table(['model', 'time ratio: median [IQR] fastest'], rows)}"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
