@@ -74,6 +74,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument("--workers", type=int)
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice); "
+                   "1 avoids oversubscription on a CPU shared with other jobs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path)
     p.add_argument("--resume", action="store_true",
@@ -204,6 +206,9 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = init_distributed(args.device)
     handlers = setup_logging(args.output_dir, env)
     try:
@@ -226,6 +231,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             log.removeHandler(handler)
             handler.close()
         shutdown(env)
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

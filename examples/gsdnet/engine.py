@@ -86,7 +86,8 @@ class Trainer:
     amp: bool = False
     sync_bn: bool = False
     history: list[dict] = field(default_factory=list)
-    best: Optional[dict] = None
+    best: Optional[dict] = None  # metrics of the epoch with the best test accuracy
+    last: Optional[dict] = None  # metrics of the latest evaluated epoch
 
     def __post_init__(self) -> None:
         if self.amp and self.env.device.type != "cuda":
