@@ -178,3 +178,19 @@ def test_digits_split_is_fixed_and_stratified():
 def test_unknown_dataset_lists_choices():
     with pytest.raises(ValueError, match="choose from"):
         build_datasets("celeba")
+
+
+def test_weighted_shard_sampler_splits_one_draw_between_processes():
+    from gsdnet.distributed import WeightedShardSampler
+
+    weights = class_balanced_weights([0] * 90 + [1] * 10, 2)
+    shards = [WeightedShardSampler(weights, rank, 2, seed=3) for rank in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(5)
+    draws = [list(shard) for shard in shards]
+    assert len(draws[0]) == len(draws[1]) == 50
+    generator = torch.Generator().manual_seed(3 + 5)
+    expected = torch.multinomial(weights, 100, replacement=True, generator=generator).tolist()
+    assert draws[0] == expected[0::2] and draws[1] == expected[1::2]
+    minority = sum(i >= 90 for i in draws[0] + draws[1])
+    assert 30 <= minority <= 70  # about half, although the class is a tenth of the data
