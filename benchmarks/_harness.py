@@ -33,17 +33,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall", "cpu")
+
+
+def default_clock(device: torch.device) -> str:
+    """``cpu`` (this process's CPU time) on a CPU run with one torch thread, else ``wall``.
+
+    With one thread, CPU time is the work done, while wall time also counts the time other
+    processes held the core; with several threads CPU time would add up idle spinning threads,
+    and on CUDA the work is not on the CPU at all.
+    """
+    return "cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall"
+
+
 def interleaved_times(
     fns: Mapping[str, Callable[[], object]],
     device: torch.device,
     repeats: int,
     warmup: int = 1,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``repeats`` times, after ``warmup`` untimed calls.
 
     Within a repetition every function runs once; the starting function rotates so that none
-    always runs first (after an idle pause) or last.
+    always runs first (after an idle pause) or last. ``clock``: ``wall`` or ``cpu`` (see
+    :func:`default_clock`).
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.process_time
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -54,10 +72,10 @@ def interleaved_times(
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             fns[name]()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 
@@ -99,14 +117,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_line(device: torch.device) -> str:
-    """One line naming the hardware, torch version and date, for the docs."""
+def machine_line(device: torch.device, clock: str | None = None) -> str:
+    """One line naming the hardware, torch version, clock and date, for the docs."""
     if device.type == "cuda":
         hardware = f"GPU {torch.cuda.get_device_name(device)}"
     else:
         hardware = f"CPU {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{hardware}; torch {torch.__version__}; {date}"
+    timing = f"; {clock} clock" if clock else ""
+    return f"{hardware}; torch {torch.__version__}{timing}; {date}"
 
 
 def command_line() -> str:

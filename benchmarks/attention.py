@@ -25,6 +25,8 @@ from timm.layers import SEModule
 from timm.layers.cbam import ChannelAttn
 
 from _harness import (
+    CLOCKS,
+    default_clock,
     command_line,
     format_ratio,
     interleaved_times,
@@ -61,6 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-ms", type=float, default=50.0, help="target duration of one sample")
+    parser.add_argument("--clock", choices=CLOCKS, help="default: cpu for 1-thread CPU runs, else wall")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser.parse_args(argv)
 
@@ -73,7 +76,8 @@ def main(argv: list[str]) -> None:
     amp = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
     )
-    print(f"`{command_line()}`\n\n{machine_line(device)}\n", flush=True)
+    clock = args.clock or default_clock(device)
+    print(f"`{command_line()}`\n\n{machine_line(device, clock)}\n", flush=True)
     rows = []
     for channels in args.channels:
         modules = {name: cls(channels).to(device) for name, cls in MODULES.items()}
@@ -98,10 +102,10 @@ def main(argv: list[str]) -> None:
 
             # Small shapes take well under a millisecond; time enough calls per sample that
             # one sample lasts about --min-ms, so timer and scheduler noise stay small.
-            single = interleaved_times({"se": fwd_bwd(modules["se"], 1)}, device, 3, args.warmup)
+            single = interleaved_times({"se": fwd_bwd(modules["se"], 1)}, device, 3, args.warmup, clock)
             calls = max(1, math.ceil(args.min_ms / 1e3 / min(single["se"])))
             fns = {name: fwd_bwd(m, calls) for name, m in modules.items()}
-            times = interleaved_times(fns, device, args.repeats, warmup=1)
+            times = interleaved_times(fns, device, args.repeats, 1, clock)
             times = {name: [t / calls for t in values] for name, values in times.items()}
             ratios = paired_ratios(times, "se")
             cbam_base = paired_ratios(times, "cbam-channel")

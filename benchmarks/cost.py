@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from _harness import (
+    CLOCKS,
+    default_clock,
     PeakMemory,
     command_line,
     format_ratio,
@@ -53,9 +55,13 @@ class Variant(NamedTuple):
     forward_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def resnet50(**block_args) -> nn.Module:
+# Set from --model; any timm ResNet works (the hand-wired variant calls ResNet's submodules).
+MODEL_NAME = "resnet50"
+
+
+def backbone(**block_args) -> nn.Module:
     kwargs = {"block_args": block_args} if block_args else {}
-    return timm.create_model("resnet50", num_classes=NUM_CLASSES, **kwargs)
+    return timm.create_model(MODEL_NAME, num_classes=NUM_CLASSES, **kwargs)
 
 
 def plain_variant(model: nn.Module) -> Variant:
@@ -63,7 +69,7 @@ def plain_variant(model: nn.Module) -> Variant:
 
 
 def distiller_variant(example: torch.Tensor, **kwargs) -> Variant:
-    distiller = GradualSelfDistiller(resnet50(), example_input=example, **kwargs)
+    distiller = GradualSelfDistiller(backbone(), example_input=example, **kwargs)
     return Variant(distiller, lambda x, y: distiller(x, y).loss)
 
 
@@ -71,7 +77,7 @@ def hand_wired_variant(example: torch.Tensor) -> Variant:
     """The paper-head distiller's computation written out by hand: stages called directly, no
     hooks, the reference loss inline without checks or a dict of terms. Its time against the
     distiller's is the library's own overhead."""
-    distiller = GradualSelfDistiller(resnet50(), example_input=example)
+    distiller = GradualSelfDistiller(backbone(), example_input=example)
     heads = distiller.heads
     weight, bias = distiller.teacher_projection_weight, distiller.teacher_projection_bias
     model = distiller.export()
@@ -99,13 +105,13 @@ def hand_wired_variant(example: torch.Tensor) -> Variant:
 
 def build(name: str, example: torch.Tensor) -> Variant:
     if name == "plain":
-        return plain_variant(resnet50())
+        return plain_variant(backbone())
     if name == "acam-blocks":
-        return plain_variant(resnet50(attn_layer=ACAM))
+        return plain_variant(backbone(attn_layer=ACAM))
     if name == "se-blocks":
-        return plain_variant(resnet50(attn_layer="se"))
+        return plain_variant(backbone(attn_layer="se"))
     if name == "cbam-blocks":
-        return plain_variant(resnet50(attn_layer="cbam"))
+        return plain_variant(backbone(attn_layer="cbam"))
     if name == "gsd-paper-heads":
         return distiller_variant(example, head_factory=BottleneckHead)
     if name == "gsd-pooled-heads":
@@ -192,7 +198,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
         variant.module.to(device)
     flops = {name: training_flops(v, x, y, args.amp) for name, v in variants.items()}
     steps = {name: make_step(v, x, y, args.amp) for name, v in variants.items()}
-    times = interleaved_times(steps, device, repeats=args.repeats, warmup=args.warmup)
+    times = interleaved_times(steps, device, args.repeats, args.warmup, args.clock)
     ratios = paired_ratios(times, "plain")
     memory = {}
     if not args.skip_memory:
@@ -208,6 +214,8 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
                     str(torch.get_num_threads()),
                     "--img-size",
                     str(args.img_size),
+                    "--model",
+                    args.model,
                     "--device",
                     args.device,
                     "--amp",
@@ -232,7 +240,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     if memory:
         header += ["peak MiB", "memory ratio"]
     title = (
-        f"Training step, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
+        f"Training step, {MODEL_NAME}, {args.img_size} px, batch {batch_size}, {args.device}, "
         f"amp={args.amp}; {args.repeats} paired repetitions after {args.warmup} warm-up "
         f"(plain step median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
     )
@@ -249,7 +257,7 @@ def inference_table(args: argparse.Namespace, batch_size: int, device: torch.dev
     """Plain model vs the distiller in eval mode vs the exported model, same weights."""
     torch.manual_seed(0)
     x, _ = batch(batch_size, args.img_size, device)
-    plain = resnet50().to(device).eval()
+    plain = backbone().to(device).eval()
     wrapped = GradualSelfDistiller(copy.deepcopy(plain), example_input=x[:1]).eval()
     exported = GradualSelfDistiller(copy.deepcopy(plain), example_input=x[:1]).export().eval()
 
@@ -262,11 +270,11 @@ def inference_table(args: argparse.Namespace, batch_size: int, device: torch.dev
 
     fns = {"plain": run(plain), "wrapped-eval": run(lambda t: wrapped(t).logits), "exported": run(exported)}
     repeats = args.repeats * 6  # forward only: cheaper, and the target is tight
-    times = interleaved_times(fns, device, repeats=repeats, warmup=args.warmup)
+    times = interleaved_times(fns, device, repeats, args.warmup, args.clock)
     ratios = paired_ratios(times, "plain")
     rows = [[name, format_ratio(ratios[name])] for name in fns]
     title = (
-        f"Inference, ResNet50, {args.img_size} px, batch {batch_size}, {args.device}, "
+        f"Inference, {MODEL_NAME}, {args.img_size} px, batch {batch_size}, {args.device}, "
         f"amp={args.amp}, no_grad; {repeats} paired repetitions "
         f"(plain median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
     )
@@ -275,6 +283,7 @@ def inference_table(args: argparse.Namespace, batch_size: int, device: torch.dev
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", help="a timm ResNet")
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -282,6 +291,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--clock", choices=CLOCKS, help="default: cpu for 1-thread CPU runs, else wall")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
@@ -295,14 +305,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
+    global MODEL_NAME
     args = parse_args(argv)
+    MODEL_NAME = args.model
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child_memory:
         measure_memory_child(args)
         return
     device = torch.device(args.device)
-    print(f"`{command_line()}`\n\n{machine_line(device)}\n", flush=True)
+    args.clock = args.clock or default_clock(device)
+    print(f"`{command_line()}`\n\n{machine_line(device, args.clock)}\n", flush=True)
     for batch_size in args.batch_sizes:
         if not args.skip_training:
             print(training_table(args, batch_size, device) + "\n", flush=True)
