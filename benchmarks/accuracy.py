@@ -58,6 +58,7 @@ def child(argv: list[str]) -> None:
                 "final": final["per_head_accuracy"],
                 "best_last": best["accuracy"],
                 "train_samples": metrics["num_train_samples"],
+                "batch_size": int(metrics["args"]["batch_size"]),
                 "test_samples": metrics["num_test_samples"],
                 "seconds": metrics["wall_time_s"],
             }
@@ -136,6 +137,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--full-epochs", type=int, default=8)
     parser.add_argument("--reduced-limit", type=int, default=300)
     parser.add_argument("--reduced-epochs", type=int, default=20)
+    parser.add_argument(
+        "--reduced-batch-size", type=int, help="default: the example's (64; it drops a last partial batch)"
+    )
     parser.add_argument("--regimes", nargs="+", default=["full", "reduced"], choices=["full", "reduced"])
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/benchmark-accuracy"))
@@ -159,6 +163,8 @@ def main(argv: list[str]) -> None:
             "flags": ["--train-limit", str(args.reduced_limit)],
         },
     }
+    if args.reduced_batch_size:
+        regimes["reduced"]["flags"] += ["--batch-size", str(args.reduced_batch_size)]
     jobs = [
         (regime, config, seed) for regime in args.regimes for config in args.configs for seed in args.seeds
     ]
@@ -173,9 +179,9 @@ def main(argv: list[str]) -> None:
         records = {c: [futures[(name, c, s)].result() for s in args.seeds] for c in args.configs}
         sample = next(iter(records.values()))[0]
         print(
-            f"{name} data: {sample['train_samples']} train / {sample['test_samples']} test "
-            f"images, {regime['epochs']} epochs, {args.img_size} px, seeds {args.seeds}; test "
-            f"accuracy %, mean ± std over seeds\n"
+            f"{name} data: batch {sample['batch_size']}, {sample['train_samples']} train / "
+            f"{sample['test_samples']} test images, {regime['epochs']} epochs, {args.img_size} px, "
+            f"seeds {args.seeds}; test accuracy %, mean ± std over seeds\n"
         )
         print(table(records) + "\n")
     with open(args.output_dir / "results.json", "w") as f:
