@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import create_act_layer, make_divisible
 from torch import nn
@@ -83,7 +84,10 @@ class ACAM(nn.Module):
         return weights.softmax(dim=1) if self.normalize_weights else weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)  # (N, 2, C): avg, max
+        # The max pool keeps its arg-max, so its backward is a scatter to one position; amax's
+        # backward compares the whole map with the maximum (about 5 % of a ResNet50 step).
+        peak = F.adaptive_max_pool2d(x, 1).flatten(1)
+        pooled = torch.stack((x.mean((2, 3)), peak), dim=1)  # (N, 2, C): avg, max
         branch_logits = self.fc2(self.act(self.fc1(pooled)))
         attn = (branch_logits * self.branch_weights(pooled)).sum(dim=1)
         return x * rearrange(self.gate(attn), "n c -> n c 1 1")
