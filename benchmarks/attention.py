@@ -6,10 +6,11 @@ spatial sizes, as paired ratios to SE (see ``_harness``).
 All modules use the same reduction (1/16). The input requires grad, as inside a network, so
 the backward includes the gradient of the input through the gating multiply.
 
-``acam-index-max`` is not a library module: it is ACAM with its max descriptor taken by
-``adaptive_max_pool2d``, whose backward scatters into the stored argmax positions, instead of
-``amax``, whose backward compares the whole input with the maximum and divides among ties. It
-measures what that one change would save (the two differ only in how a tie shares its gradient).
+``acam-index-max`` is ACAM with its max descriptor taken by ``adaptive_max_pool2d``, whose
+backward scatters into the stored argmax positions, instead of ``amax``, whose backward compares
+the whole input with the maximum and divides among ties. It measured what that one change saves;
+since gradual_sd commit 53929c3 the library's ACAM does the same, so on current code the two
+columns describe one module (kept so the documented tables can be reproduced in form).
 """
 
 from __future__ import annotations
