@@ -129,8 +129,12 @@ class GradualSelfDistiller(nn.Module):
             shape; default one zero image at the model's configured input size.
         check_finite: Raise ``FloatingPointError`` naming the culprits when the loss is not
             finite (one device sync per training step; skipped under ``torch.compile``).
-        checkpoint_heads: Recompute the heads during backward instead of keeping their
-            activations, bounding their extra memory at the price of a second head forward.
+        checkpoint_heads: Recompute the heads during backward instead of saving their
+            activations in the forward pass, at the price of a second head forward. This frees
+            the heads' activations between forward and backward, but the backward recomputes
+            each head while the backbone's activations are still alive, so the peak still holds
+            the largest head's working set (docs/benchmarks.md). For a lower peak use a cheaper
+            head such as :class:`PooledHead`.
     """
 
     teacher_projection_weight: torch.Tensor

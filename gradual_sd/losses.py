@@ -79,8 +79,11 @@ def distillation_pairs(num_heads: int, teacher: Teacher = "neighbour") -> list[t
     return [(j, j + 1 if teacher == "neighbour" else last) for j in range(last)]
 
 
-def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int) -> None:
-    """Raise a clear error for targets that cross-entropy would reject obscurely or misuse."""
+def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int, check_range: bool = True) -> None:
+    """Raise a clear error for targets that cross-entropy would reject obscurely or misuse.
+
+    Shape and dtype checks are free; the range check reads the targets' extremes, one device
+    sync (skipped with ``check_range=False`` and while compiling)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.is_floating_point():
@@ -97,8 +100,8 @@ def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int) -> N
         )
     if targets.shape != (batch_size,):
         raise ValueError(f"class-index targets must have shape ({batch_size},), got {tuple(targets.shape)}")
-    if targets.numel() and not torch.compiler.is_compiling():
-        low, high = int(targets.min()), int(targets.max())
+    if check_range and targets.numel() and not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
         if low < 0 or high >= num_classes:
             raise ValueError(
                 f"targets must lie in [0, {num_classes - 1}] for {num_classes} classes; "
@@ -122,6 +125,8 @@ class GradualDistillationLoss(nn.Module):
         aux_ce_weight: Cross-entropy weight on the auxiliary heads (paper: 0, CE on the last
             classifier only).
         label_smoothing: Passed to every cross-entropy term.
+        check_target_range: Check that class indices lie in ``[0, num_classes)`` (one device
+            sync per call; on CUDA an out-of-range index otherwise ends in a device-side assert).
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class GradualDistillationLoss(nn.Module):
         formulation: Formulation = "reference",
         aux_ce_weight: float = 0.0,
         label_smoothing: float = 0.0,
+        check_target_range: bool = True,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -155,6 +161,7 @@ class GradualDistillationLoss(nn.Module):
         self.formulation = formulation
         self.aux_ce_weight = float(aux_ce_weight)
         self.label_smoothing = float(label_smoothing)
+        self.check_target_range = check_target_range
 
     def forward(
         self,
@@ -173,7 +180,7 @@ class GradualDistillationLoss(nn.Module):
         names = [str(i) for i in range(len(logits))] if names is None else list(names)
         if len(names) != len(logits):
             raise ValueError(f"got {len(names)} names for {len(logits)} heads")
-        check_targets(targets, logits[-1].shape[0], logits[-1].shape[1])
+        check_targets(targets, logits[-1].shape[0], logits[-1].shape[1], self.check_target_range)
 
         kl_term = soft_cross_entropy if self.formulation == "reference" else kl_divergence
         feature_term = feature_l2 if self.formulation == "reference" else feature_mse
@@ -191,7 +198,7 @@ class GradualDistillationLoss(nn.Module):
 
     def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The plain classification term (validated targets, float32, label smoothing)."""
-        check_targets(targets, logits.shape[0], logits.shape[1])
+        check_targets(targets, logits.shape[0], logits.shape[1], self.check_target_range)
         return self._cross_entropy(logits, targets)
 
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

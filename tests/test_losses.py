@@ -165,3 +165,11 @@ def test_bad_targets_raise(targets, error, match):
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradualDistillationLoss(**kwargs)
+
+
+def test_target_range_check_can_be_turned_off():
+    loss = GradualDistillationLoss(check_target_range=False)
+    with pytest.raises(IndexError):  # cross-entropy's own (CPU) error, no longer ours
+        loss([torch.randn(2, 3)], [torch.randn(2, 4)], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):  # shape checks stay: they cost nothing
+        loss([torch.randn(2, 3)], [torch.randn(2, 4)], torch.tensor([0, 1, 2]))
