@@ -6,11 +6,6 @@ spatial sizes, as paired ratios to SE (see ``_harness``).
 All modules use the same reduction (1/16). The input requires grad, as inside a network, so
 the backward includes the gradient of the input through the gating multiply.
 
-``acam-index-max`` is ACAM with its max descriptor taken by ``adaptive_max_pool2d``, whose
-backward scatters into the stored argmax positions, instead of ``amax``, whose backward compares
-the whole input with the maximum and divides among ties. It measured what that one change saves;
-since gradual_sd commit 53929c3 the library's ACAM does the same, so on current code the two
-columns describe one module (kept so the documented tables can be reproduced in form).
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 from timm.layers import SEModule
 from timm.layers.cbam import ChannelAttn
 
@@ -38,14 +32,7 @@ from _harness import (
 from gradual_sd import ACAM
 
 
-class IndexMaxACAM(ACAM):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.stack((x.mean((2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1)), dim=1)
-        attn = (self.fc2(self.act(self.fc1(pooled))) * self.branch_weights(pooled)).sum(dim=1)
-        return x * self.gate(attn)[:, :, None, None]
-
-
-MODULES = {"se": SEModule, "cbam-channel": ChannelAttn, "acam": ACAM, "acam-index-max": IndexMaxACAM}
+MODULES = {"se": SEModule, "cbam-channel": ChannelAttn, "acam": ACAM}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -118,11 +105,10 @@ def main(argv: list[str]) -> None:
                     format_ratio(ratios["cbam-channel"]),
                     format_ratio(ratios["acam"]),
                     format_ratio(cbam_base["acam"]),
-                    format_ratio(ratios["acam-index-max"]),
                 ]
             )
             print("| " + " | ".join(map(str, rows[-1])) + " |", file=sys.stderr, flush=True)
-        rows.append([channels, "params", params["se"], params["cbam-channel"], params["acam"], "", ""])
+        rows.append([channels, "params", params["se"], params["cbam-channel"], params["acam"], ""])
     header = [
         "C",
         "H x W",
@@ -130,7 +116,6 @@ def main(argv: list[str]) -> None:
         "CBAM-channel / SE",
         "ACAM / SE",
         "ACAM / CBAM-channel",
-        "ACAM index-max / SE",
     ]
     print(
         f"Forward + backward, batch {args.batch}, {args.device}, amp={args.amp}; "

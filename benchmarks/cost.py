@@ -39,7 +39,6 @@ from _harness import (
     paired_ratios,
     run_child,
 )
-from attention import IndexMaxACAM
 from gradual_sd import (
     ACAM,
     BottleneckHead,
@@ -113,8 +112,6 @@ def build(name: str, example: torch.Tensor) -> Variant:
         return plain_variant(backbone(attn_layer="se"))
     if name == "cbam-blocks":
         return plain_variant(backbone(attn_layer="cbam"))
-    if name == "acam-index-max-blocks":
-        return plain_variant(backbone(attn_layer=IndexMaxACAM))
     if name == "gsd-paper-heads":
         return distiller_variant(example, head_factory=BottleneckHead)
     if name == "gsd-pooled-heads":
@@ -133,7 +130,6 @@ VARIANTS = (
     "acam-blocks",
     "se-blocks",
     "cbam-blocks",
-    "acam-index-max-blocks",
     "gsd-paper-heads",
     "gsd-pooled-heads",
     "byot-paper-heads",
