@@ -23,15 +23,7 @@ TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--wo
         "--device", "cpu"]
 STAGES = ["layer1", "layer2", "layer3", "fc"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test models are tiny; one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rafdb_basic(root: Path) -> list[str]:

@@ -13,15 +13,7 @@ from gsdnet.weights import patch_caffe_resnet, read_state_dict
 
 ARCH = "resnet26"  # bottleneck blocks like resnet50, fewer of them
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test models are tiny; one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
