@@ -1,5 +1,6 @@
 """The training script end to end on tiny noise-image fixtures: one epoch per layout, resume,
-the non-finite stop, the method comparison, the ablation table and a 2-process gloo run."""
+the non-finite stop, the method comparison, the ablation table and a 2-process gloo run; the
+training loader's last batch."""
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ import examples_path  # noqa: F401
 import ablation
 import train_gsdnet
 from gsdnet.datasets import build_datasets
-from gsdnet.engine import NonFiniteLossError, Trainer
+from gsdnet.distributed import DistEnv
+from gsdnet.engine import NonFiniteLossError, Trainer, train_loader
 from gsdnet.metrics import accuracy, confusion_matrix
 from gsdnet.models import load_exported
 from gsdnet.transforms import eval_transform
@@ -216,3 +218,17 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Sharded evaluation, summed over both processes, equals a plain single-process evaluation.
     test = build_datasets("rafdb", Path(data[3])).test
     assert evaluate_exported(out / "model_final.pt", test) == pytest.approx(metrics["final"]["accuracy"])
+
+
+@pytest.mark.parametrize(("samples", "world_size", "batches"), [
+    (100, 1, 2),  # a small --train-limit keeps its partial batch: 64 + 36
+    (65, 1, 1),  # a last batch of one sample is dropped
+    (64, 1, 1),
+    (1, 1, 1),  # nothing else to train on: kept, BatchNorm reports it
+    (130, 2, 2),  # 65 per process, batches of 32: 32 + 32, the single one dropped
+])
+def test_train_loader_drops_only_a_single_sample_batch(samples, world_size, batches):
+    dataset = torch.utils.data.TensorDataset(torch.arange(samples))
+    env = DistEnv(0, world_size, torch.device("cpu"))
+    loader = train_loader(dataset, None, 64, 0, env, seed=0)
+    assert len(loader) == batches == len(list(loader))

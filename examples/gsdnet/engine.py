@@ -61,11 +61,19 @@ def train_loader(dataset, weights: Optional[torch.Tensor], batch_size: int, work
         sampler = WeightedShardSampler(weights, env.rank, env.world_size, seed)
     else:
         sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=seed)
+    per_process = batch_size // env.world_size
     return DataLoader(
-        dataset, batch_size=batch_size // env.world_size, sampler=sampler, num_workers=workers,
-        pin_memory=env.device.type == "cuda", drop_last=len(dataset) > batch_size,
+        dataset, batch_size=per_process, sampler=sampler, num_workers=workers,
+        pin_memory=env.device.type == "cuda", drop_last=single_sample_remainder(len(sampler), per_process),
         persistent_workers=False,
     )
+
+
+def single_sample_remainder(samples: int, batch_size: int) -> bool:
+    """Whether the last batch would hold one sample, which training-mode BatchNorm rejects once
+    the maps are 1x1. Only that batch is dropped: a small --train-limit keeps every image, where
+    dropping any partial batch left 100 images with one step of 64 per epoch."""
+    return samples > batch_size and samples % batch_size == 1
 
 
 def eval_loader(dataset, batch_size: int, workers: int, env: DistEnv) -> DataLoader:
