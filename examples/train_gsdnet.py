@@ -2,7 +2,8 @@
 
 Defaults follow the reference recipe for RAF-DB: timm ResNet50, Adam lr 1e-4 and weight decay
 1e-4, learning rate x0.9 per epoch, 40 epochs, batch 64, 224 x 224 input, T = 3, KL 0.3,
-feature 0.01. ``--dataset digits`` is a small stand-in that ships with scikit-learn (no
+feature 0.01 in the reference formulation, no cross-entropy on the auxiliary heads (the loss
+flags change these). ``--dataset digits`` is a small stand-in that ships with scikit-learn (no
 download); it uses its own small preset and is not a facial-expression result.
 
     python examples/train_gsdnet.py --dataset digits --method all
@@ -31,7 +32,7 @@ from gsdnet.datasets.common import ImageList, class_balanced_weights, log
 from gsdnet.distributed import DistEnv, init_distributed, shutdown
 from gsdnet.engine import NonFiniteLossError, Trainer, eval_loader, train_loader
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
-from gsdnet.models import HEADS, METHODS, build_gsdnet, export_payload
+from gsdnet.models import HEADS, METHODS, PAPER_LOSS, build_gsdnet, export_payload
 from gsdnet.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 # The reference recipe, and the preset of the shipped stand-in: small and trained from scratch
@@ -67,6 +68,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--teacher", choices=("neighbour", "deepest"), default="neighbour",
                    help="neighbour: GSDNet's gradual pairs; deepest: BYOT-style, the last classifier teaches all")
     p.add_argument("--head", choices=sorted(HEADS), default="bottleneck")
+    loss = p.add_argument_group("loss (gsd and gsd-acam; defaults: the paper's)")
+    loss.add_argument("--temperature", type=float, default=PAPER_LOSS["temperature"])
+    loss.add_argument("--kl-weight", type=float, default=PAPER_LOSS["kl_weight"])
+    loss.add_argument("--feature-weight", type=float, default=PAPER_LOSS["feature_weight"])
+    loss.add_argument("--formulation", choices=("reference", "normalized"), default=PAPER_LOSS["formulation"],
+                      help="reference: the paper's code (KL without T^2, torch.dist features); "
+                      "normalized: T^2-scaled KL, per-sample squared feature distance")
+    loss.add_argument("--aux-ce-weight", type=float, default=PAPER_LOSS["aux_ce_weight"],
+                      help="cross-entropy weight on every auxiliary head (paper: 0)")
     p.add_argument("--train-limit", type=int, help="train on a fixed random subset of N images")
     p.add_argument("--eval-split", choices=("test", "val"), default="test",
                    help="val exists for FERPlus (PublicTest) only")
@@ -147,13 +157,14 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
              splits.description, len(train), method, args.model, splits.classes)
 
     torch.manual_seed(args.seed)
+    loss_options = {k: getattr(args, k) for k in PAPER_LOSS}
     module = build_gsdnet(method, args.model, len(splits.classes), weights=args.weights,
                           caffe_resnet=args.caffe_resnet, img_size=args.img_size,
-                          teacher=args.teacher, head=args.head)
+                          teacher=args.teacher, head=args.head, **loss_options)
     trainer = Trainer(module, env, args.lr, args.weight_decay, args.lr_gamma, args.amp, args.sync_bn)
     run_info = {k: str(getattr(args, k)) for k in (
         "dataset", "model", "img_size", "batch_size", "lr", "weight_decay", "lr_gamma", "teacher",
-        "head", "train_limit", "seed", "eval_split", "affectnet_classes", "balanced")}
+        "head", "train_limit", "seed", "eval_split", "affectnet_classes", "balanced", *PAPER_LOSS)}
     run_info.update(method=method, world_size=env.world_size)
     if args.resume:
         trainer.resume(out / "checkpoint.pt", run_info)
@@ -179,6 +190,7 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
         "description": splits.description,
         "method": method,
         "model": args.model,
+        "loss": None if method == "baseline" else dict(loss_options, teacher=args.teacher),
         "classes": splits.classes,
         "num_train_samples": len(train),
         "num_test_samples": len(test),

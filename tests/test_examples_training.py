@@ -1,6 +1,6 @@
 """The training script end to end on tiny noise-image fixtures: one epoch per layout, resume,
-the non-finite stop, the method comparison, the ablation table and a 2-process gloo run; the
-training loader's last batch."""
+the non-finite stop, the method comparison, the ablation table and a 2-process gloo run; the loss
+flags and the training loader's last batch."""
 import json
 import os
 import subprocess
@@ -17,7 +17,7 @@ from gsdnet.datasets import build_datasets
 from gsdnet.distributed import DistEnv
 from gsdnet.engine import NonFiniteLossError, Trainer, train_loader
 from gsdnet.metrics import accuracy, confusion_matrix
-from gsdnet.models import load_exported
+from gsdnet.models import PAPER_LOSS, build_gsdnet, load_exported
 from gsdnet.transforms import eval_transform
 from test_examples_datasets import noise_image, write_affectnet, write_ferplus, write_rafdb
 
@@ -218,6 +218,35 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Sharded evaluation, summed over both processes, equals a plain single-process evaluation.
     test = build_datasets("rafdb", Path(data[3])).test
     assert evaluate_exported(out / "model_final.pt", test) == pytest.approx(metrics["final"]["accuracy"])
+
+
+def test_loss_flags_reach_the_distillers_loss(tmp_path, monkeypatch):
+    built = []
+
+    def keep(*args, **kwargs):
+        built.append(build_gsdnet(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(train_gsdnet, "build_gsdnet", keep)
+    flags = ["--temperature", "4", "--kl-weight", "0.5", "--feature-weight", "0.02",
+             "--formulation", "normalized", "--aux-ce-weight", "1"]
+    out = tmp_path / "run"
+    train_gsdnet.main([*digits(tmp_path), *TINY, "--epochs", "1", *flags, "--output-dir", str(out)])
+    loss = built[0].loss
+    assert (loss.temperature, loss.kl_weight, loss.feature_weight) == (4.0, 0.5, 0.02)
+    assert (loss.formulation, loss.aux_ce_weight) == ("normalized", 1.0)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["loss"] == dict(temperature=4.0, kl_weight=0.5, feature_weight=0.02,
+                                 formulation="normalized", aux_ce_weight=1.0, teacher="neighbour")
+    assert "ce/layer1" in json.loads((out / "log.jsonl").read_text())["losses"]
+
+
+def test_loss_flags_default_to_the_papers_values():
+    args = train_gsdnet.parse_args(["--dataset", "digits"])
+    assert {k: getattr(args, k) for k in PAPER_LOSS} == dict(
+        temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference", aux_ce_weight=0.0)
+    with pytest.raises(ValueError, match="unknown loss options \\['kl'\\]"):
+        build_gsdnet("gsd", "test_resnet", 3, img_size=32, kl=0.3)
 
 
 @pytest.mark.parametrize(("samples", "world_size", "batches"), [

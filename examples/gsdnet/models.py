@@ -4,7 +4,8 @@
 * ``gsd``: gradual self distillation, heads after every stage but the last, no ACAM anywhere.
 * ``gsd-acam``: GSDNet: as ``gsd``, with ACAM in every head and before the final pooling.
 
-Loss weights are the reference code's: T = 3, KL 0.3, feature 0.01, reference formulation.
+Loss settings default to the reference code's (``PAPER_LOSS``): T = 3, KL 0.3, feature 0.01,
+reference formulation, no cross-entropy on the auxiliary heads.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from .weights import load_weights, patch_caffe_resnet
 
 METHODS = ("baseline", "gsd", "gsd-acam")
 HEADS = {"bottleneck": BottleneckHead, "pooled": PooledHead}
-PAPER_LOSS = dict(temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference")
+PAPER_LOSS = dict(
+    temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference", aux_ce_weight=0.0
+)
 
 
 def last_stage_name(model: nn.Module) -> str:
@@ -75,16 +78,23 @@ def build_gsdnet(
     img_size: int = 224,
     teacher: str = "neighbour",
     head: str = "bottleneck",
+    **loss_options: object,
 ) -> nn.Module:
     """The plain model (``baseline``) or a :class:`GradualSelfDistiller` (``gsd``, ``gsd-acam``).
 
-    Weights are loaded before ACAM is inserted, so their keys are unaffected. The returned module
-    carries ``gsdnet_config``, which :func:`export_payload` stores next to the exported weights.
+    ``loss_options`` override ``PAPER_LOSS`` (keys ``temperature``, ``kl_weight``,
+    ``feature_weight``, ``formulation``, ``aux_ce_weight``); the baseline trains with plain
+    cross-entropy and ignores them. Weights are loaded before ACAM is inserted, so their keys are
+    unaffected. The returned module carries ``gsdnet_config``, which :func:`export_payload`
+    stores next to the exported weights.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose from {sorted(HEADS)}")
+    unknown = sorted(set(loss_options) - set(PAPER_LOSS))
+    if unknown:
+        raise ValueError(f"unknown loss options {unknown}; choose from {sorted(PAPER_LOSS)}")
     model, patched = create_backbone(model_name, num_classes, weights, caffe_resnet)
     example = torch.zeros(1, 3, img_size, img_size)
     acam_after = None
@@ -100,7 +110,7 @@ def build_gsdnet(
     attn_layer = ACAM if method == "gsd-acam" else None
     distiller = GradualSelfDistiller(
         model,
-        loss=GradualDistillationLoss(teacher=teacher, **PAPER_LOSS),
+        loss=GradualDistillationLoss(teacher=teacher, **{**PAPER_LOSS, **loss_options}),
         head_factory=partial(HEADS[head], attn_layer=attn_layer),
         example_input=example,
         check_finite=False,  # the engine checks, agreeing across processes before backward
