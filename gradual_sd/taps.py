@@ -1,8 +1,8 @@
 """Forward hooks that capture the outputs of named stages during one forward pass.
 
 Captured tensors are kept per device, so DataParallel replicas running in threads do not
-overwrite each other, and only inside :meth:`StageTaps.capture`, so a plain ``model(x)`` call
-or a recomputation during backward stores nothing.
+overwrite each other, and only between :meth:`StageTaps.start` and :meth:`StageTaps.stop`, so a
+plain ``model(x)`` call or a recomputation during backward stores nothing.
 """
 
 from __future__ import annotations
