@@ -52,13 +52,17 @@ def from_label_file(data_dir: Path) -> DatasetSplits:
         paths = [aligned_path(data_dir, name) for name, _ in entries]
         require_files(paths, f"RAF-DB {split}")
         lists[split] = ImageList(paths, [label for _, label in entries])
+    return train_test_splits(lists, "official label list")
+
+
+def train_test_splits(lists: dict[str, ImageList], layout: str) -> DatasetSplits:
+    """RAF-DB's train and test lists with the class names and a one-line description."""
     return DatasetSplits(
         train=lists["train"],
         test=lists["test"],
         classes=list(CLASSES),
         description=(
-            f"RAF-DB basic (official label list): {len(lists['train'])} train, "
-            f"{len(lists['test'])} test images"
+            f"RAF-DB basic ({layout}): {len(lists['train'])} train, {len(lists['test'])} test images"
         ),
     )
 
@@ -93,15 +97,7 @@ def from_folders(data_dir: Path) -> DatasetSplits:
         if skipped:
             log.info("RAF-DB %s: ignored %d non-image files", split, skipped)
         lists[split] = ImageList(paths, labels)
-    return DatasetSplits(
-        train=lists["train"],
-        test=lists["test"],
-        classes=list(CLASSES),
-        description=(
-            f"RAF-DB basic (folder per class): {len(lists['train'])} train, "
-            f"{len(lists['test'])} test images"
-        ),
-    )
+    return train_test_splits(lists, "folder per class")
 
 
 def build(data_dir: Path) -> DatasetSplits:
