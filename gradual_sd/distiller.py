@@ -244,13 +244,7 @@ class GradualSelfDistiller(nn.Module):
     ) -> tuple[dict[str, torch.Size], list[str], int]:
         """Shapes of every stage output and of the pre-logits, their run order, and the number
         of classes, from one dry run; raises for anything the heads could not use."""
-        output: list[object] = []
-        hook = model.register_forward_hook(lambda module, args, out: output.append(out))
-        try:
-            seen, order = probe_outputs(model, names, example, input_names=[classifier_name])
-        finally:
-            hook.remove()
-        logits = output[-1] if output else None
+        seen, logits = probe_outputs(model, names, example, input_names=[classifier_name])
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
             raise ValueError("the model must return a (N, num_classes) logits tensor")
         missing = [name for name in [*names, classifier_name] if name not in seen]
@@ -270,6 +264,7 @@ class GradualSelfDistiller(nn.Module):
                 f"classifier {classifier_name!r} must take a (N, D) pre-logits tensor, got {got}"
             )
         shapes[classifier_name] = pre_logits.shape
+        order = [name for name in seen if name in names]
         return shapes, order, int(logits.shape[-1])
 
     @property
@@ -349,14 +344,6 @@ class GradualSelfDistiller(nn.Module):
                 "be trained. Gradient checkpointing (timm's set_grad_checkpointing) calls stage "
                 "blocks directly and skips these hooks; disable it, or tap modules that run"
             )
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters()):
-            stale = [n for n in self.stage_names if not captured[n].requires_grad]
-            if stale:
-                raise RuntimeError(
-                    f"stages {stale} produced outputs without gradient history (gradient "
-                    "checkpointing or no_grad inside the model?), so the heads' losses could not "
-                    "train the backbone"
-                )
 
     @staticmethod
     def _check_finite(

@@ -130,23 +130,17 @@ def probe_outputs(
     names: Sequence[str],
     example_input: torch.Tensor,
     input_names: Sequence[str] = (),
-) -> tuple[dict[str, object], list[str]]:
-    """Run ``model`` once in eval mode without gradients; return what each tap saw and the
-    order in which the output taps fired. The model's train/eval state is restored."""
-    order: list[str] = []
+) -> tuple[dict[str, object], object]:
+    """Run ``model`` once in eval mode without gradients; return what each tap saw, in the
+    order the taps first fired, and the model's output. The train/eval state is restored."""
     taps = StageTaps(model, names, input_names)
-    order_hooks = [
-        find_module(model, name).register_forward_hook(lambda *_, n=name: order.append(n)) for name in names
-    ]
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad(), taps.capture(example_input.device) as captured:
-            model(example_input)
+            output = model(example_input)
             seen: dict[str, object] = dict(captured)
     finally:
         model.train(was_training)
         taps.remove()
-        for handle in order_hooks:
-            handle.remove()
-    return seen, order
+    return seen, output

@@ -377,3 +377,15 @@ def test_any_input_size_batch_and_dtype(n, height, width, classes, dtype):
     out.loss.backward()
     distiller.eval()
     torch.testing.assert_close(distiller(images).logits, model(images), rtol=0, atol=0)
+
+
+def test_frozen_early_stages_still_train_their_heads():
+    """Fine-tuning often freezes the stem and first stage; their outputs then carry no
+    gradient, but the heads on them must still train."""
+    model, example = make("resnet18")
+    for module in (model.conv1, model.bn1, model.layer1):
+        module.requires_grad_(False)
+    distiller = GradualSelfDistiller(model, example_input=example)
+    distiller(*batch()).loss.backward()
+    assert all(p.grad is not None for p in distiller.heads[0].parameters())
+    assert model.layer1[0].conv1.weight.grad is None and model.layer2[0].conv1.weight.grad is not None

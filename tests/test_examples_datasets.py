@@ -1,4 +1,5 @@
 """Dataset layouts: parsing, protocol counts and error messages, on tiny hand-made fixtures."""
+
 import csv
 from pathlib import Path
 
@@ -44,8 +45,17 @@ def write_ferplus(root: Path, rows: list[tuple[str, list[int]]]) -> None:
 
 def write_affectnet(root: Path, codes: dict[str, list[int]]) -> None:
     (root / affectnet.LISTS).mkdir(parents=True)
-    header = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height",
-              "facial_landmarks", "expression", "valence", "arousal"]
+    header = [
+        "subDirectory_filePath",
+        "face_x",
+        "face_y",
+        "face_width",
+        "face_height",
+        "facial_landmarks",
+        "expression",
+        "valence",
+        "arousal",
+    ]
     for split, file in (("train", "training.csv"), ("test", "validation.csv")):
         with open(root / affectnet.LISTS / file, "w", newline="") as f:
             writer = csv.writer(f)
@@ -59,28 +69,42 @@ def write_affectnet(root: Path, codes: dict[str, list[int]]) -> None:
 # Ten vote counts per row (neutral, happiness, surprise, sadness, anger, disgust, fear,
 # contempt, unknown, NF) and the outcome worked out by hand under the majority protocol.
 FERPLUS_ROWS = [
-    ("Training", [8, 2, 0, 0, 0, 0, 0, 0, 0, 0]),     # Neutral: 8 of 10
-    ("Training", [0, 4, 3, 0, 0, 0, 0, 0, 2, 1]),     # 1 zeroed; 4 of 9 is no majority
-    ("Training", [0, 0, 0, 0, 0, 0, 0, 0, 7, 3]),     # majority unknown: dropped
+    ("Training", [8, 2, 0, 0, 0, 0, 0, 0, 0, 0]),  # Neutral: 8 of 10
+    ("Training", [0, 4, 3, 0, 0, 0, 0, 0, 2, 1]),  # 1 zeroed; 4 of 9 is no majority
+    ("Training", [0, 0, 0, 0, 0, 0, 0, 0, 7, 3]),  # majority unknown: dropped
     ("PublicTest", [0, 0, 0, 0, 0, 0, 0, 0, 0, 10]),  # not a face: dropped
     ("PrivateTest", [1, 0, 6, 1, 1, 0, 0, 0, 1, 0]),  # ones zeroed; Surprise 6 of 6
     ("PrivateTest", [0, 0, 0, 0, 0, 0, 0, 5, 0, 5]),  # 5 of 10 is not more than half
-    ("Training", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),     # every vote zeroed: no majority
-    ("PublicTest", [0, 0, 0, 0, 0, 0, 2, 0, 0, 0]),   # Fear 2 of 2
-    ("Training", [0, 0, 0, 0, 0, 4, 0, 3, 0, 0]),     # Disgust 4 of 7
+    ("Training", [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]),  # every vote zeroed: no majority
+    ("PublicTest", [0, 0, 0, 0, 0, 0, 2, 0, 0, 0]),  # Fear 2 of 2
+    ("Training", [0, 0, 0, 0, 0, 4, 0, 3, 0, 0]),  # Disgust 4 of 7
 ]
 
 
 def test_ferplus_majority_protocol_counts(tmp_path):
     write_ferplus(tmp_path, FERPLUS_ROWS)
     splits = build_datasets("ferplus", tmp_path)
-    assert splits.classes == ["Neutral", "Happiness", "Surprise", "Sadness", "Anger", "Disgust", "Fear", "Contempt"]
+    assert splits.classes == [
+        "Neutral",
+        "Happiness",
+        "Surprise",
+        "Sadness",
+        "Anger",
+        "Disgust",
+        "Fear",
+        "Contempt",
+    ]
     assert splits.train.labels == [0, 5]
     assert splits.val.labels == [6]
     assert splits.test.labels == [2]
     assert splits.notes == {
-        "train: kept": 2, "train: no majority": 2, "train: unknown": 1,
-        "val: NF": 1, "val: kept": 1, "test: kept": 1, "test: no majority": 1,
+        "train: kept": 2,
+        "train: no majority": 2,
+        "train: unknown": 1,
+        "val: NF": 1,
+        "val: kept": 1,
+        "test: kept": 1,
+        "test: no majority": 1,
     }
     image = splits.train.load(0)
     assert image.size == (48, 48) and image.mode == "RGB"
@@ -128,7 +152,7 @@ def test_rafdb_missing_and_corrupt_images_are_named(tmp_path):
 
 def test_rafdb_folder_per_class_uses_official_order(tmp_path):
     for split in ("train", "test"):
-        noise_image(tmp_path / split / "7" / "a.jpg")        # numbered folder: Neutral
+        noise_image(tmp_path / split / "7" / "a.jpg")  # numbered folder: Neutral
         noise_image(tmp_path / split / "happiness" / "b.png")  # named folder, any case
     (tmp_path / "train" / "7" / "notes.txt").write_text("ignored, and counted in the log")
     splits = build_datasets("rafdb", tmp_path)
@@ -166,7 +190,9 @@ def test_imagefolder_layout(tmp_path):
 def test_digits_split_is_fixed_and_stratified():
     splits = build_datasets("digits")
     assert len(splits.train) + len(splits.test) == 1797
-    assert len(splits.test) == sum((n + 4) // 5 for n in np.bincount(np.array(splits.train.labels + splits.test.labels)))
+    assert len(splits.test) == sum(
+        (n + 4) // 5 for n in np.bincount(np.array(splits.train.labels + splits.test.labels))
+    )
     assert set(splits.test.labels) == set(range(10)) and not splits.hflip
     assert "NOT RAF-DB" in splits.description
     again = build_datasets("digits")

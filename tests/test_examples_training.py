@@ -1,6 +1,7 @@
 """The training script end to end on tiny noise-image fixtures: one epoch per layout, resume,
 the non-finite stop, the method comparison, the ablation table and a 2-process gloo run; the loss
 flags and the training loader's last batch."""
+
 import json
 import os
 import subprocess
@@ -21,8 +22,18 @@ from gsdnet.models import PAPER_LOSS, build_gsdnet, load_exported
 from gsdnet.transforms import eval_transform
 from test_examples_datasets import noise_image, write_affectnet, write_ferplus, write_rafdb
 
-TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "8", "--workers", "0",
-        "--device", "cpu"]
+TINY = [
+    "--model",
+    "test_resnet",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+]
 STAGES = ["layer1", "layer2", "layer3", "fc"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +95,15 @@ def test_one_epoch_per_layout(tmp_path, layout, capsys):
     make, num_test = LAYOUTS[layout]
     out = tmp_path / "run"
     metrics = train_gsdnet.main([*make(tmp_path / "data"), *TINY, "--epochs", "1", "--output-dir", str(out)])
-    for name in ("metrics.json", "log.jsonl", "confusion_matrix.png", "model_final.pt", "model_best.pt",
-                 "checkpoint.pt", "train.log"):
+    for name in (
+        "metrics.json",
+        "log.jsonl",
+        "confusion_matrix.png",
+        "model_final.pt",
+        "model_best.pt",
+        "checkpoint.pt",
+        "train.log",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["num_test_samples"] == num_test == metrics["num_test_samples"]
@@ -130,7 +148,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed"), "--resume"])
 
-    expected, got = state_of(tmp_path / "whole" / "model_final.pt"), state_of(tmp_path / "killed" / "model_final.pt")
+    expected, got = (
+        state_of(tmp_path / "whole" / "model_final.pt"),
+        state_of(tmp_path / "killed" / "model_final.pt"),
+    )
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
@@ -166,8 +187,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
 def test_method_all_compares_the_three_rows_per_head(tmp_path):
     out = tmp_path / "cmp"
-    result = train_gsdnet.main([*rafdb_basic(tmp_path / "data"), *TINY, "--epochs", "1",
-                                "--method", "all", "--output-dir", str(out)])
+    result = train_gsdnet.main(
+        [*rafdb_basic(tmp_path / "data"), *TINY, "--epochs", "1", "--method", "all", "--output-dir", str(out)]
+    )
     assert list(result["runs"]) == ["baseline", "gsd", "gsd-acam"]
     assert list(result["runs"]["baseline"]["final"]["per_head_accuracy"]) == ["fc"]
     text = (out / "comparison.md").read_text()
@@ -183,8 +205,23 @@ def test_method_all_compares_the_three_rows_per_head(tmp_path):
 def test_ablation_table(tmp_path):
     data = rafdb_basic(tmp_path / "data")
     out = tmp_path / "table2"
-    result = ablation.main(["--seeds", "0", "1", "--methods", "baseline", "gsd-acam", "--output-dir",
-                            str(out), "--", *data, *TINY, "--epochs", "1"])
+    result = ablation.main(
+        [
+            "--seeds",
+            "0",
+            "1",
+            "--methods",
+            "baseline",
+            "gsd-acam",
+            "--output-dir",
+            str(out),
+            "--",
+            *data,
+            *TINY,
+            "--epochs",
+            "1",
+        ]
+    )
     text = (out / "ablation.md").read_text()
     assert "| ResNet50 (plain) |" in text and "| + gradual SD + ACAM |" in text
     finals = [100 * r["final"]["accuracy"] for r in result["runs"]["gsd-acam"]]
@@ -207,8 +244,21 @@ def test_torchrun_two_processes_gloo(tmp_path):
     out = tmp_path / "ddp"
     script = Path(examples_path.EXAMPLES) / "train_gsdnet.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), *data, *TINY, "--epochs", "2", "--output-dir", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *data,
+        *TINY,
+        "--epochs",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -228,34 +278,54 @@ def test_loss_flags_reach_the_distillers_loss(tmp_path, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(train_gsdnet, "build_gsdnet", keep)
-    flags = ["--temperature", "4", "--kl-weight", "0.5", "--feature-weight", "0.02",
-             "--formulation", "normalized", "--aux-ce-weight", "1"]
+    flags = [
+        "--temperature",
+        "4",
+        "--kl-weight",
+        "0.5",
+        "--feature-weight",
+        "0.02",
+        "--formulation",
+        "normalized",
+        "--aux-ce-weight",
+        "1",
+    ]
     out = tmp_path / "run"
     train_gsdnet.main([*digits(tmp_path), *TINY, "--epochs", "1", *flags, "--output-dir", str(out)])
     loss = built[0].loss
     assert (loss.temperature, loss.kl_weight, loss.feature_weight) == (4.0, 0.5, 0.02)
     assert (loss.formulation, loss.aux_ce_weight) == ("normalized", 1.0)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["loss"] == dict(temperature=4.0, kl_weight=0.5, feature_weight=0.02,
-                                 formulation="normalized", aux_ce_weight=1.0, teacher="neighbour")
+    assert saved["loss"] == dict(
+        temperature=4.0,
+        kl_weight=0.5,
+        feature_weight=0.02,
+        formulation="normalized",
+        aux_ce_weight=1.0,
+        teacher="neighbour",
+    )
     assert "ce/layer1" in json.loads((out / "log.jsonl").read_text())["losses"]
 
 
 def test_loss_flags_default_to_the_papers_values():
     args = train_gsdnet.parse_args(["--dataset", "digits"])
     assert {k: getattr(args, k) for k in PAPER_LOSS} == dict(
-        temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference", aux_ce_weight=0.0)
+        temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference", aux_ce_weight=0.0
+    )
     with pytest.raises(ValueError, match="unknown loss options \\['kl'\\]"):
         build_gsdnet("gsd", "test_resnet", 3, img_size=32, kl=0.3)
 
 
-@pytest.mark.parametrize(("samples", "world_size", "batches"), [
-    (100, 1, 2),  # a small --train-limit keeps its partial batch: 64 + 36
-    (65, 1, 1),  # a last batch of one sample is dropped
-    (64, 1, 1),
-    (1, 1, 1),  # nothing else to train on: kept, BatchNorm reports it
-    (130, 2, 2),  # 65 per process, batches of 32: 32 + 32, the single one dropped
-])
+@pytest.mark.parametrize(
+    ("samples", "world_size", "batches"),
+    [
+        (100, 1, 2),  # a small --train-limit keeps its partial batch: 64 + 36
+        (65, 1, 1),  # a last batch of one sample is dropped
+        (64, 1, 1),
+        (1, 1, 1),  # nothing else to train on: kept, BatchNorm reports it
+        (130, 2, 2),  # 65 per process, batches of 32: 32 + 32, the single one dropped
+    ],
+)
 def test_train_loader_drops_only_a_single_sample_batch(samples, world_size, batches):
     dataset = torch.utils.data.TensorDataset(torch.arange(samples))
     env = DistEnv(0, world_size, torch.device("cpu"))

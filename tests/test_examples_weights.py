@@ -1,5 +1,6 @@
 """Initial weights: the resnet50_ft pickle format (built here from a small bottleneck ResNet),
 the Caffe-port patch, ordinary checkpoints, and failing loudly on a key mismatch."""
+
 import pickle
 
 import pytest
@@ -60,7 +61,9 @@ def test_pickle_loads_into_patched_model_and_reproduces_features(tmp_path, caffe
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), caffe_source.forward_features(x))
     # The trap the patch avoids: the same weights in an unpatched network compute something else.
-    plain = build_gsdnet("baseline", ARCH, num_classes=7, weights=path, caffe_resnet=False, img_size=64).eval()
+    plain = build_gsdnet(
+        "baseline", ARCH, num_classes=7, weights=path, caffe_resnet=False, img_size=64
+    ).eval()
     with torch.no_grad():
         assert not torch.allclose(plain.forward_features(x), caffe_source.forward_features(x))
 
@@ -103,6 +106,7 @@ def test_pth_and_safetensors_checkpoints(tmp_path, caffe_source):
     save_file(state, str(tmp_path / "w.safetensors"))
     for name in ("w.pth", "w.safetensors"):
         assert set(read_state_dict(tmp_path / name)) == set(state)
-        model = build_gsdnet("baseline", ARCH, num_classes=20, weights=tmp_path / name,
-                             caffe_resnet=True, img_size=64)
+        model = build_gsdnet(
+            "baseline", ARCH, num_classes=20, weights=tmp_path / name, caffe_resnet=True, img_size=64
+        )
         torch.testing.assert_close(model.state_dict()["fc.weight"], state["fc.weight"])
