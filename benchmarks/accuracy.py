@@ -132,9 +132,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--full-epochs", type=int, default=8)
     parser.add_argument("--reduced-limit", type=int, default=300)
     parser.add_argument("--reduced-epochs", type=int, default=20)
-    parser.add_argument(
-        "--reduced-batch-size", type=int, help="default: the example's (64)"
-    )
+    parser.add_argument("--reduced-batch-size", type=int, help="default: the example's (64)")
     parser.add_argument("--regimes", nargs="+", default=["full", "reduced"], choices=["full", "reduced"])
     parser.add_argument("--jobs", type=int, default=2, help="training processes at once")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/benchmark-accuracy"))

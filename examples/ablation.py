@@ -10,13 +10,13 @@ Writes ``<output-dir>/ablation.md`` (mean and standard deviation over seeds of t
 accuracy, the best-epoch accuracy beside it, the paper's RAF-DB numbers for reference) and
 ``ablation.json``; each run keeps its own folder ``<method>-seed<k>``.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
 from pathlib import Path
-from typing import Optional
 
 import train_gsdnet
 from gsdnet.checkpoint import atomic_write
@@ -43,11 +43,13 @@ def table(results: dict[str, list[dict]], dataset: str) -> str:
         final = [100 * r["final"]["accuracy"] for r in runs]
         best = [100 * r["best"]["accuracy"] for r in runs]
         reference = f"{paper[method]:.2f}" if method in paper else "-"
-        lines.append(f"| {LABELS[method]} | {mean_std(final)} | {mean_std(best)} | {len(runs)} | {reference} |")
+        lines.append(
+            f"| {LABELS[method]} | {mean_std(final)} | {mean_std(best)} | {len(runs)} | {reference} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -61,9 +63,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for seed in args.seeds:
         for method in args.methods:
             out = args.output_dir / f"{method}-seed{seed}"
-            results[method].append(train_gsdnet.main(
-                [*train_args, "--method", method, "--seed", str(seed), "--output-dir", str(out)]
-            ))
+            results[method].append(
+                train_gsdnet.main(
+                    [*train_args, "--method", method, "--seed", str(seed), "--output-dir", str(out)]
+                )
+            )
     first = results[args.methods[0]][0]
     text = (
         f"# Ablation ({first['description']})\n\n"

@@ -14,6 +14,7 @@ download); it uses its own small preset and is not a facial-expression result.
 From Python, ``main(argv)`` returns the run's metrics dict (with ``--method all``:
 ``{"runs": {method: metrics}, "comparison": path of comparison.md}``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -47,51 +47,89 @@ STAND_IN_NOTE = (
 )
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, required=True,
-                   help="digits is the shipped stand-in (no --data-dir needed)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        required=True,
+        help="digits is the shipped stand-in (no --data-dir needed)",
+    )
     p.add_argument("--data-dir", type=Path, help="dataset root, in the layout users download")
-    p.add_argument("--method", choices=(*METHODS, "all"), default="gsd-acam",
-                   help="Table 2 row; 'all' trains the three in turn and writes comparison.md")
+    p.add_argument(
+        "--method",
+        choices=(*METHODS, "all"),
+        default="gsd-acam",
+        help="Table 2 row; 'all' trains the three in turn and writes comparison.md",
+    )
     p.add_argument("--model", help="any timm model name (default resnet50)")
-    p.add_argument("--weights", help="initial weights: a .pkl (resnet50_ft), .pth or .safetensors "
-                   "file, or 'timm' for timm's pretrained weights (needs the hub or its cache)")
-    p.add_argument("--caffe-resnet", action=argparse.BooleanOptionalAction, default=None,
-                   help="patch the ResNet for Caffe-ported weights (default: on for .pkl weights)")
+    p.add_argument(
+        "--weights",
+        help="initial weights: a .pkl (resnet50_ft), .pth or .safetensors "
+        "file, or 'timm' for timm's pretrained weights (needs the hub or its cache)",
+    )
+    p.add_argument(
+        "--caffe-resnet",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="patch the ResNet for Caffe-ported weights (default: on for .pkl weights)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch, split over torchrun processes")
     p.add_argument("--img-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--lr-gamma", type=float, default=0.9, help="learning-rate factor per epoch")
-    p.add_argument("--teacher", choices=("neighbour", "deepest"), default="neighbour",
-                   help="neighbour: GSDNet's gradual pairs; deepest: BYOT-style, the last classifier teaches all")
+    p.add_argument(
+        "--teacher",
+        choices=("neighbour", "deepest"),
+        default="neighbour",
+        help="neighbour: GSDNet's gradual pairs; deepest: BYOT-style, the last classifier teaches all",
+    )
     p.add_argument("--head", choices=sorted(HEADS), default="bottleneck")
     loss = p.add_argument_group("loss (gsd and gsd-acam; defaults: the paper's)")
     loss.add_argument("--temperature", type=float, default=PAPER_LOSS["temperature"])
     loss.add_argument("--kl-weight", type=float, default=PAPER_LOSS["kl_weight"])
     loss.add_argument("--feature-weight", type=float, default=PAPER_LOSS["feature_weight"])
-    loss.add_argument("--formulation", choices=("reference", "normalized"), default=PAPER_LOSS["formulation"],
-                      help="reference: the paper's code (KL without T^2, torch.dist features); "
-                      "normalized: T^2-scaled KL, per-sample squared feature distance")
-    loss.add_argument("--aux-ce-weight", type=float, default=PAPER_LOSS["aux_ce_weight"],
-                      help="cross-entropy weight on every auxiliary head (paper: 0)")
+    loss.add_argument(
+        "--formulation",
+        choices=("reference", "normalized"),
+        default=PAPER_LOSS["formulation"],
+        help="reference: the paper's code (KL without T^2, torch.dist features); "
+        "normalized: T^2-scaled KL, per-sample squared feature distance",
+    )
+    loss.add_argument(
+        "--aux-ce-weight",
+        type=float,
+        default=PAPER_LOSS["aux_ce_weight"],
+        help="cross-entropy weight on every auxiliary head (paper: 0)",
+    )
     p.add_argument("--train-limit", type=int, help="train on a fixed random subset of N images")
-    p.add_argument("--eval-split", choices=("test", "val"), default="test",
-                   help="val exists for FERPlus (PublicTest) only")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default="test",
+        help="val exists for FERPlus (PublicTest) only",
+    )
     p.add_argument("--affectnet-classes", type=int, choices=(7, 8), default=7)
     p.add_argument("--balanced", action="store_true", help="class-balanced sampling (AffectNet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument("--workers", type=int)
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice; 1 for digits); "
-                   "1 avoids oversubscription on a CPU shared with other jobs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: PyTorch's choice; 1 for digits); "
+        "1 avoids oversubscription on a CPU shared with other jobs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", type=Path)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <output-dir>/checkpoint.pt (same settings, --epochs may grow)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <output-dir>/checkpoint.pt (same settings, --epochs may grow)",
+    )
     args = p.parse_args(argv)
     preset = STAND_IN if args.dataset == "digits" else PAPER
     for key, value in preset.items():
@@ -117,7 +155,7 @@ def setup_logging(output_dir: Path, env: DistEnv) -> list[logging.Handler]:
     return handlers
 
 
-def limit_train(train: ImageList, limit: Optional[int]) -> ImageList:
+def limit_train(train: ImageList, limit: int | None) -> ImageList:
     """A fixed subset (generator seed 0, independent of --seed, so every method sees the same)."""
     if limit is None or limit >= len(train):
         return train
@@ -150,21 +188,56 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
     train.transform = train_transform(args.img_size, hflip=splits.hflip)
     test.transform = eval_transform(args.img_size)
     init = args.weights or "random initialisation"
-    note = STAND_IN_NOTE.format(model=args.model, img_size=args.img_size, init=init) if args.dataset == "digits" else None
+    note = (
+        STAND_IN_NOTE.format(model=args.model, img_size=args.img_size, init=init)
+        if args.dataset == "digits"
+        else None
+    )
     if note:
         log.info("NOTE: %s", note)
-    log.info("%s; training on %d images; method %s, model %s, classes %s",
-             splits.description, len(train), method, args.model, splits.classes)
+    log.info(
+        "%s; training on %d images; method %s, model %s, classes %s",
+        splits.description,
+        len(train),
+        method,
+        args.model,
+        splits.classes,
+    )
 
     torch.manual_seed(args.seed)
     loss_options = {k: getattr(args, k) for k in PAPER_LOSS}
-    module = build_gsdnet(method, args.model, len(splits.classes), weights=args.weights,
-                          caffe_resnet=args.caffe_resnet, img_size=args.img_size,
-                          teacher=args.teacher, head=args.head, **loss_options)
+    module = build_gsdnet(
+        method,
+        args.model,
+        len(splits.classes),
+        weights=args.weights,
+        caffe_resnet=args.caffe_resnet,
+        img_size=args.img_size,
+        teacher=args.teacher,
+        head=args.head,
+        **loss_options,
+    )
     trainer = Trainer(module, env, args.lr, args.weight_decay, args.lr_gamma, args.amp, args.sync_bn)
-    run_info = {k: str(getattr(args, k)) for k in (
-        "dataset", "model", "img_size", "batch_size", "lr", "weight_decay", "lr_gamma", "teacher",
-        "head", "train_limit", "seed", "eval_split", "affectnet_classes", "balanced", *PAPER_LOSS)}
+    run_info = {
+        k: str(getattr(args, k))
+        for k in (
+            "dataset",
+            "model",
+            "img_size",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "lr_gamma",
+            "teacher",
+            "head",
+            "train_limit",
+            "seed",
+            "eval_split",
+            "affectnet_classes",
+            "balanced",
+            *PAPER_LOSS,
+        )
+    }
     run_info.update(method=method, world_size=env.world_size)
     if args.resume:
         trainer.resume(out / "checkpoint.pt", run_info)
@@ -180,8 +253,13 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
     trainer.fit(
         train_loader(train, weights, args.batch_size, args.workers, env, args.seed),
         eval_loader(test, args.batch_size, args.workers, env),
-        args.epochs, splits.classes, args.seed, out, run_info,
-        on_best=lambda m: save_model(m, "model_best.pt"), on_epoch=on_epoch,
+        args.epochs,
+        splits.classes,
+        args.seed,
+        out,
+        run_info,
+        on_best=lambda m: save_model(m, "model_best.pt"),
+        on_epoch=on_epoch,
     )
     final, best = trainer.last, trainer.best
     metrics = {
@@ -198,8 +276,11 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
         "accuracy_units": "fraction in [0, 1]",
         "headline": "final",
         "final": final,
-        "best": dict(best, selected_on=f"{args.eval_split} accuracy of the last classifier "
-                     "(as the reference code does; optimistic)"),
+        "best": dict(
+            best,
+            selected_on=f"{args.eval_split} accuracy of the last classifier "
+            "(as the reference code does; optimistic)",
+        ),
         "dataset_notes": splits.notes,
         "args": {k: str(v) for k, v in vars(args).items()},
         "world_size": env.world_size,
@@ -208,18 +289,30 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
     if env.is_main:
         save_model(trainer.module, "model_final.pt")
         checkpoint.save_json(metrics, out / "metrics.json")
-        plot_confusion_matrix(final["confusion_matrix"], splits.classes, out / "confusion_matrix.png",
-                              f"{method}, {args.dataset}, epoch {final['epoch']} (final)")
+        plot_confusion_matrix(
+            final["confusion_matrix"],
+            splits.classes,
+            out / "confusion_matrix.png",
+            f"{method}, {args.dataset}, epoch {final['epoch']} (final)",
+        )
         log.info(
             "%s: final epoch %d accuracy %.2f%% (headline); best epoch %d %.2f%% (picked on the "
-            "test set, optimistic)", method, final["epoch"], 100 * final["accuracy"],
-            best["epoch"], 100 * best["accuracy"])
-        log.info("wrote %s: metrics.json, log.jsonl, confusion_matrix.png, model_final.pt "
-                 "(plain model, load with gsdnet.models.load_exported), checkpoint.pt", out)
+            "test set, optimistic)",
+            method,
+            final["epoch"],
+            100 * final["accuracy"],
+            best["epoch"],
+            100 * best["accuracy"],
+        )
+        log.info(
+            "wrote %s: metrics.json, log.jsonl, confusion_matrix.png, model_final.pt "
+            "(plain model, load with gsdnet.models.load_exported), checkpoint.pt",
+            out,
+        )
     return metrics
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads is not None:
@@ -234,9 +327,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         path = args.output_dir / "comparison.md"
         if env.is_main:
             header = f"{runs['baseline']['note'] or runs['baseline']['description']}\n\n"
-            text = (header + "Final epoch, test accuracy (%) of the last classifier and of every head:\n\n"
-                    + table + "\nBest epoch (picked on the test set, optimistic):\n\n"
-                    + comparison_table(runs, "best"))
+            text = (
+                header
+                + "Final epoch, test accuracy (%) of the last classifier and of every head:\n\n"
+                + table
+                + "\nBest epoch (picked on the test set, optimistic):\n\n"
+                + comparison_table(runs, "best")
+            )
             checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
             log.info("\n%s\ncomparison: %s", table, path)
             log.info("per-method outputs: %s", ", ".join(str(args.output_dir / m) for m in METHODS))

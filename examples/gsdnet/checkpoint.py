@@ -1,5 +1,6 @@
 """Checkpoints written atomically (temporary file, fsync, rename): a kill mid-write leaves the
 previous checkpoint intact."""
+
 from __future__ import annotations
 
 import json

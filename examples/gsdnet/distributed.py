@@ -1,10 +1,11 @@
 """Process-group setup for ``torchrun`` (gloo on CPU, NCCL on CUDA) and the samplers it needs."""
+
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -89,13 +90,13 @@ class WeightedShardSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         total = self.num_samples * self.world_size
         draw = torch.multinomial(self.weights, total, replacement=True, generator=generator)
-        return iter(draw[self.rank::self.world_size].tolist())
+        return iter(draw[self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
 
 
-def shard_indices(length: int, env: Optional[DistEnv]) -> list[int]:
+def shard_indices(length: int, env: DistEnv | None) -> list[int]:
     """This process's share of an evaluation set, without the padding DistributedSampler adds."""
     if env is None or not env.distributed:
         return list(range(length))

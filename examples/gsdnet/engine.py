@@ -4,13 +4,13 @@ Reproducibility: every epoch reseeds all random generators from ``(seed, epoch, 
 samplers shuffle with ``seed + epoch``, so a run resumed from the checkpoint of epoch ``k``
 continues exactly as the uninterrupted run would have.
 """
+
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -53,8 +53,9 @@ def head_names(module: nn.Module) -> list[str]:
     return [classifier_name(module)]
 
 
-def train_loader(dataset, weights: Optional[torch.Tensor], batch_size: int, workers: int,
-                 env: DistEnv, seed: int) -> DataLoader:
+def train_loader(
+    dataset, weights: torch.Tensor | None, batch_size: int, workers: int, env: DistEnv, seed: int
+) -> DataLoader:
     if batch_size % env.world_size:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {env.world_size} processes")
     if weights is not None:
@@ -63,8 +64,12 @@ def train_loader(dataset, weights: Optional[torch.Tensor], batch_size: int, work
         sampler = DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=seed)
     per_process = batch_size // env.world_size
     return DataLoader(
-        dataset, batch_size=per_process, sampler=sampler, num_workers=workers,
-        pin_memory=env.device.type == "cuda", drop_last=single_sample_remainder(len(sampler), per_process),
+        dataset,
+        batch_size=per_process,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+        drop_last=single_sample_remainder(len(sampler), per_process),
         persistent_workers=False,
     )
 
@@ -78,8 +83,13 @@ def single_sample_remainder(samples: int, batch_size: int) -> bool:
 
 def eval_loader(dataset, batch_size: int, workers: int, env: DistEnv) -> DataLoader:
     shard = Subset(dataset, shard_indices(len(dataset), env))
-    return DataLoader(shard, batch_size=max(1, batch_size // env.world_size), shuffle=False,
-                      num_workers=workers, pin_memory=env.device.type == "cuda")
+    return DataLoader(
+        shard,
+        batch_size=max(1, batch_size // env.world_size),
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+    )
 
 
 @dataclass
@@ -94,8 +104,8 @@ class Trainer:
     amp: bool = False
     sync_bn: bool = False
     history: list[dict] = field(default_factory=list)
-    best: Optional[dict] = None  # metrics of the epoch with the best test accuracy
-    last: Optional[dict] = None  # metrics of the latest evaluated epoch
+    best: dict | None = None  # metrics of the epoch with the best test accuracy
+    last: dict | None = None  # metrics of the latest evaluated epoch
 
     def __post_init__(self) -> None:
         if self.amp and self.env.device.type != "cuda":
@@ -104,7 +114,9 @@ class Trainer:
         if self.sync_bn and self.env.distributed:
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
         self.is_distiller = isinstance(self.module, GradualSelfDistiller)
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizer = torch.optim.Adam(
+            self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=self.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch = 1
@@ -170,7 +182,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
         seen = torch.zeros((), device=device)
-        bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=None if self.env.is_main else True)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch} train", leave=False, disable=None if self.env.is_main else True
+        )
         for step, (images, targets) in enumerate(bar):
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
@@ -214,8 +228,18 @@ class Trainer:
         all_reduce(cms, self.env)
         return {name: cm.cpu() for name, cm in zip(names, cms)}
 
-    def fit(self, train: DataLoader, test: DataLoader, epochs: int, classes: list[str], seed: int,
-            output_dir: Path, run_info: dict, on_best, on_epoch) -> None:
+    def fit(
+        self,
+        train: DataLoader,
+        test: DataLoader,
+        epochs: int,
+        classes: list[str],
+        seed: int,
+        output_dir: Path,
+        run_info: dict,
+        on_best,
+        on_epoch,
+    ) -> None:
         """Train to ``epochs``; after each epoch evaluate, keep the best, checkpoint, log."""
         for epoch in range(self.start_epoch, epochs + 1):
             started = time.time()
@@ -223,8 +247,11 @@ class Trainer:
             train.sampler.set_epoch(epoch)
             record = {"epoch": epoch, **self.train_epoch(train, epoch)}
             result = summarize(self.evaluate(test, len(classes)), classes, epoch)
-            record.update(test_accuracy=result["accuracy"], per_head_accuracy=result["per_head_accuracy"],
-                          seconds=round(time.time() - started, 2))
+            record.update(
+                test_accuracy=result["accuracy"],
+                per_head_accuracy=result["per_head_accuracy"],
+                seconds=round(time.time() - started, 2),
+            )
             self.history.append(record)
             if self.best is None or result["accuracy"] > self.best["accuracy"]:
                 self.best = result

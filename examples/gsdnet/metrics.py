@@ -2,10 +2,11 @@
 
 Accuracies are fractions in [0, 1]. Confusion matrices are ``cm[true, predicted]`` counts.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,7 +33,9 @@ def summarize(cms: Mapping[str, torch.Tensor], classes: Sequence[str], epoch: in
     }
 
 
-def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> None:
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str
+) -> None:
     """Row-normalised confusion matrix with percentages in the cells (like the paper's Fig. 4)."""
     import matplotlib
 
@@ -52,8 +55,15 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], p
     for i in range(len(classes)):
         for j in range(len(classes)):
             value = float(rates[i, j])
-            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8,
-                    color="white" if value > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{100 * value:.0f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if value > 0.5 else "black",
+            )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -72,7 +82,8 @@ def comparison_table(runs: Mapping[str, dict], which: str = "final") -> str:
     heads = [h for h in heads if h not in last] + sorted(last)
     lines = [
         f"| method | {which} epoch | accuracy (last classifier) | "
-        + " | ".join(f"head {h}" for h in heads) + " |",
+        + " | ".join(f"head {h}" for h in heads)
+        + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in heads) + " |",
     ]
     for method, metrics in runs.items():

@@ -7,11 +7,11 @@
 Loss settings default to the reference code's (``PAPER_LOSS``): T = 3, KL 0.3, feature 0.01,
 reference formulation, no cross-entropy on the auxiliary heads.
 """
+
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Optional, Union
 
 import timm
 import torch
@@ -40,8 +40,8 @@ def last_stage_name(model: nn.Module) -> str:
 def create_backbone(
     model_name: str,
     num_classes: int,
-    weights: Optional[Union[str, Path]] = None,
-    caffe_resnet: Optional[bool] = None,
+    weights: str | Path | None = None,
+    caffe_resnet: bool | None = None,
 ) -> tuple[nn.Module, bool]:
     """A timm model with ``num_classes`` outputs and its initial weights.
 
@@ -73,8 +73,8 @@ def build_gsdnet(
     model_name: str = "resnet50",
     num_classes: int = 7,
     *,
-    weights: Optional[Union[str, Path]] = None,
-    caffe_resnet: Optional[bool] = None,
+    weights: str | Path | None = None,
+    caffe_resnet: bool | None = None,
     img_size: int = 224,
     teacher: str = "neighbour",
     head: str = "bottleneck",
@@ -102,8 +102,11 @@ def build_gsdnet(
         acam_after = last_stage_name(model)
         insert_after(model, acam_after, example_input=example)
     model.gsdnet_config = dict(
-        model_name=model_name, num_classes=num_classes, caffe_resnet=patched,
-        acam_after=acam_after, img_size=img_size,
+        model_name=model_name,
+        num_classes=num_classes,
+        caffe_resnet=patched,
+        acam_after=acam_after,
+        img_size=img_size,
     )
     if method == "baseline":
         return model
@@ -131,7 +134,7 @@ def export_payload(module: nn.Module, classes: list[str], mean, std) -> dict:
     return {"config": config, "state_dict": state}
 
 
-def load_exported(path: Union[str, Path]) -> tuple[nn.Module, dict]:
+def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild an exported model for inference: ``(model in eval mode, config)``."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = payload["config"]

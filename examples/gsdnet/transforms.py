@@ -4,6 +4,7 @@ Train: resize -> horizontal flip -> with p = 0.2 (rotate up to 20 degrees, then 
 with padding) -> tensor -> ImageNet normalisation -> random erasing of 2-25 % of the image.
 Eval: resize -> tensor -> normalisation. The crop padding is 32 px at 224 and scales with size.
 """
+
 from __future__ import annotations
 
 from torchvision import transforms as T
@@ -27,6 +28,4 @@ def train_transform(img_size: int, hflip: bool = True) -> T.Compose:
 
 
 def eval_transform(img_size: int) -> T.Compose:
-    return T.Compose(
-        [T.Resize((img_size, img_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    )
+    return T.Compose([T.Resize((img_size, img_size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

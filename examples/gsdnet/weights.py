@@ -10,12 +10,13 @@ Loading matches tensors by name and shape and reports what was and was not loade
 when less than half of the backbone was matched, which is what a wrong key prefix looks like
 (``load_state_dict(strict=False)`` would silently load nothing).
 """
+
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     for key, value in state.items():
         for prefix in WRAPPER_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 

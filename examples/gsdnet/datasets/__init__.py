@@ -1,8 +1,8 @@
 """Dataset builders by name. Each returns :class:`DatasetSplits` with transform-less splits."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from . import affectnet, digits, ferplus, folders, rafdb
 from .common import DatasetSplits, ImageList, LabelFileError
@@ -14,7 +14,7 @@ DATASETS = ("rafdb", "ferplus", "affectnet", "imagefolder", "digits")
 
 def build_datasets(
     name: str,
-    data_dir: Optional[Path] = None,
+    data_dir: Path | None = None,
     affectnet_classes: int = 7,
     balanced: bool = False,
 ) -> DatasetSplits:

@@ -4,6 +4,7 @@ Expression codes: 0 Neutral, 1 Happiness, 2 Sadness, 3 Surprise, 4 Fear, 5 Disgu
 7 Contempt, 8 None, 9 Uncertain, 10 No-Face. The 7-class protocol keeps 0..6, the 8-class one
 0..7. The images are already face crops, so the face box columns are not used.
 """
+
 from __future__ import annotations
 
 import csv
@@ -11,7 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 from .common import (
-    DatasetSplits, ImageList, LabelFileError, class_balanced_weights, log, require_files, require_path,
+    DatasetSplits,
+    ImageList,
+    LabelFileError,
+    class_balanced_weights,
+    log,
+    require_files,
+    require_path,
 )
 
 CLASSES = ["Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]

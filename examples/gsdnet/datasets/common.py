@@ -1,10 +1,11 @@
 """What every dataset builder returns, and image loading that names the file that failed."""
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger("gsdnet")
 
-ImageSource = Union[Path, np.ndarray]
+ImageSource = Path | np.ndarray
 
 
 class LabelFileError(ValueError):
@@ -30,7 +31,7 @@ class ImageList(Dataset):
         self,
         sources: Sequence[ImageSource],
         labels: Sequence[int],
-        transform: Optional[Callable] = None,
+        transform: Callable | None = None,
     ) -> None:
         if len(sources) != len(labels):
             raise ValueError(f"{len(sources)} images but {len(labels)} labels")
@@ -74,9 +75,9 @@ class DatasetSplits:
     test: ImageList
     classes: list[str]
     description: str
-    val: Optional[ImageList] = None
+    val: ImageList | None = None
     hflip: bool = True
-    train_weights: Optional[torch.Tensor] = None
+    train_weights: torch.Tensor | None = None
     notes: dict[str, int] = field(default_factory=dict)
 
 
@@ -85,9 +86,7 @@ def require_files(paths: Sequence[Path], what: str) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         shown = "\n  ".join(str(p) for p in missing[:5])
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(paths)} {what} images are missing, e.g.:\n  {shown}"
-        )
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} {what} images are missing, e.g.:\n  {shown}")
 
 
 def require_path(path: Path, hint: str) -> Path:

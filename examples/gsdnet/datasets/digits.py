@@ -3,6 +3,7 @@
 Not facial expressions: it exists so the whole pipeline can be run with no download. The split
 is fixed: within each class, every fifth image (in the bundled order) is a test image.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -5,12 +5,13 @@ when its top count is more than half of the remaining votes, and dropped when th
 is ``unknown`` or ``NF`` (not a face). Usage ``Training`` / ``PublicTest`` / ``PrivateTest`` are
 the train / validation / test splits.
 """
+
 from __future__ import annotations
 
 import csv
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,14 +19,22 @@ from .common import DatasetSplits, ImageList, LabelFileError, log, require_path
 
 # Vote columns of fer2013new.csv, in order; the first eight are the classes.
 VOTE_COLUMNS = [
-    "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
-    "unknown", "NF",
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
 ]
 CLASSES = ["Neutral", "Happiness", "Surprise", "Sadness", "Anger", "Disgust", "Fear", "Contempt"]
 SPLITS = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 
 
-def majority_label(votes: Sequence[int]) -> tuple[Optional[int], str]:
+def majority_label(votes: Sequence[int]) -> tuple[int | None, str]:
     """``(label, "kept")`` or ``(None, reason)`` for one image's ten vote counts."""
     counts = np.asarray(votes, dtype=np.int64)
     counts[counts <= 1] = 0

@@ -1,4 +1,5 @@
 """Any dataset stored as ``<data-dir>/{train,test}/<class>/<image>`` (torchvision ImageFolder)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ Official layout::
 Folder-per-class copy: ``<data-dir>/{train,test}/<class>/*.jpg`` with class folders named
 ``1``..``7`` or by the class names below (any case).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -74,9 +75,7 @@ def folder_label(folder: str) -> int:
         return int(folder) - 1
     if folder.lower() in names:
         return names.index(folder.lower())
-    raise ValueError(
-        f"RAF-DB class folder {folder!r} is neither 1..7 nor one of {CLASSES}"
-    )
+    raise ValueError(f"RAF-DB class folder {folder!r} is neither 1..7 nor one of {CLASSES}")
 
 
 def from_folders(data_dir: Path) -> DatasetSplits:
