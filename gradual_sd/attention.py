@@ -34,7 +34,10 @@ class ACAM(nn.Module):
         channels: Input (and output) channels.
         rd_ratio: Hidden width of the MLPs relative to ``channels`` (the paper's ``1/r``, r = 16).
         rd_channels: Hidden width given directly; overrides ``rd_ratio``.
-        rd_divisor: Round the hidden width to a multiple of this.
+        rd_divisor: Round the hidden width to a multiple of this, and to at least this. The
+            default 8 is timm's SE convention: narrow stages still get 8 hidden units (at
+            ``C/16`` rounded to 1 or 2 units, the shared MLP was often dead from
+            initialisation), while ResNet50's stages keep the paper's ``C/16`` (16 to 128).
         act_layer: Activation between the two layers of each MLP.
         gate_layer: Gate applied to the combined attention logits.
         mlp_bias: Whether the MLP layers have biases.
@@ -47,7 +50,7 @@ class ACAM(nn.Module):
         channels: int,
         rd_ratio: float = 1.0 / 16,
         rd_channels: int | None = None,
-        rd_divisor: int = 1,
+        rd_divisor: int = 8,
         act_layer: str | type[nn.Module] = nn.ReLU,
         gate_layer: str | type[nn.Module] = "sigmoid",
         mlp_bias: bool = True,

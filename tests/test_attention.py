@@ -8,7 +8,7 @@ import timm
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from timm.layers import create_attn
+from timm.layers import SEModule, create_attn
 
 from gradual_sd import ACAM, NormalizedACAM
 
@@ -124,10 +124,39 @@ def test_channels_last_input_gives_same_result():
 
 def test_tiny_channels_and_one_by_one_maps():
     for channels in (1, 3):
-        module = ACAM(channels)
-        assert module.rd_channels == 1
-        out = module(torch.randn(2, channels, 1, 1))
-        assert out.shape == (2, channels, 1, 1)
+        for rd_divisor, width in ((8, 8), (1, 1)):
+            module = ACAM(channels, rd_divisor=rd_divisor)
+            assert module.rd_channels == width
+            out = module(torch.randn(2, channels, 1, 1))
+            assert out.shape == (2, channels, 1, 1)
+
+
+@given(channels=st.integers(1, 4096), rd_ratio=st.sampled_from([1 / 16, 1 / 8, 0.25, 1.0]))
+@settings(max_examples=60, deadline=None)
+def test_hidden_width_follows_timm_se(channels, rd_ratio):
+    se = SEModule(channels, rd_ratio=rd_ratio, device="meta")
+    assert ACAM(channels, rd_ratio=rd_ratio, device="meta").rd_channels == se.fc1.out_channels
+
+
+@pytest.mark.parametrize("channels", [256, 512, 1024, 2048])
+def test_resnet50_widths_keep_the_papers_reduction(channels):
+    assert ACAM(channels, device="meta").rd_channels == channels // 16
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_narrow_default_width_keeps_the_shared_mlp_alive():
+    """At C = 8 the old C/16 rounding left one hidden unit, dead from init for some seeds
+    (about 30 % in ``benchmarks/acam_width.py``); the default width must not be."""
+
+    def dead(rd_divisor: int, seed: int) -> bool:
+        torch.manual_seed(seed)
+        module = ACAM(8, rd_divisor=rd_divisor)
+        x = torch.randn(4, 8, 4, 4).relu()
+        module(x).backward(torch.randn_like(x))
+        return not (module.fc1.weight.grad.any() or module.fc2.weight.grad.any())
+
+    assert any(dead(1, seed) for seed in range(20))
+    assert not any(dead(8, seed) for seed in range(20))
 
 
 def test_device_dtype_and_rd_channels_arguments():
@@ -144,7 +173,9 @@ def test_bad_arguments_raise(channels, kwargs):
 
 
 def test_timm_probe_and_create_attn():
-    ACAM(8, rd_ratio=1.0)  # EfficientNet's builder probes the class like this
+    probe = ACAM(8, rd_ratio=1.0)  # EfficientNet's builder probes the class like this
+    assert probe.rd_channels == 8
+    assert probe(torch.randn(2, 8, 3, 3)).shape == (2, 8, 3, 3)
     assert isinstance(create_attn(ACAM, 16), ACAM)
 
 
