@@ -4,7 +4,7 @@ from .attention import ACAM, NormalizedACAM
 from .distiller import DistillerOutput, GradualSelfDistiller, default_stage_names
 from .heads import BottleneckHead, HeadFactory, PooledHead
 from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
-from .surgery import insert_after
+from .surgery import insert_after, replace_squeeze_excite
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,6 @@ __all__ = [
     "PooledHead",
     "HeadFactory",
     "insert_after",
+    "replace_squeeze_excite",
     "__version__",
 ]

@@ -1,17 +1,42 @@
-"""Model surgery: put a module (ACAM by default) after named submodules of an existing model."""
+"""Model surgery: put attention (ACAM by default) into an existing model, after named
+submodules or in place of its squeeze-excite modules."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import difflib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 
+import timm.layers
 import torch
+from timm.models import _efficientnet_blocks, hgnet, senet
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 from ._lookup import find_module
 from .attention import ACAM
 from .taps import probe_outputs
 
-__all__ = ["insert_after"]
+__all__ = ["SQUEEZE_EXCITE_KINDS", "insert_after", "replace_squeeze_excite"]
+
+SQUEEZE_EXCITE_KINDS: Mapping[str, type[nn.Module]] = MappingProxyType(
+    {
+        "timm.layers.SEModule": timm.layers.SEModule,  # also timm.layers.SqueezeExcite
+        "timm.layers.EffectiveSEModule": timm.layers.EffectiveSEModule,
+        "timm.models._efficientnet_blocks.SqueezeExcite": _efficientnet_blocks.SqueezeExcite,
+        "timm.models.hgnet.EseModule": hgnet.EseModule,
+        "timm.models.senet.SEModule": senet.SEModule,
+        "torchvision.ops.SqueezeExcitation": SqueezeExcitation,
+    }
+)
+"""The squeeze-excite classes ``replace_squeeze_excite`` finds by default, by import path.
+
+All take and return ``(N, C, H, W)`` maps. timm's channels-last ``SqueezeExciteCl`` is left out
+on purpose: ACAM expects channels on dim 1.
+"""
+
+# Where the known SE classes keep their gate (timm, torchvision, timm's hgnet and senet).
+_GATE_ATTRIBUTES = ("gate", "scale_activation", "sigmoid")
 
 
 def insert_after(
@@ -57,3 +82,112 @@ def insert_after(
             model.set_submodule(name, nn.Sequential(target, attention))
         inserted[name] = attention
     return inserted
+
+
+def replace_squeeze_excite(
+    model: nn.Module,
+    attn_layer: Callable[..., nn.Module] = ACAM,
+    *,
+    kinds: Iterable[str | type[nn.Module]] | None = None,
+    keep_width: bool = True,
+    keep_gate: bool = True,
+) -> dict[str, nn.Module]:
+    """Replace every squeeze-excite module of ``model`` with ``attn_layer``, in place.
+
+    For models whose constructors do not take ``se_layer=ACAM`` or ``attn_layer=ACAM`` (timm
+    MobileNetV3, LCNet, RegNetY, ReXNet, VoVNet, torchvision EfficientNet...). A module is
+    squeeze-excite when it is an instance of one of ``kinds``: names from
+    :data:`SQUEEZE_EXCITE_KINDS` or classes (default: all of :data:`SQUEEZE_EXCITE_KINDS`). Each
+    is replaced by ``attn_layer(channels, **options)``, where ``channels`` is the input width of
+    its first conv or linear layer, on the same device and dtype and in the same train/eval mode.
+    Every other module and weight keeps its name and value; the replaced modules' weights are
+    dropped, so load pretrained weights first.
+
+    Args:
+        keep_width: Pass ``rd_channels=`` the SE's own hidden width, so the swap changes the
+            mechanism and not the capacity. SEs without a hidden layer (effective SE) and
+            ``keep_width=False`` get ``attn_layer``'s own width (ACAM: ``C/16``, at least 8).
+        keep_gate: Pass ``gate_layer=`` the SE's gate class (hard sigmoid in MobileNetV3, LCNet,
+            GhostNet, VoVNet), so the swap changes how the channel logits are computed and not
+            how they are squashed. ``False`` gives ``attn_layer``'s own gate (ACAM: sigmoid, as
+            in the paper).
+
+    Returns the new modules by the name of the module each replaced.
+    """
+    classes = _squeeze_excite_classes(kinds)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        inside_found = any(name.startswith(f"{outer}.") for outer in found)
+        if name and isinstance(module, classes) and not inside_found:
+            found[name] = module
+    if not found:
+        looked_for = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in classes)
+        raise ValueError(
+            f"{type(model).__name__} has no squeeze-excite module of the kinds looked for "
+            f"({looked_for}); pass its class in kinds=, or put attention after stages with "
+            "insert_after(model, names)"
+        )
+    # Build every replacement before swapping any, so an error leaves the model untouched.
+    replaced = {name: _build_like(se, name, attn_layer, keep_width, keep_gate) for name, se in found.items()}
+    for name, attention in replaced.items():
+        model.set_submodule(name, attention)
+    return replaced
+
+
+def _squeeze_excite_classes(kinds: Iterable[str | type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
+    if kinds is None:
+        return tuple(SQUEEZE_EXCITE_KINDS.values())
+    kinds = [kinds] if isinstance(kinds, str | type) else list(kinds)
+    if not kinds:
+        raise ValueError(f"kinds is empty; give SE classes or names from {list(SQUEEZE_EXCITE_KINDS)}")
+    classes = []
+    for kind in kinds:
+        if isinstance(kind, type) and issubclass(kind, nn.Module):
+            classes.append(kind)
+        elif isinstance(kind, str) and kind in SQUEEZE_EXCITE_KINDS:
+            classes.append(SQUEEZE_EXCITE_KINDS[kind])
+        elif isinstance(kind, str):
+            close = difflib.get_close_matches(kind, SQUEEZE_EXCITE_KINDS, n=3, cutoff=0.5)
+            hint = f"close matches: {close}; " if close else ""
+            raise ValueError(
+                f"unknown squeeze-excite kind {kind!r}; {hint}valid: {list(SQUEEZE_EXCITE_KINDS)}"
+            )
+        else:
+            raise TypeError(
+                f"kinds must hold nn.Module classes or names from SQUEEZE_EXCITE_KINDS, got {kind!r}"
+            )
+    return tuple(classes)
+
+
+def _build_like(
+    se: nn.Module, name: str, attn_layer: Callable[..., nn.Module], keep_width: bool, keep_gate: bool
+) -> nn.Module:
+    """``attn_layer`` for the channels of ``se`` (and its width and gate if asked), placed like it."""
+    layers = [m for m in se.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    if not layers:
+        raise ValueError(f"{name!r} ({type(se).__name__}) has no conv or linear layer to read channels from")
+    first = layers[0]
+    channels, width = (
+        (first.in_channels, first.out_channels)
+        if isinstance(first, nn.Conv2d)
+        else (first.in_features, first.out_features)
+    )
+    options: dict[str, object] = {}
+    if keep_width and len(layers) > 1:  # a single layer (effective SE) has no hidden width
+        options["rd_channels"] = width
+    gate = next(
+        (getattr(se, a) for a in _GATE_ATTRIBUTES if isinstance(getattr(se, a, None), nn.Module)), None
+    )
+    if keep_gate and gate is not None:
+        options["gate_layer"] = type(gate)
+    try:
+        attention = attn_layer(channels, **options)
+    except TypeError as error:
+        flags = {"rd_channels": "keep_width=False", "gate_layer": "keep_gate=False"}
+        fix = " and ".join(flags[key] for key in options)
+        raise TypeError(
+            f"attn_layer({channels}, **{options}) failed for {name!r}: {error}; "
+            f"for an attn_layer without these arguments pass {fix}"
+        ) from error
+    param = next(se.parameters())
+    return attention.to(device=param.device, dtype=param.dtype).train(se.training)
