@@ -1,9 +1,17 @@
 """gradual-sd: GSDNet's gradual self distillation and ACAM attention for any PyTorch backbone."""
 
 from .attention import ACAM, NormalizedACAM
-from .distiller import DistillerOutput, GradualSelfDistiller, default_stage_names
+from .distiller import DistillerOutput, GradualSelfDistiller
 from .heads import BottleneckHead, HeadFactory, PooledHead
 from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
+from .stages import (
+    ModelStages,
+    StageInfo,
+    default_stage_names,
+    describe_stages,
+    find_classifier_name,
+    list_stages,
+)
 from .surgery import insert_after, replace_squeeze_excite
 
 __version__ = "0.1.0"
@@ -14,6 +22,11 @@ __all__ = [
     "GradualSelfDistiller",
     "DistillerOutput",
     "default_stage_names",
+    "describe_stages",
+    "list_stages",
+    "find_classifier_name",
+    "StageInfo",
+    "ModelStages",
     "GradualDistillationLoss",
     "soft_cross_entropy",
     "kl_divergence",

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._lookup import find_module, module_names
 from .heads import BottleneckHead, HeadFactory
+from .layout import Layout
 from .losses import GradualDistillationLoss
-from .taps import LAYOUTS, Layout, StageTaps, channels_of, infer_layout, probe_outputs, to_feature_map
+from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
+from .taps import StageTaps, tapped_by, to_feature_map
 
-__all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names"]
+__all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names", "find_classifier_name"]
 
 
 class DistillerOutput(NamedTuple):
@@ -43,59 +44,6 @@ class DistillerOutput(NamedTuple):
     head_features: tuple[torch.Tensor, ...]
 
 
-def default_stage_names(model: nn.Module) -> list[str]:
-    """Stage names from timm's ``feature_info``, without the stem and without the last stage.
-
-    The stem is every entry at reduction < 4 (for example ResNet's ``act1``); the last stage
-    feeds the model's own classifier, which is the deepest head.
-    """
-    info = getattr(model, "feature_info", None)
-    if not info or not isinstance(info, (list, tuple)):
-        top_level = [n for n in module_names(model) if "." not in n]
-        raise ValueError(
-            f"{type(model).__name__} has no timm feature_info, so stage_names must be given "
-            f"(shallow to deep); its top-level modules are {top_level}"
-        )
-    names = [entry["module"] for entry in info if entry.get("reduction", 4) >= 4]
-    if len(names) < 2:
-        raise ValueError(f"feature_info of {type(model).__name__} has fewer than two stages")
-    return names[:-1]
-
-
-def find_classifier_name(model: nn.Module) -> str:
-    """Name of the model's final classifier: timm's ``get_classifier()``, else a linear ``fc``,
-    ``classifier`` or ``head``, else the last ``nn.Linear``."""
-    modules = dict(model.named_modules())
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        classifier = get_classifier()
-        if not isinstance(classifier, nn.Linear):
-            raise ValueError(
-                f"{type(model).__name__}.get_classifier() is {type(classifier).__name__}, not a "
-                "linear classifier; create the model with num_classes > 0"
-            )
-        return next(name for name, module in modules.items() if module is classifier)
-    for name in ("fc", "classifier", "head"):
-        if isinstance(modules.get(name), nn.Linear):
-            return name
-    linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-    if not linear:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; pass classifier_name")
-    return linear[-1]
-
-
-def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A one-image batch at the model's configured input size (timm) or 3x224x224."""
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    in_chans = first_conv.in_channels if first_conv is not None else 3
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    channels, height, width = cfg.get("input_size", (in_chans, 224, 224))
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return torch.zeros(1, channels, height, width, device=device, dtype=dtype)
-
-
 @contextlib.contextmanager
 def keep_running_stats(module: nn.Module) -> Iterator[None]:
     """Undo buffer updates made inside the block, so that recomputing a head in backward does
@@ -113,20 +61,33 @@ class GradualSelfDistiller(nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
     Args:
-        model: Any ``nn.Module`` that maps images to logits through a final linear classifier.
-        stage_names: Submodules to tap, shallow to deep, one head each. Default for timm
-            models: the ``feature_info`` stages without the stem and the last stage.
+        model: Any ``nn.Module`` that maps images to logits through a final linear or 1x1-conv
+            classifier. It must not carry another wrapper's hooks.
+        stage_names: Submodules to tap, shallow to deep, one head each (a string is one
+            stage). Default: timm's ``feature_info`` stages without the stem and the last
+            stage, or, where timm gives none that can be tapped, stages found from the shapes
+            (:func:`~gradual_sd.default_stage_names`; :func:`~gradual_sd.list_stages` shows
+            the candidates). A stage returning a tuple or list is tapped at its first tensor.
         loss: The objective; default :class:`GradualDistillationLoss` with the paper's values.
         head_factory: Builds each stage's head (see :class:`HeadFactory`).
         feature_dim: Width of the distillation features (paper: 128).
-        classifier_name: The final classifier's module; found automatically by default.
+        classifier_name: The module holding the final classifier; default timm's
+            ``get_classifier()``, else ``fc``/``classifier``/``head``, else the whole model.
+            Of the linear and 1x1-conv layers inside it, the last to run with ``num_classes``
+            outputs is the classifier, and its input is the pre-logits (an ``(N, D, H, W)``
+            input is average-pooled to ``(N, D)``).
         num_classes: If given, checked against the classifier's output.
-        stage_layout: Layout of 4-D stage outputs, ``"NCHW"`` or ``"NHWC"``; default from timm's
-            ``output_fmt`` (Swin: NHWC), else NCHW. 3-D outputs are always ``(N, L, C)`` tokens.
-        num_prefix_tokens: Class/register tokens to drop from token outputs; default from the
-            model's ``num_prefix_tokens`` (timm ViT), else 0.
-        example_input: A batch used once, in eval mode without gradients, to find every stage's
-            shape; default one zero image at the model's configured input size.
+        stage_layout: Layout of 4-D stage outputs, ``"NCHW"`` or ``"NHWC"``. By default it is
+            decided from evidence: timm's ``feature_info`` channels, the declared
+            ``output_fmt`` and the shapes at two input sizes; an error asks for it where the
+            evidence does not settle it, and a value that contradicts the evidence is refused.
+            3-D outputs are always ``(N, L, C)`` tokens.
+        num_prefix_tokens: Class/register tokens to drop from token outputs; by default
+            counted from the shapes (at two input sizes, or against ``feature_info``'s
+            reduction), else the model's ``num_prefix_tokens``.
+        example_input: A batch used in eval mode without gradients to find every stage's shape;
+            default one zero image at the model's configured size (a timm ``img_size``, else
+            ``pretrained_cfg``) with its first convolution's channels.
         check_finite: Raise ``FloatingPointError`` naming the culprits when the loss is not
             finite (one device sync per training step; skipped under ``torch.compile``).
         checkpoint_heads: Recompute the heads during backward instead of saving their
@@ -143,7 +104,7 @@ class GradualSelfDistiller(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        stage_names: Sequence[str] | None = None,
+        stage_names: str | Sequence[str] | None = None,
         *,
         loss: GradualDistillationLoss | None = None,
         head_factory: HeadFactory = BottleneckHead,
@@ -165,107 +126,62 @@ class GradualSelfDistiller(nn.Module):
                 "modules' hooks (timm) or without gradients, so the heads cannot be trained. Call "
                 "model.set_grad_checkpointing(False) before wrapping"
             )
-        if stage_layout is not None and stage_layout not in LAYOUTS[:2]:
-            raise ValueError(f"stage_layout must be one of {LAYOUTS[:2]} or None, got {stage_layout!r}")
+        already = tapped_by(model)
+        if already:
+            raise ValueError(
+                f"the model already carries another wrapper's hooks on {already}; export() or "
+                "remove() that wrapper first (wrapping twice would leave its hooks in the exported model)"
+            )
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
 
-        names = list(default_stage_names(model) if stage_names is None else stage_names)
-        classifier_name = classifier_name or find_classifier_name(model)
-        self._validate_names(model, names, classifier_name)
-
-        example = default_example_input(model) if example_input is None else example_input
-        shapes, order, classes = self._probe(model, names, classifier_name, example)
-        if order != names:
+        described = describe_stages(
+            model,
+            stage_names,
+            classifier_name=classifier_name,
+            stage_layout=stage_layout,
+            num_prefix_tokens=num_prefix_tokens,
+            example_input=example_input,
+        )
+        if num_classes is not None and num_classes != described.num_classes:
             raise ValueError(
-                f"stage_names must be listed shallow to deep in the order they run; got {names}, "
-                f"but they ran as {order}"
-            )
-        layout_hint = stage_layout or getattr(model, "output_fmt", None)
-        layouts = [infer_layout(shapes[name], name, layout_hint) for name in names]
-        if num_classes is not None and num_classes != classes:
-            raise ValueError(
-                f"num_classes={num_classes} but the model's classifier {classifier_name!r} "
-                f"outputs {classes} classes"
+                f"num_classes={num_classes} but the model's classifier {described.classifier_name!r} "
+                f"outputs {described.num_classes} classes"
             )
 
         self.model = model
         self.loss = loss if loss is not None else GradualDistillationLoss()
-        self.stage_names: tuple[str, ...] = tuple(names)
-        self.classifier_name = classifier_name
-        self.layouts: tuple[Layout, ...] = tuple(layouts)
-        self.num_prefix_tokens = int(
-            getattr(model, "num_prefix_tokens", 0) if num_prefix_tokens is None else num_prefix_tokens
-        )
-        self.num_classes = classes
-        self.hidden_size = int(shapes[classifier_name][1])
+        self.stages = described.stages
+        self.stage_names: tuple[str, ...] = tuple(stage.name for stage in described.stages)
+        self.layouts: tuple[Layout, ...] = tuple(stage.layout for stage in described.stages)  # type: ignore[misc]
+        self.num_prefix_tokens: tuple[int, ...] = tuple(s.num_prefix_tokens for s in described.stages)
+        self.classifier_name = described.classifier_name
+        self.num_classes = described.num_classes
+        self.hidden_size = described.hidden_size
         self.check_finite = check_finite
         self.checkpoint_heads = checkpoint_heads
         self.heads = nn.ModuleList(
             head_factory(
-                in_channels=channels_of(shapes[name], layout),
+                in_channels=stage.channels,
                 hidden_size=self.hidden_size,
                 num_classes=self.num_classes,
                 feature_dim=feature_dim,
             )
-            for name, layout in zip(names, layouts)
+            for stage in described.stages
         )
         reference = next(model.parameters(), None)
         dd: dict[str, Any] = {}
         if reference is not None and reference.is_floating_point():
             dd = {"device": reference.device, "dtype": reference.dtype}
             self.heads.to(**dd)
-        # The last classifier's feature only ever serves as a detached teacher, so (as in the
-        # reference code, where it never receives a gradient) it is a fixed random projection.
-        # Buffers, not frozen parameters: DDP must not expect gradients for them.
+        # The last classifier's feature only serves as a detached teacher here, so it is a fixed
+        # random projection of the pre-logits. Buffers, not frozen parameters: DDP must not
+        # expect gradients for them.
         projection = nn.Linear(self.hidden_size, feature_dim, **dd)
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())
-        self.taps = StageTaps(model, names, input_names=[classifier_name])
-
-    @staticmethod
-    def _validate_names(model: nn.Module, names: list[str], classifier_name: str) -> None:
-        if not names:
-            raise ValueError("stage_names is empty; name at least one stage to attach a head to")
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"stage_names lists {duplicates} more than once: {names}")
-        for name in [*names, classifier_name]:
-            find_module(model, name)
-        if classifier_name in names:
-            raise ValueError(
-                f"{classifier_name!r} is the model's classifier (the deepest head); "
-                "stage_names lists only the stages before it"
-            )
-
-    @staticmethod
-    def _probe(
-        model: nn.Module, names: list[str], classifier_name: str, example: torch.Tensor
-    ) -> tuple[dict[str, torch.Size], list[str], int]:
-        """Shapes of every stage output and of the pre-logits, their run order, and the number
-        of classes, from one dry run; raises for anything the heads could not use."""
-        seen, logits = probe_outputs(model, names, example, input_names=[classifier_name])
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise ValueError("the model must return a (N, num_classes) logits tensor")
-        missing = [name for name in [*names, classifier_name] if name not in seen]
-        if missing:
-            raise ValueError(f"modules {missing} did not run in a forward pass of the model")
-        shapes: dict[str, torch.Size] = {}
-        for name in names:
-            value = seen[name]
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"stage {name!r} returns {type(value).__name__}, not a feature-map tensor")
-            infer_layout(value.shape, name)
-            shapes[name] = value.shape
-        pre_logits = seen[classifier_name]
-        if not isinstance(pre_logits, torch.Tensor) or pre_logits.dim() != 2:
-            got = tuple(pre_logits.shape) if isinstance(pre_logits, torch.Tensor) else pre_logits
-            raise ValueError(
-                f"classifier {classifier_name!r} must take a (N, D) pre-logits tensor, got {got}"
-            )
-        shapes[classifier_name] = pre_logits.shape
-        order = [name for name in seen if name in names]
-        return shapes, order, int(logits.shape[-1])
+        elements = {s.name: s.element for s in described.stages if s.element is not None}
+        self.taps = StageTaps(model, self.stage_names, input_names=[self.classifier_name], elements=elements)
 
     @property
     def attached(self) -> bool:
@@ -292,7 +208,7 @@ class GradualSelfDistiller(nn.Module):
         if run_heads is None:
             run_heads = self.training and targets is not None
         if not run_heads:
-            logits = self.model(images)
+            logits = main_logits(self.model(images))
             if targets is None:
                 return DistillerOutput(logits, None, {}, (), ())
             ce = self.loss.cross_entropy(logits, targets)
@@ -301,17 +217,19 @@ class GradualSelfDistiller(nn.Module):
         device = str(images.device)
         captured = self.taps.start(device)
         try:
-            logits = self.model(images)
+            logits = main_logits(self.model(images))
         finally:
             self.taps.stop(device)
         if not torch.compiler.is_compiling():
             self._check_captured(captured)
         stage_outputs = [captured[name] for name in self.stage_names]
         pre_logits = captured[self.classifier_name]
+        if pre_logits.dim() == 4:  # a 1x1-conv classifier's input map, pooled as the conv is linear
+            pre_logits = pre_logits.mean((2, 3))
 
         head_logits, head_features = [], []
-        for head, output, layout in zip(self.heads, stage_outputs, self.layouts):
-            z, f = self._run_head(head, to_feature_map(output, layout, self.num_prefix_tokens))
+        for head, output, stage in zip(self.heads, stage_outputs, self.stages):
+            z, f = self._run_head(head, to_feature_map(output, stage.layout, stage.num_prefix_tokens))
             head_logits.append(z)
             head_features.append(f)
         head_logits.append(logits)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Literal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -18,23 +17,41 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._lookup import find_module
+from .layout import Layout
 
-__all__ = ["Layout", "StageTaps", "to_feature_map", "probe_outputs"]
+__all__ = ["StageTaps", "to_feature_map", "probe_outputs", "tapped_by"]
 
-Layout = Literal["NCHW", "NHWC", "NLC"]
-LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC")
+
+def tapped_by(model: nn.Module) -> list[str]:
+    """Names of ``model``'s submodules that carry a :class:`StageTaps` hook ("" is the root)."""
+    names = []
+    for name, module in model.named_modules():
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(isinstance(getattr(getattr(h, "func", None), "__self__", None), StageTaps) for h in hooks):
+            names.append(name)
+    return names
 
 
 class StageTaps:
     """Hooks on ``names`` (outputs) and, optionally, on ``input_names`` (first positional input).
 
     Use ``with taps.capture(device) as captured: model(x)``; afterwards ``captured`` maps each
-    name that fired to its tensor. :meth:`remove` detaches every hook.
+    name that fired to its tensor. A stage that returns a tuple or list is recorded as its
+    element ``elements[name]`` (PiT and MViTv2 stages return ``(x, extra)``, TNT's
+    ``(pixels, patches)``); with ``elements=None`` the whole output is kept, for probing.
+    :meth:`remove` detaches every hook.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], input_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        input_names: Sequence[str] = (),
+        elements: Mapping[str, int] | None = None,
+    ) -> None:
         self.names = tuple(names)
         self.input_names = tuple(input_names)
+        self.elements = None if elements is None else dict(elements)
         self._store: dict[str, dict[str, torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self.active = True  # a plain flag: torch.compile cannot inspect hook handles
@@ -61,6 +78,8 @@ class StageTaps:
 
     def _record_output(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
         if self._store:
+            if self.elements is not None and isinstance(output, (tuple, list)):
+                output = output[self.elements.get(name, 0)]
             self._put(name, output)
 
     def _record_input(self, name: str, module: nn.Module, args: tuple) -> None:
@@ -106,23 +125,6 @@ def to_feature_map(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) 
     if layout == "NHWC":
         return rearrange(x, "n h w c -> n c h w")
     return rearrange(x[:, num_prefix_tokens:], "n l c -> n c l 1")
-
-
-def infer_layout(shape: torch.Size, name: str, hint: str | None = None) -> Layout:
-    """Layout of a stage output from its shape; 4-D outputs are NCHW unless ``hint`` says NHWC."""
-    if len(shape) == 3:
-        return "NLC"
-    if len(shape) == 4:
-        return "NHWC" if hint == "NHWC" else "NCHW"
-    raise ValueError(
-        f"stage {name!r} outputs a tensor of shape {tuple(shape)}; expected a feature map "
-        "(N, C, H, W), (N, H, W, C) or a token sequence (N, L, C)"
-    )
-
-
-def channels_of(shape: torch.Size, layout: Layout) -> int:
-    """Channel count of a stage output of ``shape`` in ``layout``."""
-    return int(shape[1] if layout == "NCHW" else shape[-1])
 
 
 def probe_outputs(

@@ -74,7 +74,7 @@ def test_timm_family_trains_and_matches_model(name):
 def test_token_stages_drop_prefix_tokens():
     model, example = make("vit_tiny_patch16_224")
     distiller = GradualSelfDistiller(model, example_input=example)
-    assert distiller.num_prefix_tokens == model.num_prefix_tokens == 1
+    assert distiller.num_prefix_tokens == (model.num_prefix_tokens,) * 3 == (1, 1, 1)
     seen = []
     distiller.heads[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     distiller.train()(*batch(64))
@@ -318,11 +318,11 @@ def test_bad_configuration_is_refused_at_construction(stages, kwargs, error, mat
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_models_without_feature_info_must_name_stages():
-    with pytest.raises(
-        ValueError, match=r"stage_names must be given.*\['stem', 'block1', 'block2', 'pool', 'classifier'\]"
-    ):
-        GradualSelfDistiller(TinyCNN())
+def test_models_without_feature_info_get_stages_from_shapes():
+    """Per reduction of 4 or more, the shallowest module to finish last; the deepest feeds the
+    classifier, the stem (reduction 2) and the pooled 1x1 map are left out."""
+    distiller = GradualSelfDistiller(TinyCNN(), example_input=torch.zeros(1, 3, 32, 32))
+    assert distiller.stage_names == ("block1",)
 
 
 def test_classifier_must_exist():

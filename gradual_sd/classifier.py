@@ -1,0 +1,91 @@
+"""Find the layer that turns a model's pre-logits into its logits.
+
+Classifiers come in many shapes: one ``nn.Linear`` (ResNet), a 1x1 convolution (DLA, DPN,
+SqueezeNet), a wrapper around a linear layer (timm ``ClassifierHead``, ``NormLinear``, RepViT),
+a tuple of heads (distilled DeiT, LeViT, EfficientFormer) or a ``ModuleList`` of them (CrossViT,
+EfficientViM). This module lists every linear or 1x1-conv layer inside the classifier; which of
+them is *the* classifier is decided by a dry run (:mod:`gradual_sd.stages`): the last one to run
+that outputs ``num_classes``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ._lookup import find_module
+
+__all__ = ["classifier_candidates", "is_classifier_layer", "out_features"]
+
+_CONVENTIONAL_NAMES = ("fc", "classifier", "head")
+
+
+def is_classifier_layer(module: nn.Module) -> bool:
+    """Whether ``module`` can map pre-logits to logits: a linear layer or a 1x1 convolution."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def out_features(module: nn.Module) -> int:
+    """Output width of a layer accepted by :func:`is_classifier_layer`."""
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels  # type: ignore[return-value]
+
+
+def _layers_within(model: nn.Module, roots: list[nn.Module]) -> list[str]:
+    """Names of the classifier layers that are ``roots`` or inside them, in model order."""
+    inside = {id(m) for root in roots for m in root.modules()}
+    return [name for name, m in model.named_modules() if id(m) in inside and is_classifier_layer(m)]
+
+
+def classifier_candidates(model: nn.Module, classifier_name: str | None = None) -> list[str]:
+    """Linear and 1x1-conv layers that may be the model's classifier, in module order.
+
+    With ``classifier_name``, the layers at or inside that module. Otherwise those inside
+    timm's ``get_classifier()`` (a module, a tuple or a ``ModuleList``), else inside a module
+    called ``fc``, ``classifier`` or ``head``, else every such layer of the model.
+    """
+    model_name = type(model).__name__
+    if classifier_name is not None:
+        if not isinstance(classifier_name, str):
+            raise TypeError(f"classifier_name must be a str, got {type(classifier_name).__name__}")
+        root = find_module(model, classifier_name)
+        layers = _layers_within(model, [root])
+        if not layers:
+            raise ValueError(
+                f"classifier_name={classifier_name!r} is a {type(root).__name__} with no nn.Linear "
+                "or 1x1 nn.Conv2d inside; name the layer that outputs the logits"
+            )
+        return layers
+
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        classifier = get_classifier()
+        roots = list(classifier) if isinstance(classifier, (tuple, list, nn.ModuleList)) else [classifier]
+        roots = [r for r in roots if isinstance(r, nn.Module)]
+        layers = _layers_within(model, roots)
+        if layers:
+            return layers
+        described = type(classifier).__name__
+        if all(isinstance(r, nn.Identity) for r in roots):
+            raise ValueError(
+                f"{model_name}.get_classifier() is {described}: the model has no classifier. "
+                "Create it with num_classes > 0, or pass classifier_name"
+            )
+        raise ValueError(
+            f"{model_name}.get_classifier() is {described} with no nn.Linear or 1x1 nn.Conv2d "
+            "inside; pass classifier_name"
+        )
+
+    modules = dict(model.named_modules())
+    for name in _CONVENTIONAL_NAMES:
+        if name in modules:
+            layers = _layers_within(model, [modules[name]])
+            if layers:
+                return layers
+    layers = _layers_within(model, [model])
+    if not layers:
+        raise ValueError(
+            f"{model_name} has no nn.Linear or 1x1 nn.Conv2d that could be its classifier; "
+            "pass classifier_name"
+        )
+    return layers
