@@ -9,15 +9,17 @@ from types import MappingProxyType
 
 import timm.layers
 import torch
+from einops import rearrange
 from timm.models import _efficientnet_blocks, hgnet, senet
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
 from ._lookup import find_module
 from .attention import ACAM
-from .taps import probe_outputs
+from .layout import Layout
+from .stages import describe_outputs
 
-__all__ = ["SQUEEZE_EXCITE_KINDS", "insert_after", "replace_squeeze_excite"]
+__all__ = ["SQUEEZE_EXCITE_KINDS", "ChannelsLast", "insert_after", "replace_squeeze_excite"]
 
 SQUEEZE_EXCITE_KINDS: Mapping[str, type[nn.Module]] = MappingProxyType(
     {
@@ -39,48 +41,62 @@ on purpose: ACAM expects channels on dim 1.
 _GATE_ATTRIBUTES = ("gate", "scale_activation", "sigmoid")
 
 
+class ChannelsLast(nn.Module):
+    """Run a module made for ``(N, C, H, W)`` maps on ``(N, H, W, C)`` maps (Swin, MambaOut)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.module(rearrange(x, "n h w c -> n c h w")), "n c h w -> n h w c")
+
+
 def insert_after(
     model: nn.Module,
     names: str | Sequence[str],
     attn_layer: Callable[[int], nn.Module] = ACAM,
     example_input: torch.Tensor | None = None,
+    *,
+    stage_layout: Layout | None = None,
 ) -> dict[str, nn.Module]:
     """Insert ``attn_layer(channels)`` after each named submodule, in place.
 
-    Channels are read from one forward pass of ``example_input`` (default: one 3x224x224 zero
-    image) in eval mode without gradients. An ``nn.Sequential`` target gets the module appended,
-    so the keys of its existing weights do not change (``layer4.3`` is added after ResNet's three
-    ``layer4`` blocks); any other target is replaced by ``nn.Sequential(target, attention)``,
-    whose weights then live under ``<name>.0``. Load pretrained weights before inserting.
+    Each output's channels and layout are decided as the distiller decides them (see
+    :func:`~gradual_sd.describe_stages`), from dry runs of ``example_input`` (default: one zero
+    image at the model's configured size) in eval mode without gradients. On an NHWC output the
+    attention is wrapped in :class:`ChannelsLast`; token sequences are refused. An
+    ``nn.Sequential`` target gets the module appended, so the keys of its existing weights do
+    not change (``layer4.3`` is added after ResNet's three ``layer4`` blocks); any other target
+    is replaced by ``nn.Sequential(target, attention)``, whose weights then live under
+    ``<name>.0``. Load pretrained weights before inserting.
 
-    Returns the inserted modules by target name.
+    Returns the inserted attention modules by target name.
     """
-    names = [names] if isinstance(names, str) else list(names)
-    if not names:
+    if isinstance(names, str):
+        names = [names]
+    if not list(names):
         raise ValueError("names is empty; name at least one submodule to insert after")
-    targets = {name: find_module(model, name) for name in names}
-    if example_input is None:
-        param = next(model.parameters(), None)
-        example_input = torch.zeros(1, 3, 224, 224, device=param.device if param is not None else None)
-    seen, _ = probe_outputs(model, names, example_input)
+    outputs = describe_outputs(model, names, stage_layout=stage_layout, example_input=example_input)
+    tokens = [stage.name for stage in outputs if stage.layout == "NLC"]
+    if tokens:
+        raise ValueError(
+            f"{tokens} output token sequences (N, L, C); attention can only follow stages that "
+            "output feature maps (N, C, H, W) or (N, H, W, C)"
+        )
     inserted: dict[str, nn.Module] = {}
-    for name, target in targets.items():
-        output = seen.get(name)
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ValueError(
-                f"{name!r} does not output an (N, C, H, W) feature map (got {got}); attention "
-                "can only follow convolutional stages"
-            )
+    for stage in outputs:
+        target = find_module(model, stage.name)
         param = next(target.parameters(), None)
-        attention = attn_layer(int(output.shape[1]))
+        attention = attn_layer(stage.channels)
         if param is not None:
             attention.to(device=param.device, dtype=param.dtype)
+        module = ChannelsLast(attention) if stage.layout == "NHWC" else attention
         if isinstance(target, nn.Sequential):
-            target.append(attention)
+            target.append(module)
         else:
-            model.set_submodule(name, nn.Sequential(target, attention))
-        inserted[name] = attention
+            model.set_submodule(stage.name, nn.Sequential(target, module))
+        inserted[stage.name] = attention
     return inserted
 
 
