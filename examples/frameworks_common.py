@@ -63,7 +63,9 @@ def head_correct(head_logits: tuple[torch.Tensor, ...], targets: torch.Tensor) -
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options both examples take, with the digits stand-in's defaults."""
     parser.add_argument("--model", default="resnet18", help="any timm model name")
-    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument(
+        "--img-size", type=int, default=32, help="ViT and Swin models need their configured size (224)"
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--lr", type=float, default=1e-3)

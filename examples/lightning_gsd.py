@@ -87,6 +87,15 @@ class ExportPlainModel(L.Callback):
         self.path = Path(path)
         self.model: nn.Module | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Fail before training, not after it.
+        distiller = getattr(pl_module, "distiller", None)
+        if not isinstance(distiller, GradualSelfDistiller):
+            raise TypeError(
+                f"ExportPlainModel needs a LightningModule whose .distiller is a GradualSelfDistiller; "
+                f"{type(pl_module).__name__}.distiller is {type(distiller).__name__}"
+            )
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.model = copy.deepcopy(pl_module.distiller).export()
         if trainer.is_global_zero:
@@ -100,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer = parser.add_argument_group("Lightning Trainer")
     trainer.add_argument("--accelerator", default="auto", help="cpu, gpu, auto...")
     trainer.add_argument("--devices", default="auto", help="a count, a list or auto")
-    trainer.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, fsdp...")
+    trainer.add_argument("--strategy", default="auto", help="auto or ddp (the ones tried here)")
     trainer.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed...")
     trainer.add_argument("--max-steps", type=int, default=-1, help="stop after N steps (-1: epochs)")
     trainer.add_argument("--log-every-n-steps", type=int, default=10)

@@ -138,6 +138,30 @@ def test_lightning_fit_logs_every_term_and_saves_the_plain_model(run, precision)
     assert len(out.head_logits) == len(STAGES) + 1 and torch.isfinite(out.loss)
 
 
+def test_export_callback_rejects_a_module_without_a_distiller(tmp_path):
+    class Plain(lightning_gsd.L.LightningModule):  # a plain classifier: no .distiller
+        def __init__(self):
+            super().__init__()
+            self.model = timm.create_model(MODEL, num_classes=10)
+
+        def training_step(self, batch, batch_idx):
+            images, targets = batch
+            return torch.nn.functional.cross_entropy(self.model(images), targets)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = lightning_gsd.L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[lightning_gsd.ExportPlainModel(tmp_path / "model.pth")],
+    )
+    with pytest.raises(TypeError, match="Plain.distiller is NoneType"):
+        trainer.fit(Plain(), [(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))])
+    assert not (tmp_path / "model.pth").exists()
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_accelerate_loop_logs_every_term_and_saves_the_plain_model(run, precision):
     result = run("accelerate", precision)
