@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import train_gsdnet
 from gsdnet.checkpoint import atomic_write
+from gsdnet.metrics import mean_std
 from gsdnet.models import METHODS
 
 # RAF-DB, ResNet50 (the paper's Table 2): baseline about 89.54, +0.88 with gradual SD, +1.37 with
 # gradual SD and ACAM (90.91, the headline result).
 PAPER_RAFDB = {"baseline": 89.54, "gsd": 90.42, "gsd-acam": 90.91}
 LABELS = {"baseline": "ResNet50 (plain)", "gsd": "+ gradual SD", "gsd-acam": "+ gradual SD + ACAM"}
-
-
-def mean_std(values: list[float]) -> str:
-    spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.2f}{spread}"
 
 
 def table(results: dict[str, list[dict]], dataset: str) -> str:
@@ -56,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", type=Path, default=Path("runs") / "ablation")
     args, train_args = parser.parse_known_args(argv)
     train_args = [a for a in train_args if a != "--"]
-    forbidden = {"--method", "--seed", "--output-dir"} & {a.split("=")[0] for a in train_args}
+    forbidden = {"--method", "--seed", "--seeds", "--output-dir"} & {a.split("=")[0] for a in train_args}
     if forbidden:
         parser.error(f"{sorted(forbidden)} are set by the ablation runner itself")
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
