@@ -38,7 +38,14 @@ import gradual_sd
 from gradual_sd.losses import FORMULATIONS, TEACHERS
 from gsdnet import checkpoint
 from gsdnet.datasets import DATASETS, LabelFileError, build_datasets
-from gsdnet.datasets.common import ImageList, class_balanced_weights, stratified_split
+from gsdnet.datasets.common import (
+    DatasetSplits,
+    ImageList,
+    UnreadableImagesError,
+    class_balanced_weights,
+    find_unreadable,
+    stratified_split,
+)
 from gsdnet.distributed import DistEnv, init_distributed, shutdown
 from gsdnet.engine import NonFiniteLossError, Trainer, eval_loader, train_loader
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
@@ -80,6 +87,14 @@ STAND_IN_NOTE = (
     "from {init}; it checks the pipeline, it is not a facial-expression result"
 )
 FACE_WEIGHTS = "vgg_msceleb_resnet50_ft_weight.pkl"
+# model_*.pt hold the plain model (no heads, no hooks); gsdnet lives in examples/, not installed.
+LOAD_HINT = (
+    "load an exported model from any directory (returns the model in eval mode and its config: "
+    "classes, img_size, mean, std):\n"
+    "  import sys; sys.path.insert(0, {examples!r})\n"
+    "  from gsdnet.models import load_exported\n"
+    "  model, config = load_exported({path!r})"
+)
 MODEL_FILES = {"final": "model_final.pt", "selected": "model_selected.pt", "best": "model_best.pt"}
 
 
@@ -224,6 +239,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "always written during training so that --resume can continue after a kill",
     )
     out.add_argument(
+        "--check-images",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode every image file before training and report all unreadable ones at once",
+    )
+    out.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="train and test without the unreadable images (counted in metrics.json)",
+    )
+    out.add_argument(
         "--resume",
         action="store_true",
         help="continue from <output-dir>/checkpoint.pt (same settings, --epochs may grow)",
@@ -346,22 +372,66 @@ def json_args(args: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
-def run_one(
-    args: argparse.Namespace, method: str, seed: int, env: DistEnv, out: Path, progress: Progress
-) -> dict:
+def check_images(
+    args: argparse.Namespace, lists: dict[str, ImageList], notes: dict[str, int]
+) -> dict[str, ImageList]:
+    """Decode every image file once, before training; raise listing every unreadable file, or
+    with --skip-bad-images drop them and count them in ``notes`` (the dataset notes)."""
+    if not args.check_images:
+        return lists
     started = time.time()
+    bad = {name: find_unreadable(images) for name, images in lists.items()}
+    total = sum(len(images) for images in lists.values())
+    log.info(
+        "checked %d images in %.1fs: %d unreadable", total, time.time() - started, sum(map(len, bad.values()))
+    )
+    listing = [
+        f"  {lists[name].sources[i]}: {reason}" for name, found in bad.items() for i, reason in found.items()
+    ]
+    if listing and not args.skip_bad_images:
+        raise UnreadableImagesError(
+            f"{len(listing)} unreadable images (nothing was trained):\n"
+            + "\n".join(listing)
+            + "\nReplace them, or pass --skip-bad-images to train and test without them"
+        )
+    if listing:
+        log.warning("skipping %d unreadable images:\n%s", len(listing), "\n".join(listing))
+    notes.update({f"{name}: unreadable images skipped": len(found) for name, found in bad.items() if found})
+    return {
+        name: images.subset([i for i in range(len(images)) if i not in bad[name]]) if bad[name] else images
+        for name, images in lists.items()
+    }
+
+
+def prepare_data(args: argparse.Namespace) -> tuple[DatasetSplits, dict[str, ImageList]]:
+    """The dataset, once per command: its splits and the checked lists to train and test on."""
     splits = build_datasets(args.dataset, args.data_dir, args.affectnet_classes, args.balanced)
     if args.eval_split == "val" and splits.val is None:
         raise ValueError(f"dataset {args.dataset!r} has no validation split; use --eval-split test")
-    test = splits.val if args.eval_split == "val" else splits.test
-    train = limit_train(splits.train, args.train_limit)
-    val, val_source = None, None
+    lists = {"train": limit_train(splits.train, args.train_limit)}
+    lists["test"] = splits.val if args.eval_split == "val" else splits.test
+    if args.val_fraction is None and splits.val is not None and args.eval_split == "test":
+        lists["val"] = splits.val
+    return splits, check_images(args, lists, splits.notes)
+
+
+def run_one(
+    args: argparse.Namespace,
+    splits: DatasetSplits,
+    lists: dict[str, ImageList],
+    method: str,
+    seed: int,
+    env: DistEnv,
+    out: Path,
+    progress: Progress,
+) -> dict:
+    started = time.time()
+    train, test, val = lists["train"], lists["test"], lists.get("val")
+    val_source = "the dataset's validation split" if val is not None else None
     if args.val_fraction is not None:
         keep, held_out = stratified_split(train.labels, args.val_fraction, seed)
         train, val = train.subset(keep), train.subset(held_out)
         val_source = f"{args.val_fraction:g} of the training set, stratified, seeded by the run's seed"
-    elif splits.val is not None and args.eval_split == "test":
-        val, val_source = splits.val, "the dataset's validation split"
     weights = class_balanced_weights(train.labels, len(splits.classes)) if args.balanced else None
     train.transform = train_transform(args.img_size, hflip=splits.hflip)
     evals = {"test": test}
@@ -542,6 +612,9 @@ def run_one(
         if args.keep_checkpoint:
             files.append("checkpoint.pt")
         log.info("wrote %s: %s", out, ", ".join(f for f in files if f))
+        saved = [out / f for f in files if f and f.startswith("model_")]
+        if saved:
+            log.info(LOAD_HINT.format(examples=str(EXAMPLES), path=str(saved[0].resolve())))
     return metrics
 
 
@@ -583,9 +656,12 @@ def main(argv: list[str] | None = None) -> dict:
         methods = ["gsd-acam"]
     progress = Progress(len(methods) * len(args.seeds) * args.epochs)
     try:
+        splits, lists = prepare_data(args)
         runs = {
             method: [
-                run_one(args, method, seed, env, run_dir(args, method, seed, methods), progress)
+                run_one(
+                    args, splits, lists, method, seed, env, run_dir(args, method, seed, methods), progress
+                )
                 for seed in args.seeds
             ]
             for method in methods
@@ -613,6 +689,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, FileNotFoundError, LabelFileError) as error:
+    except (NonFiniteLossError, FileNotFoundError, LabelFileError, UnreadableImagesError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

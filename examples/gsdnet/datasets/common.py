@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -97,6 +99,32 @@ def require_path(path: Path, hint: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; {hint}")
     return path
+
+
+class UnreadableImagesError(ValueError):
+    """Images that cannot be decoded, found before training; the message lists every one."""
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or ``None``. JPEGs decode at 1/8 scale (libjpeg's DCT
+    scaling still reads the whole stream, so a truncated file is caught) to keep this fast."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_unreadable(images: ImageList, workers: int | None = None) -> dict[int, str]:
+    """``{index: reason}`` for every file of ``images`` that cannot be decoded (in-memory images
+    are skipped). Threads: Pillow decodes without the GIL."""
+    files = [(i, s) for i, s in enumerate(images.sources) if not isinstance(s, np.ndarray)]
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = pool.map(check_image, [path for _, path in files], chunksize=256)
+        return {i: reason for (i, _), reason in zip(files, reasons) if reason is not None}
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
