@@ -276,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--train-limit must be >= 1")
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
-    if args.as_shipped and args.method not in ("gsd-acam", "all"):
+    if args.as_shipped and args.method != "gsd-acam":
         p.error(f"--as-shipped reproduces the authors' GSDNet (gsd-acam), not --method {args.method}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds lists a seed twice: {args.seeds}")
@@ -652,8 +652,6 @@ def main(argv: list[str] | None = None) -> dict:
     env = init_distributed(args.device)
     handlers = setup_logging(args.output_dir, env)
     methods = list(METHODS) if args.method == "all" else [args.method]
-    if args.as_shipped:
-        methods = ["gsd-acam"]
     progress = Progress(len(methods) * len(args.seeds) * args.epochs)
     try:
         splits, lists = prepare_data(args)
