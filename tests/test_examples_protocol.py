@@ -185,3 +185,17 @@ def test_unreadable_images_are_all_reported_before_training(tmp_path):
     assert metrics["num_train_samples"] == 15 and metrics["num_test_samples"] == 5
     notes = metrics["dataset_notes"]
     assert notes == {"train: unreadable images skipped": 1, "test: unreadable images skipped": 1}
+
+
+def test_confusion_matrix_colour_bar_reads_percent_like_the_cells(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gsdnet.metrics import plot_confusion_matrix
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png", "title")
+    main, bar = figures[0].axes
+    assert bar.get_ylabel() == "% of the true class" and bar.get_ylim() == (0.0, 100.0)
+    assert [t.get_text() for t in main.texts] == ["75", "25", "0", "100"]
+    assert "rows normalised" in main.get_ylabel()
