@@ -102,7 +102,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Defaults in --help, except where the help text states them (the preset options)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--img-size", type=int, help=preset_help("img_size", "input size in pixels"))
     p.add_argument("--lr", type=float, help=preset_help("lr", "Adam learning rate"))
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
     p.add_argument("--lr-gamma", type=float, default=0.9, help="learning-rate factor per epoch")
     p.add_argument(
         "--teacher",
@@ -167,11 +167,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="neighbour",
         help="neighbour: GSDNet's gradual pairs; deepest: BYOT-style, the last classifier teaches all",
     )
-    p.add_argument("--head", choices=sorted(HEADS), default="bottleneck")
+    p.add_argument(
+        "--head",
+        choices=sorted(HEADS),
+        default="bottleneck",
+        help="bottleneck: the paper's head; pooled: a cheaper head that pools first",
+    )
     loss = p.add_argument_group("loss (gsd and gsd-acam; defaults: the paper's)")
-    loss.add_argument("--temperature", type=float, default=PAPER_LOSS["temperature"])
-    loss.add_argument("--kl-weight", type=float, default=PAPER_LOSS["kl_weight"])
-    loss.add_argument("--feature-weight", type=float, default=PAPER_LOSS["feature_weight"])
+    loss.add_argument(
+        "--temperature", type=float, default=PAPER_LOSS["temperature"], help="softening temperature T"
+    )
+    loss.add_argument(
+        "--kl-weight", type=float, default=PAPER_LOSS["kl_weight"], help="weight of each pair's KL term"
+    )
+    loss.add_argument(
+        "--feature-weight",
+        type=float,
+        default=PAPER_LOSS["feature_weight"],
+        help="weight of each pair's feature term",
+    )
     loss.add_argument(
         "--formulation",
         choices=FORMULATIONS,
@@ -206,7 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="test",
         help="val exists for FERPlus (PublicTest) only",
     )
-    p.add_argument("--affectnet-classes", type=int, choices=(7, 8), default=7)
+    p.add_argument(
+        "--affectnet-classes", type=int, choices=(7, 8), default=7, help="AffectNet's 7- or 8-class protocol"
+    )
     p.add_argument("--balanced", action="store_true", help="class-balanced sampling (AffectNet)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA)")
