@@ -174,9 +174,11 @@ class GradualSelfDistiller(nn.Module):
         if reference is not None and reference.is_floating_point():
             dd = {"device": reference.device, "dtype": reference.dtype}
             self.heads.to(**dd)
-        # The last classifier's feature only serves as a detached teacher here, so it is a fixed
-        # random projection of the pre-logits. Buffers, not frozen parameters: DDP must not
-        # expect gradients for them.
+        # The last classifier's feature only ever serves as a detached teacher, so it would
+        # receive no gradient: it is a fixed random projection. (In the authors' code it is a
+        # trainable layer that gets gradient only through their in-place sum of the heads'
+        # outputs; the examples' as-shipped mode reproduces that.) Buffers, not frozen
+        # parameters: DDP must not expect gradients for them.
         projection = nn.Linear(self.hidden_size, feature_dim, **dd)
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())

@@ -1,5 +1,12 @@
 """Training and evaluation: one process or many under ``torchrun``, CPU or CUDA (AMP).
 
+Every model configuration is called the same way (``module(images, targets)`` returns a
+``DistillerOutput``), so the trainer does not care which one it trains.
+
+Model selection: ``best`` is the epoch with the best test accuracy (the reference code's
+choice, optimistic); with a validation split, ``selected`` is the epoch with the best
+validation accuracy, and the test set is scored at that epoch.
+
 Reproducibility: every epoch reseeds all random generators from ``(seed, epoch, rank)`` and the
 samplers shuffle with ``seed + epoch``, so a run resumed from the checkpoint of epoch ``k``
 continues exactly as the uninterrupted run would have.
@@ -7,6 +14,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -15,19 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from gradual_sd import GradualSelfDistiller
-
 from . import checkpoint
-from .datasets.common import log
 from .distributed import DistEnv, WeightedShardSampler, all_reduce, broadcast_buffers, shard_indices
 from .metrics import confusion_matrix, summarize
-from .models import plain_model
+from .models import head_names, plain_model
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,21 +47,17 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
-def classifier_name(model: nn.Module) -> str:
-    classifier = model.get_classifier()
-    return next(name for name, module in model.named_modules() if module is classifier)
-
-
-def head_names(module: nn.Module) -> list[str]:
-    """Evaluation heads, shallow to deep; the last is the model's own classifier."""
-    if isinstance(module, GradualSelfDistiller):
-        return [*module.stage_names, module.classifier_name]
-    return [classifier_name(module)]
-
-
 def train_loader(
-    dataset, weights: torch.Tensor | None, batch_size: int, workers: int, env: DistEnv, seed: int
+    dataset,
+    weights: torch.Tensor | None,
+    batch_size: int,
+    workers: int,
+    env: DistEnv,
+    seed: int,
+    drop_last: bool = False,
 ) -> DataLoader:
+    """Shuffled (or class-balanced) batches; ``drop_last`` drops every partial last batch, as
+    the reference code does, instead of only a single-sample one."""
     if batch_size % env.world_size:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {env.world_size} processes")
     if weights is not None:
@@ -69,7 +71,7 @@ def train_loader(
         sampler=sampler,
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
-        drop_last=single_sample_remainder(len(sampler), per_process),
+        drop_last=drop_last or single_sample_remainder(len(sampler), per_process),
         persistent_workers=False,
     )
 
@@ -96,16 +98,18 @@ def eval_loader(dataset, batch_size: int, workers: int, env: DistEnv) -> DataLoa
 class Trainer:
     """Owns the model, optimizer, schedule and scaler, and runs epochs on them."""
 
-    module: nn.Module  # the plain model or a GradualSelfDistiller
+    module: nn.Module  # any configuration of models.build_gsdnet
     env: DistEnv
     lr: float
     weight_decay: float
     lr_gamma: float
     amp: bool = False
     sync_bn: bool = False
+    later_ties: bool = False  # on equal accuracy keep the later epoch (the reference code's `<=`)
     history: list[dict] = field(default_factory=list)
-    best: dict | None = None  # metrics of the epoch with the best test accuracy
-    last: dict | None = None  # metrics of the latest evaluated epoch
+    best: dict | None = None  # test metrics of the epoch with the best test accuracy
+    selected: dict | None = None  # {"epoch", "val", "test"} at the best validation accuracy
+    last: dict | None = None  # test metrics of the latest evaluated epoch
 
     def __post_init__(self) -> None:
         if self.amp and self.env.device.type != "cuda":
@@ -113,7 +117,6 @@ class Trainer:
         self.module.to(self.env.device)
         if self.sync_bn and self.env.distributed:
             self.module = nn.SyncBatchNorm.convert_sync_batchnorm(self.module)
-        self.is_distiller = isinstance(self.module, GradualSelfDistiller)
         self.optimizer = torch.optim.Adam(
             self.module.parameters(), lr=self.lr, weight_decay=self.weight_decay
         )
@@ -135,6 +138,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "history": self.history,
             "best": self.best,
+            "selected": self.selected,
             "run": run_info,
         }
 
@@ -147,7 +151,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.history, self.best = state["history"], state["best"]
+        self.history, self.best, self.selected = state["history"], state["best"], state["selected"]
         self.start_epoch = state["epoch"] + 1
         log.info("resumed from %s after epoch %d", path, state["epoch"])
 
@@ -157,12 +161,8 @@ class Trainer:
 
     def step_loss(self, images: torch.Tensor, targets: torch.Tensor):
         with self.autocast():
-            if self.is_distiller:
-                out = self.runner(images, targets)
-                return out.logits, out.loss, out.losses
-            logits = self.runner(images)
-            loss = F.cross_entropy(logits.float(), targets)
-            return logits, loss, {"ce": loss}
+            out = self.runner(images, targets)
+        return out.logits, out.loss, out.losses
 
     def check_finite(self, loss: torch.Tensor, losses: dict, epoch: int, step: int) -> None:
         """Stop every process together (before backward, where DDP would wait) on NaN/inf."""
@@ -219,50 +219,68 @@ class Trainer:
             images = images.to(self.env.device, non_blocking=True)
             targets = targets.to(self.env.device, non_blocking=True)
             with self.autocast():
-                if self.is_distiller:
-                    all_logits = self.module(images, run_heads=True).head_logits
-                else:
-                    all_logits = (self.module(images),)
+                all_logits = self.module(images, run_heads=True).head_logits
             for i, logits in enumerate(all_logits):
                 cms[i] += confusion_matrix(logits.argmax(1), targets, num_classes)
         all_reduce(cms, self.env)
         return {name: cm.cpu() for name, cm in zip(names, cms)}
 
+    def improves(self, accuracy: float, current: dict | None) -> bool:
+        if current is None:
+            return True
+        return accuracy >= current["accuracy"] if self.later_ties else accuracy > current["accuracy"]
+
+    def evaluate_all(self, loaders: dict[str, DataLoader], classes: list[str], epoch: int) -> dict:
+        return {
+            split: summarize(self.evaluate(loader, len(classes)), classes, epoch)
+            for split, loader in loaders.items()
+        }
+
     def fit(
         self,
         train: DataLoader,
-        test: DataLoader,
+        evals: dict[str, DataLoader],
         epochs: int,
         classes: list[str],
         seed: int,
         output_dir: Path,
         run_info: dict,
-        on_best,
+        on_improved,
         on_epoch,
     ) -> None:
-        """Train to ``epochs``; after each epoch evaluate, keep the best, checkpoint, log."""
+        """Train to ``epochs``; after each epoch evaluate ``evals`` (``test`` and optionally
+        ``val``), keep the best and the selected epoch, checkpoint, log. ``on_improved(kind,
+        module)`` runs when ``best`` or ``selected`` moves to this epoch."""
         for epoch in range(self.start_epoch, epochs + 1):
             started = time.time()
             seed_everything(seed, epoch, self.env.rank)
             train.sampler.set_epoch(epoch)
             record = {"epoch": epoch, **self.train_epoch(train, epoch)}
-            result = summarize(self.evaluate(test, len(classes)), classes, epoch)
+            results = self.evaluate_all(evals, classes, epoch)
+            test = results["test"]
+            for split, result in results.items():
+                record[f"{split}_accuracy"] = result["accuracy"]
+                record[f"{split}_balanced_accuracy"] = result["balanced_accuracy"]
             record.update(
-                test_accuracy=result["accuracy"],
-                per_head_accuracy=result["per_head_accuracy"],
-                seconds=round(time.time() - started, 2),
+                per_head_accuracy=test["per_head_accuracy"], seconds=round(time.time() - started, 2)
             )
             self.history.append(record)
-            if self.best is None or result["accuracy"] > self.best["accuracy"]:
-                self.best = result
+            if self.improves(test["accuracy"], self.best):
+                self.best = test
                 if self.env.is_main:
-                    on_best(self.module)
-            self.last = result
+                    on_improved("best", self.module)
+            if "val" in results and self.improves(
+                results["val"]["accuracy"], (self.selected or {}).get("val")
+            ):
+                self.selected = {"epoch": epoch, "val": results["val"], "test": test}
+                if self.env.is_main:
+                    on_improved("selected", self.module)
+            self.last = test
             if self.env.is_main:
                 checkpoint.save(self.state(epoch, run_info), output_dir / "checkpoint.pt")
                 on_epoch(record)
         if self.start_epoch > epochs:  # resumed a finished run: evaluate the restored weights
-            self.last = summarize(self.evaluate(test, len(classes)), classes, epochs)
+            self.last = self.evaluate_all(evals, classes, epochs)["test"]
 
     def plain_model(self) -> nn.Module:
         return plain_model(self.module)

@@ -5,28 +5,87 @@
 * ``gsd-acam``: GSDNet: as ``gsd``, with ACAM in every head and before the final pooling.
 
 Loss settings default to the reference code's (``PAPER_LOSS``): T = 3, KL 0.3, feature 0.01,
-reference formulation, no cross-entropy on the auxiliary heads.
+reference formulation, no cross-entropy on the auxiliary heads. ``as_shipped=True`` trains
+``gsd-acam`` the way the authors' code does (see ``shipped.py``).
+
+Every configuration is called the same way: ``module(images, targets=None, *, run_heads=None)``
+returns a :class:`gradual_sd.DistillerOutput`, and ``module.model`` is the plain classifier.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from gradual_sd import ACAM, BottleneckHead, GradualDistillationLoss, GradualSelfDistiller, PooledHead
-from gradual_sd import insert_after
+from gradual_sd import (
+    ACAM,
+    BottleneckHead,
+    DistillerOutput,
+    GradualDistillationLoss,
+    GradualSelfDistiller,
+    PooledHead,
+    insert_after,
+)
+from gradual_sd.distiller import find_classifier_name
 
-from .weights import load_weights, patch_caffe_resnet
+from .shipped import ShippedGSDNet, ShippedHead, reference_init
+from .weights import (
+    file_sha256,
+    is_reference_state_dict,
+    load_reference_state_dict,
+    load_weights,
+    patch_caffe_resnet,
+    read_state_dict,
+)
+
+log = logging.getLogger(__name__)
 
 METHODS = ("baseline", "gsd", "gsd-acam")
 HEADS = {"bottleneck": BottleneckHead, "pooled": PooledHead}
-PAPER_LOSS = dict(
-    temperature=3.0, kl_weight=0.3, feature_weight=0.01, formulation="reference", aux_ce_weight=0.0
-)
+FEATURE_DIM = 128
+# The loss settings and their defaults come from the library's loss, so they are stated once.
+PAPER_LOSS = {
+    name: inspect.signature(GradualDistillationLoss).parameters[name].default
+    for name in ("temperature", "kl_weight", "feature_weight", "formulation", "aux_ce_weight")
+}
+
+
+class Built(NamedTuple):
+    """What :func:`build_gsdnet` returns: the module to train and how it was built."""
+
+    module: nn.Module
+    config: dict  # how to rebuild the plain model, and what weights were loaded
+
+
+class PlainClassifier(nn.Module):
+    """The baseline behind the distiller's call interface: plain cross-entropy, one head."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.classifier_name = find_classifier_name(model)
+
+    def forward(
+        self, images: torch.Tensor, targets: torch.Tensor | None = None, *, run_heads: bool | None = None
+    ) -> DistillerOutput:
+        logits = self.model(images)
+        if targets is None:
+            return DistillerOutput(logits, None, {}, (logits,), ())
+        loss = F.cross_entropy(logits.float(), targets)
+        return DistillerOutput(logits, loss, {"ce": loss}, (logits,), ())
+
+
+def head_names(module: nn.Module) -> list[str]:
+    """Names of ``module``'s heads, shallow to deep; the last is the model's own classifier."""
+    return [*getattr(module, "stage_names", ()), module.classifier_name]
 
 
 def last_stage_name(model: nn.Module) -> str:
@@ -37,35 +96,15 @@ def last_stage_name(model: nn.Module) -> str:
     return info[-1]["module"]
 
 
-def create_backbone(
-    model_name: str,
-    num_classes: int,
-    weights: str | Path | None = None,
-    caffe_resnet: bool | None = None,
-) -> tuple[nn.Module, bool]:
-    """A timm model with ``num_classes`` outputs and its initial weights.
-
-    ``weights``: ``None`` (random), ``"timm"`` (timm's pretrained weights; needs the hub or a
-    local cache) or a ``.pkl`` / ``.pth`` / ``.safetensors`` file. ``caffe_resnet`` patches the
-    model for Caffe-ported weights; by default it is on exactly for ``.pkl`` files.
-    Returns the model and whether it was patched.
-    """
-    pretrained = weights == "timm"
+def create_backbone(model_name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """A timm model with ``num_classes`` outputs (timm's pretrained weights need the hub or its
+    local cache)."""
     try:
-        model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"{error}; see timm.list_models()") from None
         raise
-    if caffe_resnet is None:
-        caffe_resnet = weights is not None and not pretrained and Path(weights).suffix.lower() == ".pkl"
-    if caffe_resnet:
-        patch_caffe_resnet(model)
-    if weights is not None and not pretrained:
-        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-        prefix = next((f"{n}." for n, m in model.named_modules() if m is classifier), "fc.")
-        load_weights(model, Path(weights), classifier_prefix=prefix)
-    return model, bool(caffe_resnet)
 
 
 def build_gsdnet(
@@ -78,15 +117,19 @@ def build_gsdnet(
     img_size: int = 224,
     teacher: str = "neighbour",
     head: str = "bottleneck",
+    as_shipped: bool = False,
     **loss_options: object,
-) -> nn.Module:
-    """The plain model (``baseline``) or a :class:`GradualSelfDistiller` (``gsd``, ``gsd-acam``).
+) -> Built:
+    """The plain model (``baseline``) or a distiller (``gsd``, ``gsd-acam``), and its config.
 
-    ``loss_options`` override ``PAPER_LOSS`` (keys ``temperature``, ``kl_weight``,
-    ``feature_weight``, ``formulation``, ``aux_ce_weight``); the baseline trains with plain
-    cross-entropy and ignores them. Weights are loaded before ACAM is inserted, so their keys are
-    unaffected. The returned module carries ``gsdnet_config``, which :func:`export_payload`
-    stores next to the exported weights.
+    ``weights``: ``None`` (random), ``"timm"`` (timm's pretrained weights) or a ``.pkl`` /
+    ``.pth`` / ``.safetensors`` file: a backbone checkpoint (for example ``resnet50_ft``), loaded
+    before ACAM is inserted, or a checkpoint saved by the authors' code, loaded into the whole
+    ``gsd-acam`` network by :func:`load_reference_state_dict`. ``caffe_resnet`` patches the
+    ResNet for Caffe-ported weights; by default it is on for ``.pkl`` files and the authors'
+    checkpoints. ``as_shipped`` trains ``gsd-acam`` as the authors' code does (``shipped.py``).
+    ``loss_options`` override ``PAPER_LOSS``; the baseline trains with plain cross-entropy.
+    ``config["weights"]`` records the file, its sha256 and what was loaded.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -95,50 +138,90 @@ def build_gsdnet(
     unknown = sorted(set(loss_options) - set(PAPER_LOSS))
     if unknown:
         raise ValueError(f"unknown loss options {unknown}; choose from {sorted(PAPER_LOSS)}")
-    model, patched = create_backbone(model_name, num_classes, weights, caffe_resnet)
+    if as_shipped and (method, head) != ("gsd-acam", "bottleneck"):
+        raise ValueError(
+            f"as_shipped reproduces the authors' GSDNet: method 'gsd-acam' with the 'bottleneck' "
+            f"head, not method {method!r} with head {head!r}"
+        )
+    path = None if weights in (None, "timm") else Path(weights)
+    state = read_state_dict(path) if path is not None else None
+    reference = state is not None and is_reference_state_dict(state)
+    if reference and method != "gsd-acam":
+        raise ValueError(
+            f"{path} was saved by the authors' code (a whole GSDNet); load it with method "
+            f"'gsd-acam', not {method!r}"
+        )
+    if caffe_resnet is None:
+        caffe_resnet = reference or (path is not None and path.suffix.lower() == ".pkl")
+    model = create_backbone(model_name, num_classes, pretrained=weights == "timm")
+    if as_shipped:
+        reference_init(model)
+    if caffe_resnet:
+        patch_caffe_resnet(model)
+    report = None
+    if state is not None and not reference:
+        report = load_weights(model, state, f"{find_classifier_name(model)}.", source=str(path))
     example = torch.zeros(1, 3, img_size, img_size)
     acam_after = None
     if method == "gsd-acam":
         acam_after = last_stage_name(model)
         insert_after(model, acam_after, example_input=example)
-    model.gsdnet_config = dict(
+    module: nn.Module
+    if method == "baseline":
+        module = PlainClassifier(model)
+    else:
+        attn_layer = ACAM if method == "gsd-acam" else None
+        head_factory = ShippedHead if as_shipped else HEADS[head]
+        module = GradualSelfDistiller(
+            model,
+            loss=GradualDistillationLoss(teacher=teacher, **{**PAPER_LOSS, **loss_options}),
+            head_factory=partial(head_factory, attn_layer=attn_layer),
+            feature_dim=FEATURE_DIM,
+            example_input=example,
+            check_finite=False,  # the engine checks, agreeing across processes before backward
+        )
+        if as_shipped:
+            reference_init(module.heads)
+            module = ShippedGSDNet(module, FEATURE_DIM)
+    if reference:
+        report = load_reference_state_dict(module, state)
+    if report is not None:
+        report.file, report.sha256 = str(path), file_sha256(path)
+        log.info("weights %s (%s, sha256 %s): %s", path, report.kind, report.sha256, report.summary())
+    config = dict(
         model_name=model_name,
         num_classes=num_classes,
-        caffe_resnet=patched,
+        caffe_resnet=bool(caffe_resnet),
         acam_after=acam_after,
         img_size=img_size,
+        as_shipped=as_shipped,
+        weights=report.record() if report is not None else {"file": weights},
     )
-    if method == "baseline":
-        return model
-    attn_layer = ACAM if method == "gsd-acam" else None
-    distiller = GradualSelfDistiller(
-        model,
-        loss=GradualDistillationLoss(teacher=teacher, **{**PAPER_LOSS, **loss_options}),
-        head_factory=partial(HEADS[head], attn_layer=attn_layer),
-        example_input=example,
-        check_finite=False,  # the engine checks, agreeing across processes before backward
-    )
-    return distiller
+    return Built(module, config)
 
 
 def plain_model(module: nn.Module) -> nn.Module:
-    """The classifier itself: the wrapped model of a distiller, or ``module``."""
-    return module.model if isinstance(module, GradualSelfDistiller) else module
+    """The classifier itself (every configuration keeps it as ``.model``)."""
+    return module.model
 
 
-def export_payload(module: nn.Module, classes: list[str], mean, std) -> dict:
+def export_payload(module: nn.Module, config: dict, classes: list[str], mean, std) -> dict:
     """What ``model_*.pt`` holds: the plain model's weights and how to rebuild it."""
-    model = plain_model(module)
-    config = dict(model.gsdnet_config, classes=list(classes), mean=list(mean), std=list(std))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {"config": config, "state_dict": state}
+    keep = ("model_name", "num_classes", "caffe_resnet", "acam_after", "img_size")
+    rebuild = {k: config[k] for k in keep}
+    rebuild.update(classes=list(classes), mean=list(mean), std=list(std))
+    state = {k: v.detach().cpu() for k, v in plain_model(module).state_dict().items()}
+    return {"config": rebuild, "state_dict": state}
 
 
 def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild an exported model for inference: ``(model in eval mode, config)``."""
+    """Rebuild an exported model for inference: returns ``(model in eval mode, config)``.
+
+    ``config`` holds ``classes``, ``img_size``, ``mean`` and ``std`` for preprocessing.
+    """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = payload["config"]
-    model = timm.create_model(config["model_name"], num_classes=config["num_classes"])
+    model = create_backbone(config["model_name"], config["num_classes"])
     if config["caffe_resnet"]:
         patch_caffe_resnet(model)
     if config["acam_after"]:

@@ -8,6 +8,7 @@ Expression codes: 0 Neutral, 1 Happiness, 2 Sadness, 3 Surprise, 4 Fear, 5 Disgu
 from __future__ import annotations
 
 import csv
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +16,11 @@ from .common import (
     DatasetSplits,
     ImageList,
     LabelFileError,
-    class_balanced_weights,
-    log,
     require_files,
     require_path,
 )
+
+log = logging.getLogger(__name__)
 
 CLASSES = ["Neutral", "Happiness", "Sadness", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
 LISTS = Path("Manually_Annotated_file_lists")
@@ -62,7 +63,6 @@ def build(data_dir: Path, num_classes: int = 7, balanced: bool = False) -> Datas
         lists[split] = ImageList(paths, labels)
         notes[f"{split}: dropped codes >= {num_classes}"] = sum(dropped.values())
         log.info("AffectNet %s: dropped %d rows with codes %s", split, sum(dropped.values()), dict(dropped))
-    weights = class_balanced_weights(lists["train"].labels, num_classes) if balanced else None
     return DatasetSplits(
         train=lists["train"],
         test=lists["test"],
@@ -71,6 +71,5 @@ def build(data_dir: Path, num_classes: int = 7, balanced: bool = False) -> Datas
             f"AffectNet {num_classes}-class: {len(lists['train'])} train, {len(lists['test'])} "
             f"test (validation.csv) images{', class-balanced sampling' if balanced else ''}"
         ),
-        train_weights=weights,
         notes=notes,
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -12,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-log = logging.getLogger("gsdnet")
+log = logging.getLogger(__name__)
 
 ImageSource = Path | np.ndarray
 
@@ -52,6 +54,12 @@ class ImageList(Dataset):
         except (OSError, SyntaxError, ValueError) as error:
             raise OSError(f"cannot read image {source}: {error}") from error
 
+    def subset(self, indices: Sequence[int]) -> ImageList:
+        """The images at ``indices``, in that order, with the same transform."""
+        return ImageList(
+            [self.sources[i] for i in indices], [self.labels[i] for i in indices], self.transform
+        )
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.load(index)
         if self.transform is not None:
@@ -67,7 +75,6 @@ class DatasetSplits:
         classes: Class names in label order (label ``i`` is ``classes[i]``).
         description: One line for the log (layout, counts, protocol).
         hflip: Whether horizontal flipping preserves the label (faces: yes; digits: no).
-        train_weights: Per-sample weights for class-balanced sampling, when requested.
         notes: Counts of anything dropped while parsing, by reason, for the log and metrics.
     """
 
@@ -77,7 +84,6 @@ class DatasetSplits:
     description: str
     val: ImageList | None = None
     hflip: bool = True
-    train_weights: torch.Tensor | None = None
     notes: dict[str, int] = field(default_factory=dict)
 
 
@@ -93,6 +99,49 @@ def require_path(path: Path, hint: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; {hint}")
     return path
+
+
+class UnreadableImagesError(ValueError):
+    """Images that cannot be decoded, found before training; the message lists every one."""
+
+
+def check_image(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or ``None``. JPEGs decode at 1/8 scale (libjpeg's DCT
+    scaling still reads the whole stream, so a truncated file is caught) to keep this fast."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_unreadable(images: ImageList, workers: int | None = None) -> dict[int, str]:
+    """``{index: reason}`` for every file of ``images`` that cannot be decoded (in-memory images
+    are skipped). Threads: Pillow decodes without the GIL."""
+    files = [(i, s) for i, s in enumerate(images.sources) if not isinstance(s, np.ndarray)]
+    workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = pool.map(check_image, [path for _, path in files], chunksize=256)
+        return {i: reason for (i, _), reason in zip(files, reasons) if reason is not None}
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices ``(keep, held_out)``: within every class, a seeded random ``fraction`` (rounded,
+    at least one image of any class with two or more) is held out. Both lists are sorted."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must lie strictly between 0 and 1, got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    labels_t = torch.as_tensor(labels)
+    held_out: list[int] = []
+    for label in torch.unique(labels_t).tolist():
+        members = torch.nonzero(labels_t == label).flatten()
+        count = round(fraction * len(members))
+        count = min(max(count, 1), len(members) - 1) if len(members) > 1 else 0
+        held_out += members[torch.randperm(len(members), generator=generator)[:count]].tolist()
+    held = set(held_out)
+    return [i for i in range(len(labels)) if i not in held], sorted(held_out)
 
 
 def class_balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:

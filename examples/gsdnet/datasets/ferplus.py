@@ -9,13 +9,16 @@ the train / validation / test splits.
 from __future__ import annotations
 
 import csv
+import logging
 from collections import Counter
 from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
 
-from .common import DatasetSplits, ImageList, LabelFileError, log, require_path
+from .common import DatasetSplits, ImageList, LabelFileError, require_path
+
+log = logging.getLogger(__name__)
 
 # Vote columns of fer2013new.csv, in order; the first eight are the classes.
 VOTE_COLUMNS = [

@@ -11,10 +11,13 @@ Folder-per-class copy: ``<data-dir>/{train,test}/<class>/*.jpg`` with class fold
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from .common import DatasetSplits, ImageList, LabelFileError, log, require_files
+from .common import DatasetSplits, ImageList, LabelFileError, require_files
 from .folders import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 # Label 1..7 of the official list, in order.
 CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
