@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
 from .layout import Layout
 from .losses import GradualDistillationLoss
@@ -88,8 +89,11 @@ class GradualSelfDistiller(nn.Module):
         example_input: A batch used in eval mode without gradients to find every stage's shape;
             default one zero image at the model's configured size (a timm ``img_size``, else
             ``pretrained_cfg``) with its first convolution's channels.
-        check_finite: Raise ``FloatingPointError`` naming the culprits when the loss is not
-            finite (one device sync per training step; skipped under ``torch.compile``).
+        check_finite: Raise ``FloatingPointError`` naming the step and the non-finite loss
+            terms, head logits and features. On the CPU the step that produced them raises;
+            on CUDA the flags reach the host without stalling the GPU and a later step (or
+            ``finite_check.flush()``) raises, so no step waits for the device. Skipped under
+            ``torch.compile``.
         checkpoint_heads: Recompute the heads during backward instead of saving their
             activations in the forward pass, at the price of a second head forward. This frees
             the heads' activations between forward and backward, but the backward recomputes
@@ -159,6 +163,7 @@ class GradualSelfDistiller(nn.Module):
         self.num_classes = described.num_classes
         self.hidden_size = described.hidden_size
         self.check_finite = check_finite
+        self.finite_check = FiniteCheck() if check_finite else None
         self.checkpoint_heads = checkpoint_heads
         self.heads = nn.ModuleList(
             head_factory(
@@ -242,8 +247,16 @@ class GradualSelfDistiller(nn.Module):
             return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
         names = (*self.stage_names, self.classifier_name)
         loss, losses = self.loss(head_logits, head_features, targets, names)
-        if self.check_finite and not torch.compiler.is_compiling():
-            self._check_finite(loss, losses, names, head_logits, head_features)
+        if self.finite_check is not None and not torch.compiler.is_compiling():
+            self.finite_check.submit(
+                [loss, *losses.values(), *head_logits, *head_features],
+                [
+                    "loss",
+                    *(f"term {k}" for k in losses),
+                    *(f"logits of {n}" for n in names),
+                    *(f"features of {n}" for n in names),
+                ],
+            )
         return DistillerOutput(logits, loss, losses, tuple(head_logits), tuple(head_features))
 
     def _run_head(self, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,24 +277,6 @@ class GradualSelfDistiller(nn.Module):
                 "be trained. Gradient checkpointing (timm's set_grad_checkpointing) calls stage "
                 "blocks directly and skips these hooks; disable it, or tap modules that run"
             )
-
-    @staticmethod
-    def _check_finite(
-        loss: torch.Tensor,
-        losses: dict[str, torch.Tensor],
-        names: Sequence[str],
-        head_logits: list[torch.Tensor],
-        head_features: list[torch.Tensor],
-    ) -> None:
-        if bool(torch.isfinite(loss)):
-            return
-        bad_terms = [k for k, v in losses.items() if not bool(torch.isfinite(v))]
-        bad_logits = [n for n, z in zip(names, head_logits) if not bool(torch.isfinite(z).all())]
-        bad_features = [n for n, f in zip(names, head_features) if not bool(torch.isfinite(f).all())]
-        raise FloatingPointError(
-            f"non-finite loss ({loss.item()}): terms {bad_terms}; non-finite logits from heads "
-            f"{bad_logits}; non-finite features from heads {bad_features}"
-        )
 
     def remove(self) -> None:
         """Detach every hook from the model. The wrapper cannot be used afterwards."""

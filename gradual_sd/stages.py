@@ -371,9 +371,12 @@ def _list_stages(model: nn.Module, example_input: torch.Tensor | None) -> tuple[
     return stages, probe
 
 
-def default_stage_names(model: nn.Module, example_input: torch.Tensor | None = None) -> list[str]:
+def default_stage_names(
+    model: nn.Module, example_input: torch.Tensor | None = None, *, include_last: bool = False
+) -> list[str]:
     """Stages to put heads after: timm's ``feature_info`` stages, without the stem (reduction
-    < 4) and without the last stage, which feeds the model's own classifier.
+    < 4) and without the last stage, which feeds the model's own classifier (``include_last``
+    keeps it, e.g. to put attention before the final pooling).
 
     Where ``feature_info`` is missing, names modules that do not exist outside
     ``features_only`` mode, lists one module twice or names one that does not output a
@@ -389,7 +392,8 @@ def default_stage_names(model: nn.Module, example_input: torch.Tensor | None = N
         probe = _probe(model, names, candidates, example)
         batch = example.shape[0]
         if all(isinstance(_select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
-            return sorted(names, key=probe.order.index)[:-1]
+            names = sorted(names, key=probe.order.index)
+            return names if include_last else names[:-1]
     stages, _ = _list_stages(model, example_input)
     suggested = _suggest(stages)
     if len(suggested) < 2:
@@ -401,7 +405,7 @@ def default_stage_names(model: nn.Module, example_input: torch.Tensor | None = N
             f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
             f"are: {listing}"
         )
-    return suggested[:-1]
+    return suggested if include_last else suggested[:-1]
 
 
 def _checked_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:

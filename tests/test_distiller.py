@@ -276,10 +276,40 @@ def test_non_finite_loss_names_the_culprits():
     model, example = make("resnet18")
     distiller = GradualSelfDistiller(model, example_input=example)
     model.layer2[0].conv1.register_forward_hook(lambda m, a, out: out * float("nan"))
-    with pytest.raises(
-        FloatingPointError, match=r"non-finite logits from heads \['layer2', 'layer3', 'fc'\]"
-    ):
+    with pytest.raises(FloatingPointError, match="step 0") as error:
         distiller(*batch())
+    message = str(error.value)
+    assert "logits of layer2, logits of layer3, logits of fc" in message
+    assert "logits of layer1" not in message and "features of layer1" not in message
+    assert "term ce" in message and "loss" in message
+
+
+def test_deferred_finite_check_raises_at_a_later_step_naming_the_bad_one():
+    """The CUDA path without a GPU: flags are read one step late, and name the step that
+    produced them; flush() reads the last one."""
+    model, example = make("resnet18")
+    distiller = GradualSelfDistiller(model, example_input=example)
+    distiller.finite_check.deferred = True
+    poison = {"on": False}
+    model.layer3.register_forward_hook(lambda m, a, out: out * float("nan") if poison["on"] else out)
+    distiller(*batch())  # step 0, finite
+    poison["on"] = True
+    distiller(*batch())  # step 1, non-finite: not read yet
+    poison["on"] = False
+    with pytest.raises(FloatingPointError, match=r"step 1: .*logits of fc"):
+        distiller(*batch())  # step 2 reads step 1
+    poison["on"] = True
+    distiller(*batch())  # step 3
+    with pytest.raises(FloatingPointError, match="step 3"):
+        distiller.finite_check.flush()
+
+
+def test_finite_check_can_be_turned_off():
+    model, example = make("resnet18")
+    distiller = GradualSelfDistiller(model, example_input=example, check_finite=False)
+    assert distiller.finite_check is None
+    model.layer2.register_forward_hook(lambda m, a, out: out * float("nan"))
+    assert not torch.isfinite(distiller(*batch()).loss)
 
 
 class TupleStage(nn.Module):

@@ -32,9 +32,10 @@ from gradual_sd import (
     GradualDistillationLoss,
     GradualSelfDistiller,
     PooledHead,
+    default_stage_names,
+    find_classifier_name,
     insert_after,
 )
-from gradual_sd.distiller import find_classifier_name
 
 from .shipped import ShippedGSDNet, ShippedHead, reference_init
 from .weights import (
@@ -86,14 +87,6 @@ class PlainClassifier(nn.Module):
 def head_names(module: nn.Module) -> list[str]:
     """Names of ``module``'s heads, shallow to deep; the last is the model's own classifier."""
     return [*getattr(module, "stage_names", ()), module.classifier_name]
-
-
-def last_stage_name(model: nn.Module) -> str:
-    """The deepest feature stage (``layer4`` for ResNets), where ACAM goes before pooling."""
-    info = getattr(model, "feature_info", None)
-    if not info:
-        raise ValueError(f"{type(model).__name__} has no timm feature_info to find its last stage")
-    return info[-1]["module"]
 
 
 def create_backbone(model_name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
@@ -164,7 +157,7 @@ def build_gsdnet(
     example = torch.zeros(1, 3, img_size, img_size)
     acam_after = None
     if method == "gsd-acam":
-        acam_after = last_stage_name(model)
+        acam_after = default_stage_names(model, example, include_last=True)[-1]
         insert_after(model, acam_after, example_input=example)
     module: nn.Module
     if method == "baseline":

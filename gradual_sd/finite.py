@@ -1,0 +1,74 @@
+"""Check that a training step's loss is finite without stalling the accelerator's queue.
+
+Reading a CUDA tensor on the host (``bool(t)``, ``t.item()``) waits for every kernel queued
+before it, so a per-step check serialises the CPU with the GPU. Here the step's flags (one per
+loss term, head logits and head features) are computed on the device in one stacked tensor and
+copied to pinned host memory without blocking; a CUDA event says when the copy has landed, and
+the check reads it then, at a later step. On the CPU the flags are read at once, which costs
+nothing. The error names the step and every culprit either way.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["FiniteCheck"]
+
+
+class _Pending:
+    def __init__(self, step: int, flags: torch.Tensor, labels: list[str], ready: Callable[[], bool]) -> None:
+        self.step, self.flags, self.labels, self.ready = step, flags, labels, ready
+
+
+class FiniteCheck:
+    """Collects per-step finiteness flags and raises ``FloatingPointError`` for a bad step.
+
+    Args:
+        deferred: Read the flags when they have reached the host instead of at once. Default:
+            on CUDA only. A deferred failure surfaces at a later :meth:`submit` (usually the
+            next step) or at :meth:`flush`.
+    """
+
+    def __init__(self, deferred: bool | None = None) -> None:
+        self.deferred = deferred
+        self.step = 0
+        self._pending: deque[_Pending] = deque()
+
+    def submit(self, values: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
+        """Check this step's ``values`` (each must be all finite), named by ``labels``."""
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in values])
+        step, self.step = self.step, self.step + 1
+        deferred = flags.device.type == "cuda" if self.deferred is None else self.deferred
+        if not deferred:
+            self._raise_if_bad(_Pending(step, flags, list(labels), lambda: True))
+            return
+        if flags.device.type == "cuda":
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append(_Pending(step, host, list(labels), event.query))
+        else:
+            self._pending.append(_Pending(step, flags, list(labels), lambda: True))
+        # Earlier steps only: this step's copy has only just been queued.
+        while len(self._pending) > 1 and self._pending[0].ready():
+            self._raise_if_bad(self._pending.popleft())
+
+    def flush(self) -> None:
+        """Wait for and check every pending step (at the end of an epoch, before saving)."""
+        while self._pending:
+            pending = self._pending.popleft()
+            while not pending.ready():
+                torch.cuda.synchronize()
+            self._raise_if_bad(pending)
+
+    def _raise_if_bad(self, pending: _Pending) -> None:
+        flags = pending.flags.tolist()
+        if all(flags):
+            return
+        self._pending.clear()
+        bad = [label for label, ok in zip(pending.labels, flags) if not ok]
+        raise FloatingPointError(f"non-finite values at training step {pending.step}: {', '.join(bad)}")
