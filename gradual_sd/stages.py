@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from typing import NamedTuple
 from collections.abc import Sequence
 
@@ -74,6 +75,7 @@ class _Probe(NamedTuple):
     shapes: dict[str, object]
     order: list[str]  # names in the order their hooks fired
     output: object  # what the model returned
+    calls: Counter[str]  # how often each module ran
 
     def logits(self, model: nn.Module) -> torch.Tensor:
         logits = main_logits(self.output)
@@ -144,13 +146,13 @@ def _probe(model: nn.Module, names: Sequence[str], inputs: Sequence[str], exampl
     a user can change.
     """
     try:
-        seen, output = probe_outputs(model, names, example, input_names=inputs)
+        seen, output, calls = probe_outputs(model, names, example, input_names=inputs)
     except Exception as error:  # the model's own failure, whatever its type
         raise ValueError(
             f"{type(model).__name__} failed on the example input of shape {tuple(example.shape)}: "
             f"{type(error).__name__}: {error}. Pass example_input, a batch the model accepts"
         ) from error
-    return _Probe({name: _shape_of(value) for name, value in seen.items()}, list(seen), output)
+    return _Probe({name: _shape_of(value) for name, value in seen.items()}, list(seen), output, calls)
 
 
 def _shape_of(value: object) -> object:
@@ -310,8 +312,9 @@ def _normalize_names(model: nn.Module, stage_names: str | Sequence[str]) -> list
 
 
 def _suggest(stages: list[StageInfo]) -> list[str]:
-    """From tapped candidates in run order: per reduction, the outermost module to finish
-    last (``layer1``, not ``layer1.1``); the stem (reduction < 4) is left out."""
+    """From tapped candidates in run order: per reduction, the last to finish of the
+    shallowest modules (``layer1``, not ``layer1.1``, nor the next stage's first convolution,
+    which runs at the old resolution); the stem (reduction < 4) is left out."""
     groups: dict[int, list[StageInfo]] = {}
     for stage in stages:
         if stage.layout is None or stage.reduction is None or not stage.reduction >= 3.5:
@@ -319,9 +322,8 @@ def _suggest(stages: list[StageInfo]) -> list[str]:
         groups.setdefault(round(math.log2(stage.reduction)), []).append(stage)
     chosen = []
     for members in groups.values():
-        names = {m.name for m in members}
-        outermost = [m for m in members if not any(a in names for a in _ancestors(m.name))]
-        chosen.append(outermost[-1].name)
+        depth = min(m.name.count(".") for m in members)
+        chosen.append([m.name for m in members if m.name.count(".") == depth][-1])
     order = [s.name for s in stages]
     return sorted(chosen, key=order.index)
 
@@ -355,6 +357,8 @@ def _list_stages(model: nn.Module, example_input: torch.Tensor | None) -> tuple[
     channels = _feature_channels(model)
     stages = []
     for name in dict.fromkeys(before_classifier):
+        if probe.calls[name] > 1:  # a shared module: a hook would see only its last call
+            continue
         raw = probe.shapes[name]
         shape, element = _select_element(name, raw, example.shape[0], channels.get(name))
         if not isinstance(shape, tuple) or len(shape) not in (3, 4):
@@ -445,6 +449,12 @@ def _stage_infos(
     missing = [name for name in names if name not in probe.shapes]
     if missing:
         raise ValueError(f"modules {missing} did not run in a forward pass of the model")
+    repeated = {name: probe.calls[name] for name in names if probe.calls[name] > 1}
+    if repeated:
+        raise ValueError(
+            f"modules {repeated} run more than once in a forward pass (times shown), so a hook on "
+            "them sees only the last call; pass stage_names that run once (see list_stages)"
+        )
     channels = _feature_channels(model)
     reductions = {e["module"]: e.get("reduction") for e in _feature_entries(model)}
     declared = getattr(model, "output_fmt", None)

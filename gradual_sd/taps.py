@@ -8,6 +8,7 @@ plain ``model(x)`` call or a recomputation during backward stores nothing.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from functools import partial
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -52,6 +53,7 @@ class StageTaps:
         self.names = tuple(names)
         self.input_names = tuple(input_names)
         self.elements = None if elements is None else dict(elements)
+        self.calls: Counter[str] = Counter()  # outputs recorded per name, for probing
         self._store: dict[str, dict[str, torch.Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self.active = True  # a plain flag: torch.compile cannot inspect hook handles
@@ -78,6 +80,7 @@ class StageTaps:
 
     def _record_output(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
         if self._store:
+            self.calls[name] += 1
             if self.elements is not None and isinstance(output, (tuple, list)):
                 output = output[self.elements.get(name, 0)]
             self._put(name, output)
@@ -132,9 +135,10 @@ def probe_outputs(
     names: Sequence[str],
     example_input: torch.Tensor,
     input_names: Sequence[str] = (),
-) -> tuple[dict[str, object], object]:
+) -> tuple[dict[str, object], object, Counter[str]]:
     """Run ``model`` once in eval mode without gradients; return what each tap saw, in the
-    order the taps first fired, and the model's output. The train/eval state is restored."""
+    order the taps first fired, the model's output, and how often each output tap fired.
+    The train/eval state is restored."""
     taps = StageTaps(model, names, input_names)
     was_training = model.training
     try:
@@ -145,4 +149,4 @@ def probe_outputs(
     finally:
         model.train(was_training)
         taps.remove()
-    return seen, output
+    return seen, output, taps.calls

@@ -326,3 +326,26 @@ def test_describe_stages_is_what_the_distiller_uses():
     distiller = GradualSelfDistiller(model, example_input=example)
     assert described.stages == distiller.stages
     assert described.classifier_name == distiller.classifier_name == "fc"
+
+
+class SharedBlock(nn.Module):
+    """Runs one block twice: a hook on it would see only the second call."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.block = nn.Conv2d(8, 8, 3, 1, 1)
+        self.down = nn.Conv2d(8, 16, 3, 2, 1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.block(self.block(self.stem(x)))
+        return self.fc(self.down(x).mean((2, 3)))
+
+
+def test_modules_that_run_twice_are_refused_and_not_listed():
+    model = SharedBlock()
+    example = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\{'block': 2\} run more than once"):
+        GradualSelfDistiller(model, ["block"], example_input=example)
+    assert "block" not in {s.name for s in list_stages(model, example)}
