@@ -6,7 +6,7 @@ from .heads import BottleneckHead, HeadFactory, PooledHead
 from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
 from .surgery import insert_after
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ACAM",
