@@ -14,7 +14,7 @@ from .stages import (
 )
 from .surgery import insert_after, replace_squeeze_excite
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ACAM",

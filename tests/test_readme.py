@@ -1,21 +1,61 @@
-"""The README's quickstart runs, and CI runs the README's test command."""
+"""The README's quickstart runs and shows it worked, the package-index page is safe to publish,
+the API reference lists the public API, and CI runs the README's test command."""
 
 import re
 from pathlib import Path
 
 import torch
 
+import gradual_sd
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PACKAGE_PAGE = ROOT / "docs" / "index.md"
 
 
-def test_quickstart_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_quickstart_runs_and_prints_the_loss_terms_and_exported_class(capsys):
+    blocks = python_blocks(README)
     assert blocks, "README has no python block"
     namespace: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace["out"].loss.ndim == 0 and torch.isfinite(namespace["out"].loss)
-    assert not any(m._forward_hooks for m in namespace["plain"].modules())
+    out, plain = namespace["out"], namespace["plain"]
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in plain.modules())
+    printed = capsys.readouterr().out
+    assert f"loss {out.loss.item():.3f}" in printed
+    for name in out.losses:
+        assert repr(name) in printed, f"the quickstart does not print loss term {name!r}"
+    assert f"exported: {type(plain).__name__}" in printed
+
+
+def test_package_page_quickstart_is_the_readme_quickstart():
+    assert python_blocks(PACKAGE_PAGE.read_text())[:1] == python_blocks(README)[:1]
+
+
+def test_package_page_is_the_long_description_and_has_only_absolute_links():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^readme = "docs/index.md"', pyproject, flags=re.M)
+    page = PACKAGE_PAGE.read_text()
+    targets = re.findall(r"\]\(([^)\s]+)", page)  # [text](target) and ![alt](target)
+    targets += re.findall(r"^\s*\[[^\]]+\]:\s*(\S+)", page, flags=re.M)  # [label]: target
+    targets += re.findall(r"<([^<>\s]+)>", page)  # <autolink>
+    targets += re.findall(r"(?:href|src)=[\"']([^\"']+)", page)
+    relative = [t for t in targets if not re.match(r"(https?://|mailto:)", t)]
+    assert not relative, f"relative links break on the package index: {relative}"
+    assert "source repository" in page
+    for folder in ("docs/", "examples/", "benchmarks/"):
+        assert f"`{folder}`" in page, f"the package page does not say where {folder} is"
+
+
+def test_api_reference_lists_every_public_name():
+    reference = (ROOT / "docs" / "reference.md").read_text()
+    documented = re.findall(r"^::: gradual_sd\.(\w+)$", reference, flags=re.M)
+    assert len(documented) == len(set(documented)), "a name is listed twice"
+    assert set(documented) == set(gradual_sd.__all__) - {"__version__"}
 
 
 def test_ci_runs_the_readme_test_command():
