@@ -1,0 +1,47 @@
+"""One small model per timm model family, chosen programmatically, for the zoo tests.
+
+A family is a module of ``timm.models``. Within it, names are ranked by the size words timm
+uses (``test``, ``atto``, ``femto``... ``small``), and the smallest by parameter count of the
+first few is taken; counting builds each candidate on the meta device, which allocates nothing.
+"""
+
+from __future__ import annotations
+
+import re
+
+import timm
+import torch
+from timm.models import _registry
+
+SIZE_WORDS = (
+    "test", "atto", "femto", "pico", "nano", "xxtiny", "xx", "xxs", "mini", "xtiny", "x", "xs",
+    "tiny", "ti", "t", "small", "s",
+)  # fmt: skip
+CANDIDATES_PER_FAMILY = 3
+
+
+def _size_rank(name: str) -> tuple[int, int, str]:
+    tokens = re.split(r"[_\-]", name)
+    ranks = [
+        i
+        for i, word in enumerate(SIZE_WORDS)
+        for token in tokens
+        if token == word or (token.startswith(word) and token[len(word) :].isdigit())
+    ]
+    return (min(ranks, default=len(SIZE_WORDS)), len(name), name)
+
+
+def parameter_count(name: str) -> int:
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=5)
+    return sum(p.numel() for p in model.parameters())
+
+
+def smallest_per_family() -> dict[str, str]:
+    """``{family: model name}`` for every module of ``timm.models`` that registers a model."""
+    chosen = {}
+    for family in sorted(_registry.list_modules()):
+        names = sorted(timm.list_models(module=family), key=_size_rank)[:CANDIDATES_PER_FAMILY]
+        if names:
+            chosen[family] = min(names, key=lambda n: (parameter_count(n), n))
+    return chosen
