@@ -68,7 +68,8 @@ class GradualSelfDistiller(nn.Module):
             stage). Default: timm's ``feature_info`` stages without the stem and the last
             stage, or, where timm gives none that can be tapped, stages found from the shapes
             (:func:`~gradual_sd.default_stage_names`; :func:`~gradual_sd.list_stages` shows
-            the candidates). A stage returning a tuple or list is tapped at its first tensor.
+            the candidates). A stage returning a tuple or list is tapped at one tensor (see
+            :func:`~gradual_sd.describe_stages`).
         loss: The objective; default :class:`GradualDistillationLoss` with the paper's values.
         head_factory: Builds each stage's head (see :class:`HeadFactory`).
         feature_dim: Width of the distillation features (paper: 128).

@@ -42,7 +42,7 @@ class StageInfo(NamedTuple):
 
     Attributes:
         name: The module's dotted name.
-        shape: Its output shape (a tuple or list output is tapped at its first tensor).
+        shape: Its output shape (for a tuple or list output, the tapped element's).
         layout: ``"NCHW"``, ``"NHWC"`` or ``"NLC"``; ``None`` where :func:`list_stages`
             could not tell.
         channels: Width of the channel axis.
@@ -522,8 +522,9 @@ def describe_stages(
     """Describe the stages to tap and the classifier, raising for anything the heads cannot use.
 
     Arguments mean what they mean for :class:`~gradual_sd.GradualSelfDistiller`. The stages
-    must be listed shallow to deep in the order they run; a stage that returns a tuple or list
-    is tapped at its first tensor.
+    must be listed shallow to deep in the order they run. A stage that returns a tuple or list
+    is tapped at its first tensor with the input's batch size, preferring one with the channel
+    count ``feature_info`` gives (TNT's blocks return pixel and patch tokens).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
