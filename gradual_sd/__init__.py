@@ -2,6 +2,7 @@
 
 from .attention import ACAM, NormalizedACAM
 from .distiller import DistillerOutput, GradualSelfDistiller, default_stage_names
+from .early_exit import EarlyExitModel, ExitOutput
 from .heads import BottleneckHead, HeadFactory, PooledHead
 from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
 from .surgery import insert_after
@@ -14,6 +15,8 @@ __all__ = [
     "GradualSelfDistiller",
     "DistillerOutput",
     "default_stage_names",
+    "EarlyExitModel",
+    "ExitOutput",
     "GradualDistillationLoss",
     "soft_cross_entropy",
     "kl_divergence",
