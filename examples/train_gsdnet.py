@@ -31,6 +31,7 @@ from gsdnet.datasets import DATASETS, LabelFileError, build_datasets
 from gsdnet.datasets.common import ImageList, class_balanced_weights, log
 from gsdnet.distributed import DistEnv, init_distributed, shutdown
 from gsdnet.engine import NonFiniteLossError, Trainer, eval_loader, train_loader
+from gsdnet.exits import report_exits
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
 from gsdnet.models import HEADS, METHODS, PAPER_LOSS, build_gsdnet, export_payload
 from gsdnet.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
@@ -288,6 +289,10 @@ def run_one(args: argparse.Namespace, method: str, env: DistEnv, out: Path) -> d
     }
     if env.is_main:
         save_model(trainer.module, "model_final.pt")
+        if method != "baseline":  # early exits on the trained heads (gsdnet/exits.py)
+            metrics["early_exit"] = report_exits(
+                trainer.module, test, splits.val, args.batch_size, out, f"{method}, {args.dataset}"
+            )
         checkpoint.save_json(metrics, out / "metrics.json")
         plot_confusion_matrix(
             final["confusion_matrix"],

@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._lookup import find_module
 from .attention import ACAM, NormalizedACAM
-from .exit_policy import ExitCosts, choose_thresholds, expected_calibration_error, route
+from .exit_policy import ExitCosts, choose_thresholds, evaluate, expected_calibration_error, route
 from .heads import BottleneckHead, PooledHead
 from .taps import LAYOUTS, Layout, to_feature_map
 
@@ -369,22 +369,41 @@ class EarlyExitModel(nn.Module):
         Every exit's logits come from one full pass over ``data``; the search is
         :func:`~gradual_sd.exit_policy.choose_thresholds` (coordinate descent over the observed
         confidences). Sets and returns the thresholds with the accuracy and relative FLOPs they
-        reach on ``data``; on new data the drop can be larger.
+        reach on ``data``. On new data the drop can be larger: on a few hundred images the
+        thresholds fit the set's noise (docs/early-exit.md), so calibrate on as many held-out
+        images as there are.
         """
-        logits, targets = self._collect(data)
-        costs = self.exit_costs(_first_image(data, self._device()))
-        confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
-        correct = torch.stack([z.argmax(-1) == targets for z in logits])
+        confidence, correct, costs = self._outcomes(data)
         self.set_thresholds(choose_thresholds(confidence, correct, costs, max_accuracy_drop))
-        exits = route(confidence, self.thresholds)
-        accuracy = correct[exits, torch.arange(exits.numel())].double().mean().item()
-        flops = costs.per_exit(self.thresholds)[exits].mean().item()
+        accuracy, flops = evaluate(confidence, correct, costs, self.thresholds)
         return {
             "thresholds": list(self.thresholds),
             "accuracy": accuracy,
             "full_accuracy": correct[-1].double().mean().item(),
             "flops_ratio": flops / costs.full,
         }
+
+    def tradeoff(
+        self, data: Data, levels: Sequence[float] = tuple(i / 20 for i in range(21))
+    ) -> list[dict[str, float]]:
+        """The accuracy-compute curve on ``data``: for each level, every head at that threshold
+        (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
+        Thresholds are not changed."""
+        confidence, correct, costs = self._outcomes(data)
+        curve = []
+        for level in levels:
+            accuracy, flops = evaluate(confidence, correct, costs, [level] * len(self.heads))
+            curve.append({"threshold": level, "accuracy": accuracy, "flops_ratio": flops / costs.full})
+        return curve
+
+    def _outcomes(self, data: Data) -> tuple[torch.Tensor, torch.Tensor, ExitCosts]:
+        """Every head's confidence ``(heads, N)``, whether every exit is right ``(heads + 1, N)``,
+        and the model's costs: what routing is simulated from."""
+        logits, targets = self._collect(data)
+        costs = self.exit_costs(_first_image(data, self._device()))
+        confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
+        correct = torch.stack([z.argmax(-1) == targets for z in logits])
+        return confidence, correct, costs
 
     def profile(
         self,

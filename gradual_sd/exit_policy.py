@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ExitCosts", "route", "choose_thresholds", "expected_calibration_error"]
+__all__ = [
+    "ExitCosts",
+    "route",
+    "evaluate",
+    "choose_thresholds",
+    "expected_calibration_error",
+]
 
 
 class ExitCosts(NamedTuple):
@@ -50,10 +56,11 @@ def route(confidence: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor
     return takes.to(torch.uint8).argmax(0)  # argmax returns the first of equal maxima
 
 
-def _evaluate(
-    confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts, thresholds: list[float]
+def evaluate(
+    confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts, thresholds: Sequence[float]
 ) -> tuple[float, float]:
-    """(accuracy, mean cost) of ``thresholds`` on the calibration data."""
+    """(accuracy, mean cost per sample) of ``thresholds``, simulated from every exit's
+    ``confidence`` ``(heads, N)`` and ``correct`` ``(heads + 1, N)``."""
     exits = route(confidence, thresholds)
     samples = torch.arange(exits.numel(), device=exits.device)
     accuracy = correct[exits, samples].double().mean().item()
@@ -78,16 +85,18 @@ def choose_thresholds(
     max_candidates: int = 256,
     max_rounds: int = 20,
 ) -> list[float]:
-    """Thresholds that minimise the mean cost while keeping accuracy within ``max_accuracy_drop``
-    (a fraction: 0.005 is half a point) of the model's own classifier on the same data.
+    """Thresholds that minimise the mean cost while keeping the accuracy lost against the
+    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction: 0.005 is
+    half a point). The constraint is checked on the calibration data only: on a few hundred
+    samples the chosen thresholds can fit its noise, and lose more on new data.
 
     Coordinate descent: start with every head disabled (the full model, which meets the
     constraint), then visit the heads shallow to deep, setting each one's threshold to the
     candidate (one of its observed confidences, or disabled) with the lowest mean cost among those
-    that keep the accuracy constraint, the others fixed; repeat until a round changes nothing.
-    Ties go to the higher accuracy, then to the higher threshold. Each step keeps the constraint
-    and never raises the cost, so it ends; the result is a local optimum of the candidate grid
-    (exact for one head), not always the global one.
+    that keep the constraint, the others fixed; repeat until a round changes nothing. Ties go to
+    the higher accuracy, then to the higher threshold. Each step keeps the constraint and never
+    raises the cost, so it ends; the result is a local optimum of the candidate grid (exact for
+    one head), not always the global one.
 
     Args:
         confidence: ``(heads, N)`` top softmax probability of every auxiliary head.
@@ -105,14 +114,14 @@ def choose_thresholds(
         raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
     floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
     thresholds = [math.inf] * heads
-    best = _evaluate(confidence, correct, costs, thresholds)
+    best = evaluate(confidence, correct, costs, thresholds)
     options = [_candidates(confidence[k], max_candidates) for k in range(heads)]
     for _ in range(max_rounds):
         changed = False
         for k in range(heads):
             for value in options[k]:
                 trial = [*thresholds[:k], value, *thresholds[k + 1 :]]
-                accuracy, cost = _evaluate(confidence, correct, costs, trial)
+                accuracy, cost = evaluate(confidence, correct, costs, trial)
                 if accuracy < floor:
                     continue
                 if (cost, -accuracy, -value) < (best[1], -best[0], -thresholds[k]):

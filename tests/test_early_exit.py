@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from gradual_sd import EarlyExitModel, GradualSelfDistiller, PooledHead
 from gradual_sd.exit_policy import ExitCosts, choose_thresholds, expected_calibration_error, route
@@ -398,3 +399,38 @@ def test_load_asks_for_heads_it_cannot_rebuild(tmp_path):
     exits.save(tmp_path)
     with pytest.raises(ValueError, match="pass heads="):
         EarlyExitModel.load(tmp_path, timm.create_model("resnet18", num_classes=5))
+
+
+def test_tradeoff_matches_real_forward_passes(resnet):
+    exits, plain = resnet
+    x = images(24)
+    targets = torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(0))
+    levels = [0.0, 0.5, 0.9, 2.0]
+    curve = exits.tradeoff((x, targets), levels)
+    costs = exits.exit_costs(x[:1])
+    assert [p["threshold"] for p in curve] == levels
+    for point in curve:
+        exits.set_thresholds(point["threshold"])
+        with torch.no_grad():
+            out = exits(x)
+        accuracy = (out.logits.argmax(-1) == targets).double().mean().item()
+        per_exit = costs.per_exit(exits.thresholds)
+        assert point["accuracy"] == pytest.approx(accuracy)
+        assert point["flops_ratio"] == pytest.approx(per_exit[out.exit_index].mean().item() / costs.full)
+    assert curve[-1]["flops_ratio"] == 1.0
+    with torch.no_grad():
+        assert curve[-1]["accuracy"] == pytest.approx((plain(x).argmax(-1) == targets).double().mean().item())
+    exits.set_thresholds(math.inf)
+
+
+def test_exit_costs_add_up(resnet):
+    exits, _ = resnet
+    costs = exits.exit_costs(images(1))
+    stages = list(costs.stages)
+    assert stages == sorted(stages) and stages[-1] < costs.full
+    assert all(h > 0 for h in costs.heads)
+    # The first stage's cost, counted independently on the plain model's own modules.
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m = exits.model
+        m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(images(1))))))
+    assert costs.stages[0] == counter.get_total_flops()
