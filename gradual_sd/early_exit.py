@@ -420,7 +420,9 @@ class EarlyExitModel(nn.Module):
 
         Latency is timed on the first ``latency_images`` images at each batch size (batch 1:
         one image at a time), the plain model and every variant in turn within each repetition;
-        the ratios are medians over ``repeats`` repetitions of per-repetition ratios.
+        the ratios are medians over ``repeats`` repetitions of per-repetition ratios. On a CPU
+        with one torch thread the clock is the process's CPU time, else wall time. Per exit,
+        every sample is forced to leave there (the enabled heads before it still run).
         """
         logits, targets = self._collect(data)
         device = self._device()
@@ -474,6 +476,10 @@ class EarlyExitModel(nn.Module):
             variants[f"exit {k}"] = partial(self._forced, exit=k)
         times: dict[str, list[float]] = {name: [] for name in variants}
         device = images.device
+        # With one CPU thread, the process's CPU time is the work done, whatever else the
+        # machine runs; otherwise (more threads, CUDA) only wall time measures it.
+        one_thread_cpu = device.type == "cpu" and torch.get_num_threads() == 1
+        clock = time.process_time if one_thread_cpu else time.perf_counter
         with torch.inference_mode():
             for fn in variants.values():  # warm-up
                 fn(chunks[0])
@@ -481,11 +487,11 @@ class EarlyExitModel(nn.Module):
                 order = list(variants)[rep % len(variants) :] + list(variants)[: rep % len(variants)]
                 for name in order:
                     _synchronize(device)
-                    start = time.perf_counter()
+                    start = clock()
                     for chunk in chunks:
                         variants[name](chunk)
                     _synchronize(device)
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(clock() - start)
         result: dict[str, Any] = {
             name: statistics.median(t / p for t, p in zip(times[name], times["plain"]))
             for name in variants
