@@ -12,8 +12,10 @@ stand-in model at no more than half a point of accuracy lost.
    for each configuration in ``CONFIGS``, trained in a fresh process unless its run directory
    already holds the results. Digits has no validation split, so the 364 test images are cut
    into two halves of alternate images; thresholds are calibrated on one half
-   (``max_accuracy_drop=0.005``) and reported on the other, in both directions. The
-   accuracy-compute curve sweeps one threshold for every head over 0, 0.05, ..., 1.
+   (``max_accuracy_drop=0.005``) and reported on the other, in both directions. A configuration
+   trained with ``--train-limit 1069`` is instead calibrated on the 364 training images it did not
+   see and reported on the whole test split. The accuracy-compute curve sweeps one threshold for
+   every head over 0, 0.05, ..., 1.
 
 Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
 variant in turn), on the process's CPU time with one torch thread.
@@ -52,6 +54,7 @@ CONFIGS: dict[str, list[str]] = {
     "gsd-acam (main job)": ["--method", "gsd-acam"],
     "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
     "gsd-acam pooled aux-CE": ["--method", "gsd-acam", "--head", "pooled", "--aux-ce-weight", "1"],
+    "gsd-acam aux-CE val364": ["--method", "gsd-acam", "--aux-ce-weight", "1", "--train-limit", "1069"],
 }
 LEVELS = [i / 20 for i in range(21)]
 
@@ -95,15 +98,17 @@ def train(run: Path, flags: list[str]) -> None:
     subprocess.run([*command, "--output-dir", str(run)], check=True, stdout=subprocess.DEVNULL)
 
 
-def trained(name: str, run: Path, halves: dict, repeats: int) -> tuple[list[list[object]], dict]:
-    """Both calibration directions of one trained configuration."""
+def trained(
+    name: str, run: Path, splits: dict, directions: list[tuple[str, str]], repeats: int
+) -> tuple[list[list[object]], dict]:
+    """One trained configuration, calibrated on one split and reported on another."""
     model, _ = load_exported(run / "model_final.pt")
     exits = EarlyExitModel.load(run / "early_exit", model)
     rows, results = [], {}
-    for calibrate_on, report_on in (("even", "odd"), ("odd", "even")):
-        calibrated = exits.calibrate(halves[calibrate_on], max_accuracy_drop=0.005)
-        table = exits.profile(halves[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64)
-        curve = exits.tradeoff(halves[report_on], LEVELS)
+    for calibrate_on, report_on in directions:
+        calibrated = exits.calibrate(splits[calibrate_on], max_accuracy_drop=0.005)
+        table = exits.profile(splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64)
+        curve = exits.tradeoff(splits[report_on], LEVELS)
         results[f"{calibrate_on}->{report_on}"] = {"calibration": calibrated, "report": table, "curve": curve}
         heads = " / ".join(f"{100 * r['head_accuracy_all']:.1f}" for r in table["exits"])
         shares = " / ".join(f"{100 * r['share']:.0f}" for r in table["exits"])
@@ -111,7 +116,7 @@ def trained(name: str, run: Path, halves: dict, repeats: int) -> tuple[list[list
         rows.append(
             [
                 name,
-                f"{calibrate_on} -> {report_on}",
+                f"{'held-out train' if calibrate_on == name else calibrate_on} -> {report_on}",
                 heads,
                 thresholds,
                 f"{100 * calibrated['accuracy']:.2f} / {100 * calibrated['full_accuracy']:.2f}",
@@ -146,26 +151,37 @@ def main() -> None:
         print(markdown_table(header, rows))
         results["head_costs"] = rows
 
-    test = build_datasets("digits", None, 7, False).test
-    test.transform = eval_transform(32)
+    data = build_datasets("digits", None, 7, False)
+    test, train = data.test, data.train
+    test.transform = train.transform = eval_transform(32)
     indices = list(range(len(test)))
-    halves = {
+    splits = {
         "even": DataLoader(Subset(test, indices[0::2]), batch_size=64),
         "odd": DataLoader(Subset(test, indices[1::2]), batch_size=64),
+        "test": DataLoader(test, batch_size=64),
     }
     rows, curves = [], {}
     for name in args.configs:
         run = args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
         train(run, CONFIGS[name])
-        config_rows, results[name] = trained(name, run, halves, args.repeats)
+        flags = CONFIGS[name]
+        if "--train-limit" in flags:
+            limit = int(flags[flags.index("--train-limit") + 1])
+            # The images train_gsdnet.limit_train leaves out (its subset: randperm, seed 0).
+            unseen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[limit:]
+            splits[name] = DataLoader(Subset(train, unseen.sort().values.tolist()), batch_size=64)
+            directions = [(name, "test")]
+        else:
+            directions = [("even", "odd"), ("odd", "even")]
+        config_rows, results[name] = trained(name, run, splits, directions, args.repeats)
         rows += config_rows
-        curves[name] = results[name]["even->odd"]["curve"]
+        curves[name] = results[name][f"{directions[0][0]}->{directions[0][1]}"]["curve"]
     header = ["config", "calibrate -> report", "head accuracy % (report half)", "thresholds"]
     header += ["calibration acc % (exits / full)", "report acc % (exits / full)", "share % per exit"]
     header += ["FLOPs x", "latency x (batch 1)", "latency x (batch 64)"]
     print("\n## Trained stand-in, calibrated for at most 0.5 points lost\n")
     print(markdown_table(header, rows))
-    print("\n## Accuracy-compute curve (one threshold for every head; calibrated on even, odd half)\n")
+    print("\n## Accuracy-compute curve (one threshold for every head; on the odd half or the test split)\n")
     curve_rows = [
         [f"{level:.2f}"]
         + [f"{100 * curves[n][i]['accuracy']:.1f} @ {curves[n][i]['flops_ratio']:.2f}" for n in curves]

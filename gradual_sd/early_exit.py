@@ -115,8 +115,9 @@ class EarlyExitModel(nn.Module):
         classifier_name: The model's own classifier (recorded in saved configs).
         num_prefix_tokens: Class/register tokens that token stages drop before their head.
         thresholds: One per head (see :meth:`set_thresholds`); default all disabled.
-        example_input: A batch for the probe; default random images at the model's configured
-            input size. ``None`` checks nothing only if ``check=False``.
+        example_input: A batch for the probe (one with fewer than 3 samples is replaced by 4
+            random inputs of its shape); default 4 random images at the model's configured
+            input size (timm), else 3x224x224.
         check: Run the probe (and refuse models that fail it).
     """
 

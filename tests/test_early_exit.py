@@ -74,7 +74,9 @@ def test_thresholds_above_one_give_the_plain_model_exactly(name):
     with torch.no_grad():
         out = exits(x)
         expected = plain(x)
+        inside = exits.model(x)  # the hooks do nothing outside EarlyExitModel.forward
     assert torch.equal(out.logits, expected)
+    assert torch.equal(inside, expected)
     assert out.exit_index.dtype == torch.long
     assert out.exit_index.tolist() == [len(exits.heads)] * len(x)
 
@@ -254,6 +256,24 @@ def test_hrnet_is_refused():
     distiller = GradualSelfDistiller(model, names, example_input=example)
     with pytest.raises(ValueError, match="samples cannot leave at stage 'stage2.0.branches.0'"):
         EarlyExitModel.from_distiller(distiller, example_input=example)
+
+
+class Twice(nn.Module):
+    """A stage module called twice per forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stage1(self.stage1(x)).mean((2, 3)))
+
+
+def test_a_stage_that_runs_twice_is_refused():
+    head = PooledHead(3, 3, 2, attn_layer=None)
+    with pytest.raises(ValueError, match="each stage must run once"):
+        EarlyExitModel(Twice(), [head], ["stage1"], ["NCHW"], "fc", example_input=torch.zeros(1, 3, 4, 4))
 
 
 class Pair(nn.Module):
