@@ -91,7 +91,7 @@ def head_costs(model_name: str, size: int, repeats: int) -> list[list[object]]:
     return rows
 
 
-def train(run: Path, flags: list[str]) -> None:
+def train_once(run: Path, flags: list[str]) -> None:
     if (run / "early_exit" / "early_exit.json").is_file():
         return
     command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *flags]
@@ -163,7 +163,7 @@ def main() -> None:
     rows, curves = [], {}
     for name in args.configs:
         run = args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
-        train(run, CONFIGS[name])
+        train_once(run, CONFIGS[name])
         flags = CONFIGS[name]
         if "--train-limit" in flags:
             limit = int(flags[flags.index("--train-limit") + 1])
