@@ -454,3 +454,19 @@ def test_exit_costs_add_up(resnet):
         m = exits.model
         m.layer1(m.maxpool(m.act1(m.bn1(m.conv1(images(1))))))
     assert costs.stages[0] == counter.get_total_flops()
+
+
+def test_float64_routing_matches_brute_force_tightly():
+    exits, plain = build("resnet18")
+    exits.double()
+    plain.double()
+    x = images(24).double()
+    with torch.no_grad():
+        assert torch.equal(exits(x).logits, plain(x))
+    mixed_thresholds(exits, x)
+    expected, index = brute_force(exits, x)
+    with torch.no_grad():
+        out = exits(x)
+    assert out.logits.dtype == torch.float64
+    assert out.exit_index.tolist() == index
+    torch.testing.assert_close(out.logits, expected, rtol=1e-10, atol=1e-12)

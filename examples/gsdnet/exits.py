@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from gradual_sd import EarlyExitModel, GradualSelfDistiller
 
 from .checkpoint import atomic_write
+from .datasets.common import log
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
 
@@ -65,6 +66,16 @@ def report_exits(
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
+    log.info(
+        "early exits: accuracy %.2f%% (full model %.2f%%), FLOPs %.2fx, latency %.2fx at batch 1 "
+        "and %.2fx at batch %d; wrote early_exit.md, early_exit.png, early_exit/",
+        100 * table["accuracy"],
+        100 * table["full_accuracy"],
+        table["flops_ratio"],
+        table["latency_ratio"][1],
+        table["latency_ratio"][batch_size],
+        batch_size,
+    )
     return {
         "how": how,
         "max_accuracy_drop": MAX_ACCURACY_DROP,
