@@ -248,6 +248,11 @@ class EarlyExitModel(nn.Module):
         left before the end."""
         if not self._handles:
             raise RuntimeError("this EarlyExitModel's hooks were removed (remove()); build it again")
+        if self.training:
+            raise RuntimeError(
+                "EarlyExitModel is for inference: call .eval() first (in training mode batch "
+                "norm would mix the samples of a batch that shrinks at every exit)"
+            )
         self._pass = run
         try:
             logits = self.model(images)
@@ -268,11 +273,6 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ExitOutput:
         """Classify ``images``, each sample at the first head confident enough."""
-        if self.training:
-            raise RuntimeError(
-                "EarlyExitModel is for inference: call .eval() first (in training mode batch "
-                "norm would mix the samples of a batch that shrinks at every exit)"
-            )
         active = [t <= 1 for t in self.thresholds]
         run = _Pass(images.shape[0], images.device, active, self._by_threshold)
         return run.result(self._run(images, run), images.shape[0], len(self.heads))

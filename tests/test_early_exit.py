@@ -26,6 +26,15 @@ MODELS = {
     "resnet18": dict(model_name="resnet18"),
     "vit": dict(model_name="vit_tiny_patch16_224", img_size=SIZE, patch_size=8, depth=4),
     "convnext_atto": dict(model_name="convnext_atto"),
+    "efficientnet_b0": dict(model_name="efficientnet_b0"),
+    "swin": dict(  # NHWC stages
+        model_name="swin_tiny_patch4_window7_224",
+        img_size=SIZE,
+        window_size=2,
+        depths=(1, 1, 1, 1),
+        embed_dim=24,
+        num_heads=(1, 2, 3, 4),
+    ),
 }
 
 
