@@ -48,6 +48,7 @@ from gsdnet.datasets.common import (
 )
 from gsdnet.distributed import DistEnv, init_distributed, shutdown
 from gsdnet.engine import NonFiniteLossError, Trainer, eval_loader, train_loader
+from gsdnet.exits import report_exits
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
 from gsdnet.models import HEADS, METHODS, PAPER_LOSS, build_gsdnet, export_payload
 from gsdnet.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
@@ -582,6 +583,10 @@ def run_one(
         save_model("final", trainer.module)
         if not args.keep_checkpoint:
             (out / "checkpoint.pt").unlink(missing_ok=True)
+        if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
+            metrics["early_exit"] = report_exits(
+                trainer.module, test, val, args.batch_size, out, f"{method}, {args.dataset}"
+            )
         checkpoint.save_json(metrics, out / "metrics.json")
         plot_confusion_matrix(
             final["confusion_matrix"],

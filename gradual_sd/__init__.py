@@ -2,6 +2,7 @@
 
 from .attention import ACAM, NormalizedACAM
 from .distiller import DistillerOutput, GradualSelfDistiller
+from .early_exit import EarlyExitModel, ExitOutput
 from .heads import BottleneckHead, HeadFactory, PooledHead
 from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
 from .stages import (
@@ -27,6 +28,8 @@ __all__ = [
     "find_classifier_name",
     "StageInfo",
     "ModelStages",
+    "EarlyExitModel",
+    "ExitOutput",
     "GradualDistillationLoss",
     "soft_cross_entropy",
     "kl_divergence",

@@ -1,0 +1,196 @@
+"""Early exit: what each head option costs against its stage, and what exits save on the trained
+stand-in model at no more than half a point of accuracy lost.
+
+    python benchmarks/early_exit.py --runs-dir runs/early-exit
+
+1. Head costs (random weights; FLOPs and latency do not depend on them): for each head option
+   (the paper's ``BottleneckHead`` or ``PooledHead``, with ACAM or without attention) on
+   ResNet-18 at 64 px and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage
+   and head, and each exit's FLOPs and latency relative to the plain model when every sample
+   leaves there.
+2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` (the main job's settings)
+   for each configuration in ``CONFIGS``, trained in a fresh process unless its run directory
+   already holds the results. Digits has no validation split, so the 364 test images are cut
+   into two halves of alternate images; thresholds are calibrated on one half
+   (``max_accuracy_drop=0.005``) and reported on the other, in both directions. A configuration
+   trained with ``--train-limit 1069`` is instead calibrated on the 364 training images it did not
+   see and reported on the whole test split. The accuracy-compute curve sweeps one threshold for
+   every head over 0, 0.05, ..., 1.
+
+Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
+variant in turn), on the process's CPU time with one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+from _harness import command_line, machine_line, markdown_table
+from torch.utils.data import DataLoader, Subset
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from gradual_sd import ACAM, BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead  # noqa: E402
+from gsdnet.datasets import build_datasets  # noqa: E402
+from gsdnet.models import load_exported  # noqa: E402
+from gsdnet.transforms import eval_transform  # noqa: E402
+
+HEAD_OPTIONS = {
+    "bottleneck + ACAM (paper)": partial(BottleneckHead, attn_layer=ACAM),
+    "bottleneck": partial(BottleneckHead, attn_layer=None),
+    "pooled + ACAM": partial(PooledHead, attn_layer=ACAM),
+    "pooled": partial(PooledHead, attn_layer=None),
+}
+# name -> train_gsdnet flags on top of the main job's (--dataset digits, its stand-in preset).
+CONFIGS: dict[str, list[str]] = {
+    "gsd-acam (main job)": ["--method", "gsd-acam"],
+    "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
+    "gsd-acam pooled aux-CE": ["--method", "gsd-acam", "--head", "pooled", "--aux-ce-weight", "1"],
+    "gsd-acam aux-CE val364": ["--method", "gsd-acam", "--aux-ce-weight", "1", "--train-limit", "1069"],
+}
+LEVELS = [i / 20 for i in range(21)]
+
+
+def head_costs(model_name: str, size: int, repeats: int) -> list[list[object]]:
+    rows = []
+    x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(64, dtype=torch.long)
+    for option, factory in HEAD_OPTIONS.items():
+        torch.manual_seed(0)
+        model = timm.create_model(model_name, num_classes=7)
+        example = torch.zeros(1, 3, size, size)
+        distiller = GradualSelfDistiller(model, head_factory=factory, example_input=example)
+        exits = EarlyExitModel.from_distiller(distiller, example_input=example)
+        costs = exits.exit_costs(x[:1])
+        table = exits.profile((x, y), batch_sizes=(1, 64), repeats=repeats, latency_images=16)
+        previous = 0.0
+        for k, name in enumerate(exits.stage_names):
+            row = table["exits"][k]
+            rows.append(
+                [
+                    f"{model_name} {size} px",
+                    option,
+                    name,
+                    f"{(costs.stages[k] - previous) / 1e6:.1f}",
+                    f"{costs.heads[k] / 1e6:.2f}",
+                    f"{row['flops_ratio']:.2f}",
+                    f"{row['latency_ratio'][1]:.2f}",
+                    f"{row['latency_ratio'][64]:.2f}",
+                ]
+            )
+            previous = costs.stages[k]
+        exits.remove()
+    return rows
+
+
+def train_once(run: Path, flags: list[str]) -> None:
+    if (run / "early_exit" / "early_exit.json").is_file():
+        return
+    command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *flags]
+    subprocess.run([*command, "--output-dir", str(run)], check=True, stdout=subprocess.DEVNULL)
+
+
+def trained(
+    name: str, run: Path, splits: dict, directions: list[tuple[str, str]], repeats: int
+) -> tuple[list[list[object]], dict]:
+    """One trained configuration, calibrated on one split and reported on another."""
+    model, _ = load_exported(run / "model_final.pt")
+    exits = EarlyExitModel.load(run / "early_exit", model)
+    rows, results = [], {}
+    for calibrate_on, report_on in directions:
+        calibrated = exits.calibrate(splits[calibrate_on], max_accuracy_drop=0.005)
+        table = exits.profile(splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64)
+        curve = exits.tradeoff(splits[report_on], LEVELS)
+        results[f"{calibrate_on}->{report_on}"] = {"calibration": calibrated, "report": table, "curve": curve}
+        heads = " / ".join(f"{100 * r['head_accuracy_all']:.1f}" for r in table["exits"])
+        shares = " / ".join(f"{100 * r['share']:.0f}" for r in table["exits"])
+        thresholds = " / ".join("off" if t > 1 else f"{t:.2f}" for t in calibrated["thresholds"])
+        rows.append(
+            [
+                name,
+                f"{'held-out train' if calibrate_on == name else calibrate_on} -> {report_on}",
+                heads,
+                thresholds,
+                f"{100 * calibrated['accuracy']:.2f} / {100 * calibrated['full_accuracy']:.2f}",
+                f"{100 * table['accuracy']:.2f} / {100 * table['full_accuracy']:.2f}",
+                shares,
+                f"{table['flops_ratio']:.2f}",
+                f"{table['latency_ratio'][1]:.2f}",
+                f"{table['latency_ratio'][64]:.2f}",
+            ]
+        )
+    return rows, results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/early-exit"))
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--skip-head-costs", action="store_true")
+    p.add_argument("--json", type=Path, help="also write every number here")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    print(command_line())
+    print(machine_line(torch.device("cpu"), "cpu"))
+    results: dict = {}
+
+    if not args.skip_head_costs:
+        rows = head_costs("resnet18", 64, args.repeats) + head_costs("resnet10t", 32, args.repeats)
+        header = ["model", "head", "exit after", "backbone MFLOPs since previous exit", "head MFLOPs"]
+        header += ["exit FLOPs x", "exit latency x (batch 1)", "exit latency x (batch 64)"]
+        print("\n## Head costs (every sample leaves at that exit)\n")
+        print(markdown_table(header, rows))
+        results["head_costs"] = rows
+
+    data = build_datasets("digits", None, 7, False)
+    test, train = data.test, data.train
+    test.transform = train.transform = eval_transform(32)
+    indices = list(range(len(test)))
+    splits = {
+        "even": DataLoader(Subset(test, indices[0::2]), batch_size=64),
+        "odd": DataLoader(Subset(test, indices[1::2]), batch_size=64),
+        "test": DataLoader(test, batch_size=64),
+    }
+    rows, curves = [], {}
+    for name in args.configs:
+        run = args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
+        train_once(run, CONFIGS[name])
+        flags = CONFIGS[name]
+        if "--train-limit" in flags:
+            limit = int(flags[flags.index("--train-limit") + 1])
+            # The images train_gsdnet.limit_train leaves out (its subset: randperm, seed 0).
+            unseen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[limit:]
+            splits[name] = DataLoader(Subset(train, unseen.sort().values.tolist()), batch_size=64)
+            directions = [(name, "test")]
+        else:
+            directions = [("even", "odd"), ("odd", "even")]
+        config_rows, results[name] = trained(name, run, splits, directions, args.repeats)
+        rows += config_rows
+        curves[name] = results[name][f"{directions[0][0]}->{directions[0][1]}"]["curve"]
+    header = ["config", "calibrate -> report", "head accuracy % (report half)", "thresholds"]
+    header += ["calibration acc % (exits / full)", "report acc % (exits / full)", "share % per exit"]
+    header += ["FLOPs x", "latency x (batch 1)", "latency x (batch 64)"]
+    print("\n## Trained stand-in, calibrated for at most 0.5 points lost\n")
+    print(markdown_table(header, rows))
+    print("\n## Accuracy-compute curve (one threshold for every head; on the odd half or the test split)\n")
+    curve_rows = [
+        [f"{level:.2f}"]
+        + [f"{100 * curves[n][i]['accuracy']:.1f} @ {curves[n][i]['flops_ratio']:.2f}" for n in curves]
+        for i, level in enumerate(LEVELS)
+    ]
+    print(markdown_table(["threshold", *[f"{n}: acc % @ FLOPs x" for n in curves]], curve_rows))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

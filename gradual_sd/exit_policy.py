@@ -1,0 +1,144 @@
+"""Which exit answers each sample, what that costs, and how to choose the thresholds.
+
+Pure tensor functions over precomputed head outputs, used by :class:`EarlyExitModel` to
+calibrate and profile. A sample leaves at the first auxiliary head whose top softmax
+probability reaches that head's threshold; a threshold above 1 disables the head (it is not
+run); samples that no head takes reach the model's own classifier, the last exit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "ExitCosts",
+    "route",
+    "evaluate",
+    "choose_thresholds",
+    "expected_calibration_error",
+]
+
+
+class ExitCosts(NamedTuple):
+    """Per-sample cost (FLOPs) of the parts of an early-exit model.
+
+    Attributes:
+        stages: Backbone cost from the input up to and including each tapped stage.
+        heads: Cost of each auxiliary head on its stage's output.
+        full: Cost of the whole model (the last exit), heads excluded.
+    """
+
+    stages: tuple[float, ...]
+    heads: tuple[float, ...]
+    full: float
+
+    def per_exit(self, thresholds: Sequence[float]) -> torch.Tensor:
+        """Cost of answering at each exit (auxiliary heads, then the classifier), counting every
+        enabled head run on the way: a sample that reaches exit k also paid for heads before k."""
+        heads = torch.tensor(
+            [h if t <= 1 else 0.0 for h, t in zip(self.heads, thresholds)], dtype=torch.float64
+        )
+        paid = heads.cumsum(0)
+        stages = torch.tensor(self.stages, dtype=torch.float64)
+        return torch.cat([stages + paid, torch.tensor([self.full], dtype=torch.float64) + heads.sum()])
+
+
+def route(confidence: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """Exit index of every sample: the first head ``k`` with ``confidence[k] >= thresholds[k]``,
+    else ``len(thresholds)`` (the model's classifier). ``confidence`` is ``(heads, N)``."""
+    limits = torch.tensor(list(thresholds), dtype=confidence.dtype, device=confidence.device)
+    takes = confidence >= limits[:, None]
+    takes = torch.cat([takes, takes.new_ones(1, takes.shape[1])])
+    return takes.to(torch.uint8).argmax(0)  # argmax returns the first of equal maxima
+
+
+def evaluate(
+    confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts, thresholds: Sequence[float]
+) -> tuple[float, float]:
+    """(accuracy, mean cost per sample) of ``thresholds``, simulated from every exit's
+    ``confidence`` ``(heads, N)`` and ``correct`` ``(heads + 1, N)``."""
+    exits = route(confidence, thresholds)
+    samples = torch.arange(exits.numel(), device=exits.device)
+    accuracy = correct[exits, samples].double().mean().item()
+    cost = costs.per_exit(thresholds)[exits.cpu()].mean().item()
+    return accuracy, cost
+
+
+def _candidates(values: torch.Tensor, limit: int) -> list[float]:
+    """Thresholds worth trying for one head: its distinct confidences (at most ``limit``,
+    evenly spread in rank) and "disabled"."""
+    distinct = values.unique()
+    if distinct.numel() > limit:
+        distinct = distinct[torch.linspace(0, distinct.numel() - 1, limit).round().long()]
+    return [*distinct.tolist(), math.inf]
+
+
+def choose_thresholds(
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    costs: ExitCosts,
+    max_accuracy_drop: float = 0.005,
+    max_candidates: int = 256,
+    max_rounds: int = 20,
+) -> list[float]:
+    """Thresholds that minimise the mean cost while keeping the accuracy lost against the
+    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction: 0.005 is
+    half a point). The constraint is checked on the calibration data only: on a few hundred
+    samples the chosen thresholds can fit its noise, and lose more on new data.
+
+    Coordinate descent: start with every head disabled (the full model, which meets the
+    constraint), then visit the heads shallow to deep, setting each one's threshold to the
+    candidate (one of its observed confidences, or disabled) with the lowest mean cost among those
+    that keep the constraint, the others fixed; repeat until a round changes nothing. Ties go to
+    the higher accuracy, then to the higher threshold. Each step keeps the constraint and never
+    raises the cost, so it ends; the result is a local optimum of the candidate grid (exact for
+    one head), not always the global one.
+
+    Args:
+        confidence: ``(heads, N)`` top softmax probability of every auxiliary head.
+        correct: ``(heads + 1, N)`` bool, whether each exit (the classifier last) is right.
+        costs: The model's :class:`ExitCosts`.
+    """
+    heads, samples = confidence.shape
+    if correct.shape != (heads + 1, samples):
+        raise ValueError(
+            f"correct must be (heads + 1, N) = {(heads + 1, samples)}, got {tuple(correct.shape)}"
+        )
+    if len(costs.heads) != heads or len(costs.stages) != heads:
+        raise ValueError(f"costs describe {len(costs.heads)} heads, confidence has {heads}")
+    if not 0 <= max_accuracy_drop <= 1:
+        raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
+    floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
+    thresholds = [math.inf] * heads
+    best = evaluate(confidence, correct, costs, thresholds)
+    options = [_candidates(confidence[k], max_candidates) for k in range(heads)]
+    for _ in range(max_rounds):
+        changed = False
+        for k in range(heads):
+            for value in options[k]:
+                trial = [*thresholds[:k], value, *thresholds[k + 1 :]]
+                accuracy, cost = evaluate(confidence, correct, costs, trial)
+                if accuracy < floor:
+                    continue
+                if (cost, -accuracy, -value) < (best[1], -best[0], -thresholds[k]):
+                    thresholds, best, changed = trial, (accuracy, cost), True
+        if not changed:
+            break
+    return thresholds
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error of softmax probabilities ``(N, C)``: the sample-weighted mean
+    gap between accuracy and mean confidence over ``bins`` equal-width confidence bins."""
+    if probs.numel() == 0:
+        return math.nan
+    confidence, predicted = probs.max(1)
+    correct = (predicted == targets).double()
+    which = (confidence.double() * bins).ceil().clamp(1, bins).long() - 1
+    gap = torch.zeros(bins, dtype=torch.float64, device=probs.device)
+    gap.index_add_(0, which, confidence.double() - correct)
+    return (gap.abs().sum() / probs.shape[0]).item()
