@@ -65,6 +65,11 @@ class FiniteCheck:
                 torch.cuda.synchronize()
             self._raise_if_bad(pending)
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickling for a checkpoint) starts with nothing pending: CUDA events
+        # and pinned buffers belong to the original's steps, which the original still checks.
+        return {**self.__dict__, "_pending": deque()}
+
     def _raise_if_bad(self, pending: _Pending) -> None:
         flags = pending.flags.tolist()
         if all(flags):

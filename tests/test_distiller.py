@@ -304,6 +304,18 @@ def test_deferred_finite_check_raises_at_a_later_step_naming_the_bad_one():
         distiller.finite_check.flush()
 
 
+def test_copies_of_a_distiller_start_with_no_pending_checks():
+    model, example = make("resnet18")
+    distiller = GradualSelfDistiller(model, example_input=example)
+    distiller.finite_check.deferred = True
+    model.layer3.register_forward_hook(lambda m, a, out: out * float("nan"))
+    distiller(*batch())
+    twin = copy.deepcopy(distiller)
+    twin.finite_check.flush()  # nothing pending in the copy
+    with pytest.raises(FloatingPointError, match="step 0"):
+        distiller.finite_check.flush()
+
+
 def test_finite_check_can_be_turned_off():
     model, example = make("resnet18")
     distiller = GradualSelfDistiller(model, example_input=example, check_finite=False)
