@@ -100,6 +100,9 @@ def test_one_epoch_per_layout(tmp_path, layout, capsys):
     # The stand-in saves no models by default; FERPlus has a validation split to select on.
     models = {"digits": [], "ferplus": ["model_final.pt", "model_selected.pt", "model_best.pt"]}
     expected = models.get(layout, ["model_final.pt", "model_best.pt"])
+    # Early exits on the trained heads of gsd-acam, the default method.
+    assert metrics["early_exit"] is not None
+    expected += ["early_exit", "early_exit.md", "early_exit.png"]
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["metrics.json", "log.jsonl", "confusion_matrix.png", "train.log", *expected])
     saved = json.loads((out / "metrics.json").read_text())
