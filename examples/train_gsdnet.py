@@ -585,7 +585,13 @@ def run_one(
             (out / "checkpoint.pt").unlink(missing_ok=True)
         if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
             metrics["early_exit"] = report_exits(
-                trainer.module, test, val, args.batch_size, out, f"{method}, {args.dataset}"
+                trainer.module,
+                test,
+                val,
+                args.batch_size,
+                out,
+                f"{method}, {args.dataset}",
+                save="final" in args.save,  # the exit model holds the whole model, as --save final does
             )
         checkpoint.save_json(metrics, out / "metrics.json")
         plot_confusion_matrix(

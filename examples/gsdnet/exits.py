@@ -44,9 +44,10 @@ def report_exits(
     batch_size: int,
     out: Path,
     title: str,
+    save: bool = True,
 ) -> dict | None:
     """Turn the trained heads into early exits; write ``early_exit.md``, ``early_exit.png`` and
-    the exit model (``early_exit/``); return the summary for metrics.json. Removes the
+    the exit model (``early_exit/``, only with ``save``); return the summary for metrics.json. Removes the
     distiller's hooks: call it after training. ``None`` when there are too few images to
     calibrate on some and report on others."""
     calibrate_on, report_on, how = calibration_split(evaluated, val)
@@ -62,19 +63,21 @@ def report_exits(
     calibrated = exits.calibrate(loader(calibrate_on), MAX_ACCURACY_DROP)
     table = exits.profile(loader(report_on), batch_sizes=(1, batch_size), repeats=3, latency_images=32)
     curve = exits.tradeoff(loader(report_on))
-    exits.save(out / "early_exit")
+    if save:
+        exits.save(out / "early_exit")
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
     log.info(
         "early exits: accuracy %.2f%% (full model %.2f%%), FLOPs %.2fx, latency %.2fx at batch 1 "
-        "and %.2fx at batch %d; wrote early_exit.md, early_exit.png, early_exit/",
+        "and %.2fx at batch %d; wrote early_exit.md, early_exit.png%s",
         100 * table["accuracy"],
         100 * table["full_accuracy"],
         table["flops_ratio"],
         table["latency_ratio"][1],
         table["latency_ratio"][batch_size],
         batch_size,
+        ", early_exit/" if save else "",
     )
     return {
         "how": how,
