@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-
 import torchvision
 
 from gradual_sd import GradualSelfDistiller, default_stage_names, list_stages
