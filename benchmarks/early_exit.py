@@ -107,8 +107,10 @@ def trained(
     rows, results = [], {}
     for calibrate_on, report_on in directions:
         calibrated = exits.calibrate(splits[calibrate_on], max_accuracy_drop=0.005)
-        table = exits.profile(splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64)
-        curve = exits.tradeoff(splits[report_on], LEVELS)
+        table = exits.profile(
+            splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64, levels=LEVELS
+        )
+        curve = table.pop("tradeoff")
         results[f"{calibrate_on}->{report_on}"] = {"calibration": calibrated, "report": table, "curve": curve}
         heads = " / ".join(f"{100 * r['head_accuracy_all']:.1f}" for r in table["exits"])
         shares = " / ".join(f"{100 * r['share']:.0f}" for r in table["exits"])

@@ -29,7 +29,6 @@ from frameworks_common import (
     build_distiller,
     digits_loaders,
     head_correct,
-    head_names,
 )
 from gradual_sd import DistillerOutput, GradualSelfDistiller
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(args.seed)  # identical initial weights on every process
     distiller: GradualSelfDistiller = build_distiller(args.model, NUM_CLASSES, args.img_size)
-    heads = head_names(distiller)
+    heads = list(distiller.head_names)
     train, val = digits_loaders(args.img_size, args.batch_size, args.train_limit, args.workers)
     optimizer = create_optimizer_v2(distiller, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     # accelerate's convention: the schedule counts the steps of one process over the whole data;

@@ -48,12 +48,6 @@ def digits_loaders(
     )
 
 
-def head_names(distiller: GradualSelfDistiller) -> list[str]:
-    """Names of the heads in ``DistillerOutput.head_logits`` order: the stages, then the
-    model's own classifier."""
-    return [*distiller.stage_names, distiller.classifier_name]
-
-
 def head_correct(head_logits: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor:
     """Correct predictions per sample and head, ``(N, heads)``: rows can be gathered across
     processes, and a column mean is a head's accuracy."""

@@ -29,7 +29,6 @@ from frameworks_common import (
     build_distiller,
     digits_loaders,
     head_correct,
-    head_names,
 )
 from gradual_sd import DistillerOutput, GradualSelfDistiller
 
@@ -46,7 +45,7 @@ class GradualSelfDistillation(L.LightningModule):
         self.distiller = distiller
         self.lr = lr
         self.weight_decay = weight_decay
-        self.heads = head_names(distiller)
+        self.heads = list(distiller.head_names)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The model's own logits, as the exported model will give them."""

@@ -161,6 +161,8 @@ class GradualSelfDistiller(nn.Module):
         self.layouts: tuple[Layout, ...] = tuple(stage.layout for stage in described.stages)  # type: ignore[misc]
         self.num_prefix_tokens: tuple[int, ...] = tuple(s.num_prefix_tokens for s in described.stages)
         self.classifier_name = described.classifier_name
+        # Every head in head_logits order: the stages, then the model's own classifier.
+        self.head_names: tuple[str, ...] = (*self.stage_names, self.classifier_name)
         self.num_classes = described.num_classes
         self.hidden_size = described.hidden_size
         self.check_finite = check_finite
@@ -246,14 +248,14 @@ class GradualSelfDistiller(nn.Module):
         )
         if targets is None:
             return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
-        names = (*self.stage_names, self.classifier_name)
-        loss, losses = self.loss(head_logits, head_features, targets, names)
+        loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
         if self.finite_check is not None and not torch.compiler.is_compiling():
+            terms, names = tuple(losses), self.head_names
             self.finite_check.submit(
                 [loss, *losses.values(), *head_logits, *head_features],
-                [
+                lambda: [
                     "loss",
-                    *(f"term {k}" for k in losses),
+                    *(f"term {k}" for k in terms),
                     *(f"logits of {n}" for n in names),
                     *(f"features of {n}" for n in names),
                 ],
@@ -271,7 +273,7 @@ class GradualSelfDistiller(nn.Module):
         )
 
     def _check_captured(self, captured: dict[str, torch.Tensor]) -> None:
-        missing = [n for n in (*self.stage_names, self.classifier_name) if n not in captured]
+        missing = [n for n in self.head_names if n not in captured]
         if missing:
             raise RuntimeError(
                 f"modules {missing} did not run during this forward pass, so their heads cannot "

@@ -53,6 +53,24 @@ class ExitOutput(NamedTuple):
     exit_index: torch.Tensor
 
 
+class _Outcomes(NamedTuple):
+    logits: list[torch.Tensor]  # every exit's, over the data, on the CPU
+    targets: torch.Tensor
+    confidence: torch.Tensor  # (heads, N): each head's top softmax probability
+    correct: torch.Tensor  # (heads + 1, N): whether each exit is right
+    costs: ExitCosts
+
+
+def _curve(outcomes: _Outcomes, levels: Sequence[float]) -> list[dict[str, float]]:
+    """Accuracy and relative FLOPs with every head at each threshold level."""
+    _, _, confidence, correct, costs = outcomes
+    curve = []
+    for level in levels:
+        accuracy, flops = evaluate(confidence, correct, costs, [level] * confidence.shape[0])
+        curve.append({"threshold": level, "accuracy": accuracy, "flops_ratio": flops / costs.full})
+    return curve
+
+
 class _Stop(Exception):
     """Raised inside the model's forward when no sample is left to run the later stages."""
 
@@ -380,7 +398,7 @@ class EarlyExitModel(nn.Module):
         thresholds fit the set's noise (docs/early-exit.md), so calibrate on as many held-out
         images as there are.
         """
-        confidence, correct, costs = self._outcomes(data)
+        _, _, confidence, correct, costs = self._outcomes(data)
         self.set_thresholds(choose_thresholds(confidence, correct, costs, max_accuracy_drop))
         accuracy, flops = evaluate(confidence, correct, costs, self.thresholds)
         return {
@@ -395,22 +413,17 @@ class EarlyExitModel(nn.Module):
     ) -> list[dict[str, float]]:
         """The accuracy-compute curve on ``data``: for each level, every head at that threshold
         (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
-        Thresholds are not changed."""
-        confidence, correct, costs = self._outcomes(data)
-        curve = []
-        for level in levels:
-            accuracy, flops = evaluate(confidence, correct, costs, [level] * len(self.heads))
-            curve.append({"threshold": level, "accuracy": accuracy, "flops_ratio": flops / costs.full})
-        return curve
+        Thresholds are not changed. :meth:`profile` returns the same curve."""
+        return _curve(self._outcomes(data), levels)
 
-    def _outcomes(self, data: Data) -> tuple[torch.Tensor, torch.Tensor, ExitCosts]:
-        """Every head's confidence ``(heads, N)``, whether every exit is right ``(heads + 1, N)``,
-        and the model's costs: what routing is simulated from."""
+    def _outcomes(self, data: Data) -> _Outcomes:
+        """Every exit's logits and the targets over ``data`` (one full pass), and what routing
+        is simulated from: each head's confidence, whether each exit is right, the costs."""
         logits, targets = self._collect(data)
         costs = self.exit_costs(_first_image(data, self._device()))
         confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
         correct = torch.stack([z.argmax(-1) == targets for z in logits])
-        return confidence, correct, costs
+        return _Outcomes(logits, targets, confidence, correct, costs)
 
     def profile(
         self,
@@ -419,6 +432,7 @@ class EarlyExitModel(nn.Module):
         batch_sizes: Sequence[int] = (1, 64),
         repeats: int = 5,
         latency_images: int = 64,
+        levels: Sequence[float] = tuple(i / 20 for i in range(21)),
     ) -> dict[str, Any]:
         """Per exit, at the current thresholds: share of samples, their accuracy and expected
         calibration error, the head's accuracy on every sample, FLOPs per sample to reach it,
@@ -430,12 +444,11 @@ class EarlyExitModel(nn.Module):
         the ratios are medians over ``repeats`` repetitions of per-repetition ratios. On a CPU
         with one torch thread the clock is the process's CPU time, else wall time. Per exit,
         every sample is forced to leave there (the enabled heads before it still run).
+        ``tradeoff`` is :meth:`tradeoff`'s curve at ``levels``, from the same pass over ``data``.
         """
-        logits, targets = self._collect(data)
+        outcomes = self._outcomes(data)
+        logits, targets, confidence, _, costs = outcomes
         device = self._device()
-        example = _first_image(data, device)
-        costs = self.exit_costs(example)
-        confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
         exits = route(confidence, self.thresholds)
         per_exit_flops = costs.per_exit(self.thresholds)
         names = [*self.stage_names, self.classifier_name]
@@ -472,6 +485,7 @@ class EarlyExitModel(nn.Module):
             "latency_ratio": {b: latency[b]["exits"] for b in batch_sizes},
             "latency_ms_per_image": {b: latency[b]["ms"] for b in batch_sizes},
             "samples": int(targets.numel()),
+            "tradeoff": _curve(outcomes, levels),
         }
 
     def _latency(self, images: torch.Tensor, batch: int, repeats: int, count: int) -> dict[str, Any]:

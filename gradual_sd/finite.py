@@ -19,7 +19,9 @@ __all__ = ["FiniteCheck"]
 
 
 class _Pending:
-    def __init__(self, step: int, flags: torch.Tensor, labels: list[str], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, step: int, flags: torch.Tensor, labels: Callable[[], list[str]], ready: Callable[[], bool]
+    ) -> None:
         self.step, self.flags, self.labels, self.ready = step, flags, labels, ready
 
 
@@ -37,22 +39,25 @@ class FiniteCheck:
         self.step = 0
         self._pending: deque[_Pending] = deque()
 
-    def submit(self, values: Sequence[torch.Tensor], labels: Sequence[str]) -> None:
-        """Check this step's ``values`` (each must be all finite), named by ``labels``."""
-        flags = torch.stack([torch.isfinite(v.detach()).all() for v in values])
+    def submit(self, values: Sequence[torch.Tensor], labels: Callable[[], list[str]]) -> None:
+        """Check this step's ``values`` (each must be all finite; the first is the total, which is
+        non-finite whenever a term is), named by ``labels()``, which is called only to report."""
         step, self.step = self.step, self.step + 1
-        deferred = flags.device.type == "cuda" if self.deferred is None else self.deferred
+        deferred = values[0].device.type == "cuda" if self.deferred is None else self.deferred
         if not deferred:
-            self._raise_if_bad(_Pending(step, flags, list(labels), lambda: True))
+            if not bool(torch.isfinite(values[0]).all()):  # the details only when needed
+                flags = torch.stack([torch.isfinite(v.detach()).all() for v in values])
+                self._raise_if_bad(_Pending(step, flags, labels, lambda: True))
             return
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in values])
         if flags.device.type == "cuda":
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append(_Pending(step, host, list(labels), event.query))
+            self._pending.append(_Pending(step, host, labels, event.query))
         else:
-            self._pending.append(_Pending(step, flags, list(labels), lambda: True))
+            self._pending.append(_Pending(step, flags, labels, lambda: True))
         # Earlier steps only: this step's copy has only just been queued.
         while len(self._pending) > 1 and self._pending[0].ready():
             self._raise_if_bad(self._pending.popleft())
@@ -75,5 +80,5 @@ class FiniteCheck:
         if all(flags):
             return
         self._pending.clear()
-        bad = [label for label, ok in zip(pending.labels, flags) if not ok]
+        bad = [label for label, ok in zip(pending.labels(), flags) if not ok]
         raise FloatingPointError(f"non-finite values at training step {pending.step}: {', '.join(bad)}")

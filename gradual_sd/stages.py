@@ -341,18 +341,21 @@ def list_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     :func:`describe_stages` decides them; ``layout`` is ``None`` where the evidence does not
     settle it (pass ``stage_layout`` when tapping such a module).
     """
-    stages, _ = _list_stages(model, example_input)
-    return stages
+    example = _checked_example(model, example_input)
+    return _list_stages(model, example, classifier_candidates(model))[0]
 
 
-def _list_stages(model: nn.Module, example_input: torch.Tensor | None) -> tuple[list[StageInfo], _Probe]:
-    example = default_example_input(model) if example_input is None else example_input
-    names = module_names(model)
-    candidates = classifier_candidates(model)
+def _list_stages(
+    model: nn.Module, example: torch.Tensor, candidates: list[str]
+) -> tuple[list[StageInfo], _Probe]:
+    """The candidates, and the probe of every module (with the classifier candidates'
+    inputs) they were read from."""
+    # The classifier candidates get input hooks only, so the probe keeps their inputs (the
+    # pre-logits) under their names, and their place in the run order is where they start.
+    names = [n for n in module_names(model) if n not in candidates]
     probe = _probe(model, names, candidates, example)
     other = _second_probe(model, names, example)
     classifier = _choose_classifier(model, candidates, probe, None)
-    # The classifier's input hook fired under its own name before its output hook did.
     before_classifier = probe.order[: probe.order.index(classifier)]
     channels = _feature_channels(model)
     stages = []
@@ -387,18 +390,25 @@ def default_stage_names(
     tensor, the stages come from the shapes instead (see :func:`list_stages`): per reduction,
     the shallowest module to finish last.
     """
+    example = _checked_example(model, example_input)
+    names, _ = _default_names(model, example, classifier_candidates(model))
+    return names if include_last else names[:-1]
+
+
+def _default_names(
+    model: nn.Module, example: torch.Tensor, candidates: list[str]
+) -> tuple[list[str], _Probe]:
+    """Every default stage, the last included, and the dry run (with hooks on those stages and
+    on the inputs of ``candidates``) that found them, for :func:`describe_stages` to reuse."""
     entries = [e for e in _feature_entries(model) if e.get("reduction", 4) >= 4]
     names = list(dict.fromkeys(e["module"] for e in entries))
     existing = set(module_names(model))
     if len(names) >= 2 and all(n in existing for n in names):
-        candidates = classifier_candidates(model)
-        example = default_example_input(model) if example_input is None else example_input
         probe = _probe(model, names, candidates, example)
         batch = example.shape[0]
         if all(isinstance(_select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
-            names = sorted(names, key=probe.order.index)
-            return names if include_last else names[:-1]
-    stages, _ = _list_stages(model, example_input)
+            return sorted(names, key=probe.order.index), probe
+    stages, probe = _list_stages(model, example, candidates)
     suggested = _suggest(stages)
     if len(suggested) < 2:
         listed = {s.name for s in stages}
@@ -409,7 +419,7 @@ def default_stage_names(
             f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
             f"are: {listing}"
         )
-    return suggested if include_last else suggested[:-1]
+    return suggested, probe
 
 
 def _checked_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -529,18 +539,22 @@ def describe_stages(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     example = _checked_example(model, example_input)
+    candidates = classifier_candidates(model, classifier_name)
     if stage_names is None:
-        names = default_stage_names(model, example)
+        # The dry run that found the stages also saw their outputs and the classifier's input.
+        names, probe = _default_names(model, example, candidates)
+        names = names[:-1]
     else:
         names = _normalize_names(model, stage_names)
-    candidates = classifier_candidates(model, classifier_name)
+        probe = None
     overlap = [n for n in names if n in candidates]
     if overlap:
         raise ValueError(
             f"{overlap} is the model's classifier (the deepest head); stage_names lists only the "
             "stages before it"
         )
-    probe = _probe(model, names, candidates, example)
+    if probe is None:
+        probe = _probe(model, names, candidates, example)
     stages = _stage_infos(model, names, probe, example, stage_layout, num_prefix_tokens)
     classifier = _choose_classifier(model, candidates, probe, classifier_name)
     order = [name for name in probe.order if name in names]

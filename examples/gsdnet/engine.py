@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .distributed import DistEnv, WeightedShardSampler, all_reduce, broadcast_buffers, shard_indices
 from .metrics import confusion_matrix, summarize
-from .models import head_names, plain_model
+from .models import plain_model
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Trainer:
         """Confusion matrix of every head over the whole test set (summed over processes)."""
         broadcast_buffers(self.module, self.env)
         self.module.eval()
-        names = head_names(self.module)
+        names = list(self.module.head_names)
         cms = torch.zeros(len(names), num_classes, num_classes, dtype=torch.long, device=self.env.device)
         bar = tqdm(loader, desc="test", leave=False, disable=None if self.env.is_main else True)
         for images, targets in bar:

@@ -73,6 +73,7 @@ class PlainClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.classifier_name = find_classifier_name(model)
+        self.head_names = (self.classifier_name,)
 
     def forward(
         self, images: torch.Tensor, targets: torch.Tensor | None = None, *, run_heads: bool | None = None
@@ -82,11 +83,6 @@ class PlainClassifier(nn.Module):
             return DistillerOutput(logits, None, {}, (logits,), ())
         loss = F.cross_entropy(logits.float(), targets)
         return DistillerOutput(logits, loss, {"ce": loss}, (logits,), ())
-
-
-def head_names(module: nn.Module) -> list[str]:
-    """Names of ``module``'s heads, shallow to deep; the last is the model's own classifier."""
-    return [*getattr(module, "stage_names", ()), module.classifier_name]
 
 
 def create_backbone(model_name: str, num_classes: int, pretrained: bool = False) -> nn.Module:

@@ -87,6 +87,10 @@ class ShippedGSDNet(nn.Module):
     def classifier_name(self) -> str:
         return self.distiller.classifier_name
 
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return self.distiller.head_names
+
     def forward(
         self, images: torch.Tensor, targets: torch.Tensor | None = None, *, run_heads: bool | None = None
     ) -> DistillerOutput:
