@@ -114,6 +114,8 @@ def build(name: str, example: torch.Tensor) -> Variant:
         return plain_variant(backbone(attn_layer="cbam"))
     if name == "gsd-paper-heads":
         return distiller_variant(example, head_factory=BottleneckHead)
+    if name == "gsd-paper-heads-unchecked":
+        return distiller_variant(example, head_factory=BottleneckHead, check_finite=False)
     if name == "gsd-pooled-heads":
         return distiller_variant(example, head_factory=PooledHead)
     if name == "byot-paper-heads":
@@ -131,6 +133,7 @@ VARIANTS = (
     "se-blocks",
     "cbam-blocks",
     "gsd-paper-heads",
+    "gsd-paper-heads-unchecked",
     "gsd-pooled-heads",
     "byot-paper-heads",
     "gsd-paper-heads-ckpt",
@@ -201,7 +204,16 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     times = interleaved_times(steps, device, args.repeats, args.warmup, args.clock)
     ratios = paired_ratios(times, "plain")
     memory = {}
-    if not args.skip_memory:
+    if not args.skip_memory and device.type == "cuda":
+        # The CUDA allocator counts tensor bytes per device, so one process measures every
+        # variant: the peak above what is allocated when the step starts.
+        for name, step in steps.items():
+            step()  # as in a child: optimizer state exists, gradients do not
+            variants[name].module.zero_grad(set_to_none=True)
+            with PeakMemory(device) as peak:
+                step()
+            memory[name] = peak.mib
+    elif not args.skip_memory:
         for name in args.variants:
             memory[name] = run_child(
                 [
@@ -250,6 +262,9 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
         text += (
             f"\n\nLibrary overhead (distiller / hand-wired, same heads and loss): {format_ratio(overhead)}"
         )
+    if "gsd-paper-heads-unchecked" in ratios and "gsd-paper-heads" in ratios:
+        check = paired_ratios(times, "gsd-paper-heads-unchecked")["gsd-paper-heads"]
+        text += f"\n\n`check_finite` (checked / unchecked, same model): {format_ratio(check)}"
     return text
 
 

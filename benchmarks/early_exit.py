@@ -59,14 +59,14 @@ CONFIGS: dict[str, list[str]] = {
 LEVELS = [i / 20 for i in range(21)]
 
 
-def head_costs(model_name: str, size: int, repeats: int) -> list[list[object]]:
+def head_costs(model_name: str, size: int, repeats: int, device: torch.device) -> list[list[object]]:
     rows = []
-    x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(0))
-    y = torch.zeros(64, dtype=torch.long)
+    x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    y = torch.zeros(64, dtype=torch.long, device=device)
     for option, factory in HEAD_OPTIONS.items():
         torch.manual_seed(0)
-        model = timm.create_model(model_name, num_classes=7)
-        example = torch.zeros(1, 3, size, size)
+        model = timm.create_model(model_name, num_classes=7).to(device)
+        example = torch.zeros(1, 3, size, size, device=device)
         distiller = GradualSelfDistiller(model, head_factory=factory, example_input=example)
         exits = EarlyExitModel.from_distiller(distiller, example_input=example)
         costs = exits.exit_costs(x[:1])
@@ -138,20 +138,33 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--skip-head-costs", action="store_true")
+    p.add_argument("--skip-trained", action="store_true", help="the head costs only")
+    p.add_argument(
+        "--head-cost-models", nargs="+", default=["resnet18:64", "resnet10t:32"], help="timm name:image size"
+    )
+    p.add_argument("--device", default="cpu", help="for the head costs; the trained stand-in runs on the CPU")
     p.add_argument("--json", type=Path, help="also write every number here")
     args = p.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     print(command_line())
-    print(machine_line(torch.device("cpu"), "cpu"))
+    print(machine_line(device, "cpu" if device.type == "cpu" else "wall"))
     results: dict = {}
 
     if not args.skip_head_costs:
-        rows = head_costs("resnet18", 64, args.repeats) + head_costs("resnet10t", 32, args.repeats)
+        rows = []
+        for spec in args.head_cost_models:
+            name, size = spec.split(":")
+            rows += head_costs(name, int(size), args.repeats, device)
         header = ["model", "head", "exit after", "backbone MFLOPs since previous exit", "head MFLOPs"]
         header += ["exit FLOPs x", "exit latency x (batch 1)", "exit latency x (batch 64)"]
         print("\n## Head costs (every sample leaves at that exit)\n")
         print(markdown_table(header, rows))
         results["head_costs"] = rows
+    if args.skip_trained:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        return
 
     data = build_datasets("digits", None, 7, False)
     test, train = data.test, data.train

@@ -1,15 +1,44 @@
 #!/usr/bin/env bash
-# The GPU run of the cost benchmark: ResNet50 at 224 px under CUDA, fp32 and bf16 autocast, then
-# the attention micro-benchmark. One call, about 5 minutes on an H100; tables go to $OUT_DIR.
+# Everything that needs a GPU, in one call (about 7 minutes on an H100; each step has its own
+# time limit, and a failing step does not stop the rest):
+#   1. tests/test_cuda.py: float32 against the CPU, float16/bfloat16 autocast, the deferred
+#      finite check, no host sync in a training step, channels-last, inductor, early exit;
+#   2. benchmarks/cost.py: ResNet50 at 224 px, batch 32 and 64, float32 and bf16 autocast;
+#   3. benchmarks/early_exit.py: each head option's exit cost on ResNet50 and ResNet-18 at 224 px;
+#   4. benchmarks/attention.py: ACAM against SE and CBAM.
+# Tables go to OUT_DIR, one file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu.sh [OUT_DIR]
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/benchmarks-gpu}}"
 mkdir -p "$out"
-python=${PYTHON:-python}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUT_DIR/NAME.md
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.md"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" != 0 ]; then
+    echo "== $name FAILED (exit status $rc)"
+    failed+=("$name")
+  fi
+}
+
+step machine 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv &&
+  $python -c 'import torch, timm; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__)'"
+step cuda-tests 180 "$python" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
 for amp in none bf16; do
-  "$python" benchmarks/cost.py --device cuda --amp "$amp" --img-size 224 --batch-sizes 32 64 \
-    --repeats 10 --warmup 3 | tee "$out/cost224-$amp.md"
+  step "cost224-$amp" 150 "$python" benchmarks/cost.py --device cuda --amp "$amp" --img-size 224 \
+    --batch-sizes 32 64 --repeats 10 --warmup 3
 done
-"$python" benchmarks/attention.py --device cuda --batch 32 --repeats 15 | tee "$out/attention.md"
+step early-exit-heads 120 "$python" benchmarks/early_exit.py --device cuda --skip-trained \
+  --head-cost-models resnet50:224 resnet18:224 --repeats 10
+step attention 90 "$python" benchmarks/attention.py --device cuda --batch 32 --repeats 15 --min-ms 20
+if [ ${#failed[@]} != 0 ]; then
+  echo "failed steps: ${failed[*]}"
+  exit 1
+fi
