@@ -30,14 +30,14 @@ step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output t
 
 step machine 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv &&
   $python -c 'import torch, timm; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"timm\", timm.__version__)'"
-step cuda-tests 180 "$python" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
+step cuda-tests 150 "$python" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider
 for amp in none bf16; do
-  step "cost224-$amp" 150 "$python" benchmarks/cost.py --device cuda --amp "$amp" --img-size 224 \
+  step "cost224-$amp" 120 "$python" benchmarks/cost.py --device cuda --amp "$amp" --img-size 224 \
     --batch-sizes 32 64 --repeats 10 --warmup 3
 done
-step early-exit-heads 120 "$python" benchmarks/early_exit.py --device cuda --skip-trained \
+step early-exit-heads 100 "$python" benchmarks/early_exit.py --device cuda --skip-trained \
   --head-cost-models resnet50:224 resnet18:224 --repeats 10
-step attention 90 "$python" benchmarks/attention.py --device cuda --batch 32 --repeats 15 --min-ms 20
+step attention 60 "$python" benchmarks/attention.py --device cuda --batch 32 --repeats 15 --min-ms 20
 if [ ${#failed[@]} != 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1
