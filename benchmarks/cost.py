@@ -82,6 +82,9 @@ def hand_wired_variant(example: torch.Tensor) -> Variant:
     weight, bias = distiller.teacher_projection_weight, distiller.teacher_projection_bias
     model = distiller.export()
     holder = nn.ModuleDict({"model": model, "heads": heads})
+    # Buffers of the holder, so that .to(device) moves them with the rest.
+    holder.register_buffer("projection_weight", weight)
+    holder.register_buffer("projection_bias", bias)
     temperature, kl_weight, feature_weight = 3.0, 0.3, 0.01
 
     def forward_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,7 +95,8 @@ def hand_wired_variant(example: torch.Tensor) -> Variant:
             stages.append(x)
         pre_logits = model.global_pool(x)
         outputs = [head(s) for head, s in zip(heads, stages)]
-        outputs.append((model.fc(pre_logits), F.linear(pre_logits, weight, bias)))
+        teacher_feature = F.linear(pre_logits, holder.projection_weight, holder.projection_bias)
+        outputs.append((model.fc(pre_logits), teacher_feature))
         loss = F.cross_entropy(outputs[-1][0], y)
         for (z_s, f_s), (z_t, f_t) in zip(outputs[:-1], outputs[1:]):
             soft_t = F.softmax(z_t.detach() / temperature, dim=1)

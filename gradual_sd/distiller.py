@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
 from .layout import Layout
-from .losses import GradualDistillationLoss
+from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets
 from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
 from .taps import StageTaps, tapped_by, to_feature_map
 
@@ -93,8 +93,10 @@ class GradualSelfDistiller(nn.Module):
         check_finite: Raise ``FloatingPointError`` naming the step and the non-finite loss
             terms, head logits and features. On the CPU the step that produced them raises;
             on CUDA the flags reach the host without stalling the GPU and a later step (or
-            ``finite_check.flush()``) raises, so no step waits for the device. Skipped under
-            ``torch.compile``.
+            ``finite_check.flush()``) raises, so no step waits for the device. On an
+            accelerator, class-index targets outside ``[0, num_classes)`` are reported the same
+            deferred way (as ``ValueError``; that step trains on them clamped into range, as an
+            unchecked index would end in a device-side assert). Skipped under ``torch.compile``.
         checkpoint_heads: Recompute the heads during backward instead of saving their
             activations in the forward pass, at the price of a second head forward. This frees
             the heads' activations between forward and backward, but the backward recomputes
@@ -221,6 +223,8 @@ class GradualSelfDistiller(nn.Module):
             logits = main_logits(self.model(images))
             if targets is None:
                 return DistillerOutput(logits, None, {}, (), ())
+            # Without the heads (evaluation, mostly) one sync is cheap: accelerator targets too.
+            check_targets(targets, logits.shape[0], logits.shape[1], check_range=True)
             ce = self.loss.cross_entropy(logits, targets)
             return DistillerOutput(logits, ce, {"ce": ce}, (), ())
 
@@ -248,9 +252,15 @@ class GradualSelfDistiller(nn.Module):
         )
         if targets is None:
             return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
+        checking = self.finite_check is not None and not torch.compiler.is_compiling()
+        # Accelerator targets: the range check joins the deferred flags instead of syncing.
+        conditions = []
+        if checking and targets.device.type != "cpu" and targets.dtype in INDEX_DTYPES:
+            conditions.append(((targets >= 0) & (targets < self.num_classes)).all())
+            targets = targets.clamp(0, self.num_classes - 1)
         loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
-        if self.finite_check is not None and not torch.compiler.is_compiling():
-            terms, names = tuple(losses), self.head_names
+        if checking:
+            terms, names, classes = tuple(losses), self.head_names, self.num_classes
             self.finite_check.submit(
                 [loss, *losses.values(), *head_logits, *head_features],
                 lambda: [
@@ -258,7 +268,9 @@ class GradualSelfDistiller(nn.Module):
                     *(f"term {k}" for k in terms),
                     *(f"logits of {n}" for n in names),
                     *(f"features of {n}" for n in names),
+                    *([f"class-index targets outside [0, {classes - 1}]"] if conditions else []),
                 ],
+                conditions,
             )
         return DistillerOutput(logits, loss, losses, tuple(head_logits), tuple(head_features))
 

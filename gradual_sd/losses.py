@@ -79,11 +79,17 @@ def distillation_pairs(num_heads: int, teacher: Teacher = "neighbour") -> list[t
     return [(j, j + 1 if teacher == "neighbour" else last) for j in range(last)]
 
 
-def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int, check_range: bool = True) -> None:
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_targets(
+    targets: torch.Tensor, batch_size: int, num_classes: int, check_range: bool | None = None
+) -> None:
     """Raise a clear error for targets that cross-entropy would reject obscurely or misuse.
 
-    Shape and dtype checks are free; the range check reads the targets' extremes, one device
-    sync (skipped with ``check_range=False`` and while compiling)."""
+    Shape and dtype checks are free; the range check reads the targets' extremes, which on an
+    accelerator is one device sync, so ``check_range=None`` checks CPU targets only (never while
+    compiling)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.is_floating_point():
@@ -93,13 +99,15 @@ def check_targets(targets: torch.Tensor, batch_size: int, num_classes: int, chec
                 f"({batch_size}, {num_classes}); got {tuple(targets.shape)}"
             )
         return
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if targets.dtype not in INDEX_DTYPES:
         raise TypeError(
             f"targets must be class indices (an integer tensor) or class probabilities (a float "
             f"tensor); got dtype {targets.dtype}"
         )
     if targets.shape != (batch_size,):
         raise ValueError(f"class-index targets must have shape ({batch_size},), got {tuple(targets.shape)}")
+    if check_range is None:
+        check_range = targets.device.type == "cpu"
     if check_range and targets.numel() and not torch.compiler.is_compiling():
         low, high = torch.stack(torch.aminmax(targets)).tolist()
         if low < 0 or high >= num_classes:
@@ -125,8 +133,10 @@ class GradualDistillationLoss(nn.Module):
         aux_ce_weight: Cross-entropy weight on the auxiliary heads (paper: 0, CE on the last
             classifier only).
         label_smoothing: Passed to every cross-entropy term.
-        check_target_range: Check that class indices lie in ``[0, num_classes)`` (one device
-            sync per call; on CUDA an out-of-range index otherwise ends in a device-side assert).
+        check_target_range: Check that class indices lie in ``[0, num_classes)``. ``None``: for
+            targets on the CPU, where it is free. ``True``: on an accelerator too, at one device
+            sync per call (unchecked, an out-of-range index ends in a device-side assert there).
+            :class:`GradualSelfDistiller` checks accelerator targets itself, without a sync.
     """
 
     def __init__(
@@ -138,7 +148,7 @@ class GradualDistillationLoss(nn.Module):
         formulation: Formulation = "reference",
         aux_ce_weight: float = 0.0,
         label_smoothing: float = 0.0,
-        check_target_range: bool = True,
+        check_target_range: bool | None = None,
     ) -> None:
         super().__init__()
         if not temperature > 0:

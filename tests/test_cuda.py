@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from gradual_sd import ACAM, EarlyExitModel, GradualDistillationLoss, GradualSelfDistiller
+from gradual_sd import ACAM, EarlyExitModel, GradualSelfDistiller
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -105,9 +105,8 @@ def test_deferred_finite_check_names_the_bad_step_later():
 
 
 def test_a_training_step_does_not_wait_for_the_gpu():
-    # The finite check is deferred; the target range check reads the targets (one sync), so
-    # it is turned off here.
-    module = distiller(loss=GradualDistillationLoss(check_target_range=False)).cuda()
+    # With the default checks on: the finite and target-range flags reach the host deferred.
+    module = distiller().cuda()
     images, targets = (t.cuda() for t in batch())
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
     step(module, images, targets)  # the first step initialises cuDNN and the allocator
@@ -120,6 +119,25 @@ def test_a_training_step_does_not_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     module.finite_check.flush()
+
+
+def test_out_of_range_targets_are_reported_not_asserted():
+    module = distiller().cuda()
+    images, targets = (t.cuda() for t in batch())
+    step(module, images, targets)
+    bad = targets.clone()
+    bad[0] = CLASSES  # one past the last class: unchecked, a device-side assert in the loss
+    step(module, images, bad)  # step 1: trained on the clamped targets, reported later
+    message = rf"training step 1: class-index targets outside \[0, {CLASSES - 1}\]"
+    with pytest.raises(ValueError, match=message):
+        for _ in range(50):
+            step(module, images, targets)
+        module.finite_check.flush()
+    assert torch.isfinite(step(module, images, targets).loss)  # the CUDA context still works
+    module.eval()
+    bad[0] = -100  # cross_entropy's ignore_index: unchecked, that sample would silently not count
+    with pytest.raises(ValueError, match=r"got values from -100"):
+        module(images, bad)
 
 
 def test_channels_last_inputs_give_the_same_loss():

@@ -19,6 +19,7 @@ from gradual_sd import (
     PooledHead,
     default_stage_names,
 )
+from gradual_sd.finite import FiniteCheck
 
 FAMILIES = {
     # name: (create_model kwargs, input size, expected default stages, expected layout)
@@ -302,6 +303,22 @@ def test_deferred_finite_check_raises_at_a_later_step_naming_the_bad_one():
     distiller(*batch())  # step 3
     with pytest.raises(FloatingPointError, match="step 3"):
         distiller.finite_check.flush()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_finite_check_conditions_raise_value_errors(deferred):
+    """Extra conditions (the distiller's accelerator target-range flag) share the flags: alone
+    they raise ValueError, with a non-finite value FloatingPointError; both name the step."""
+    check = FiniteCheck(deferred=deferred)
+    ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    labels = lambda: ["loss", "targets in range"]  # noqa: E731
+    check.submit([ok], labels, [torch.tensor(True)])  # step 0: fine
+    with pytest.raises(ValueError, match=r"bad inputs at training step 1: targets in range$"):
+        check.submit([ok], labels, [torch.tensor(False)])
+        check.flush()  # where the deferred check reads step 1
+    with pytest.raises(FloatingPointError, match=r"values at training step 2: loss, targets in range$"):
+        check.submit([nan], labels, [torch.tensor(False)])
+        check.flush()
 
 
 def test_copies_of_a_distiller_start_with_no_pending_checks():
