@@ -93,7 +93,9 @@ class ACAM(nn.Module):
         pooled = torch.stack((x.mean((2, 3)), peak), dim=1)  # (N, 2, C): avg, max
         branch_logits = self.fc2(self.act(self.fc1(pooled)))
         attn = (branch_logits * self.branch_weights(pooled)).sum(dim=1)
-        return x * rearrange(self.gate(attn), "n c -> n c 1 1")
+        # CUDA autocast runs sum in float32; without the cast the product would promote the
+        # whole map (and every layer after it) to float32.
+        return x * rearrange(self.gate(attn), "n c -> n c 1 1").to(x.dtype)
 
     def extra_repr(self) -> str:
         return (

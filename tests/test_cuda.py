@@ -88,6 +88,15 @@ def test_autocast_trains_with_a_float32_loss(dtype):
     module.finite_check.flush()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_acam_keeps_the_autocast_dtype(dtype):
+    attention = ACAM(64).cuda()
+    conv = torch.nn.Conv2d(64, 64, 1).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        x = conv(torch.randn(2, 64, 8, 8, device="cuda"))
+        assert attention(x).dtype == dtype
+
+
 def test_deferred_finite_check_names_the_bad_step_later():
     module = distiller().cuda()
     images, targets = (t.cuda() for t in batch())
