@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (about 7 minutes on an H100; each step has its own
+# Everything that needs a GPU, in one call (about 5 minutes on an H100; each step has its own
 # time limit, and a failing step does not stop the rest):
 #   1. tests/test_cuda.py: float32 against the CPU, float16/bfloat16 autocast, the deferred
 #      finite check, no host sync in a training step, channels-last, inductor, early exit;
