@@ -4,18 +4,19 @@ stand-in model at no more than half a point of accuracy lost.
     python benchmarks/early_exit.py --runs-dir runs/early-exit
 
 1. Head costs (random weights; FLOPs and latency do not depend on them): for each head option
-   (the paper's ``BottleneckHead`` or ``PooledHead``, with ACAM or without attention) on
-   ResNet-18 at 64 px and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage
+   (the paper's ``BottleneckHead``, the same head on a grid pooled to at most 1x1, 2x2 or 4x4
+   (``pool_size``), or ``PooledHead``, with ACAM or without attention) on ResNet-18 at 64 px
+   and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage
    and head, and each exit's FLOPs and latency relative to the plain model when every sample
    leaves there.
 2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` (the main job's settings)
    for each configuration in ``CONFIGS``, trained in a fresh process unless its run directory
-   already holds the results. Digits has no validation split, so the 364 test images are cut
-   into two halves of alternate images; thresholds are calibrated on one half
-   (``max_accuracy_drop=0.005``) and reported on the other, in both directions. A configuration
-   trained with ``--train-limit 1069`` is instead calibrated on the 364 training images it did not
-   see and reported on the whole test split. The accuracy-compute curve sweeps one threshold for
-   every head over 0, 0.05, ..., 1.
+   already holds the results; all training runs before any timing. Digits has no validation
+   split, so the 364 test images are cut into two halves of alternate images; thresholds are
+   calibrated on one half (``max_accuracy_drop=0.005``) and reported on the other, in both
+   directions. A configuration trained with ``--train-limit 1069`` is instead calibrated on the
+   364 training images it did not see and reported on the whole test split. The
+   accuracy-compute curve sweeps one threshold for every head over 0, 0.05, ..., 1.
 
 Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
 variant in turn), on the process's CPU time with one torch thread.
@@ -46,6 +47,10 @@ from gsdnet.transforms import eval_transform  # noqa: E402
 HEAD_OPTIONS = {
     "bottleneck + ACAM (paper)": partial(BottleneckHead, attn_layer=ACAM),
     "bottleneck": partial(BottleneckHead, attn_layer=None),
+    **{
+        f"bottleneck pool {size} + ACAM": partial(BottleneckHead, attn_layer=ACAM, pool_size=size)
+        for size in (1, 2, 4)
+    },
     "pooled + ACAM": partial(PooledHead, attn_layer=ACAM),
     "pooled": partial(PooledHead, attn_layer=None),
 }
@@ -55,6 +60,13 @@ CONFIGS: dict[str, list[str]] = {
     "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
     "gsd-acam pooled aux-CE": ["--method", "gsd-acam", "--head", "pooled", "--aux-ce-weight", "1"],
     "gsd-acam aux-CE val364": ["--method", "gsd-acam", "--aux-ce-weight", "1", "--train-limit", "1069"],
+    **{
+        f"gsd-acam pool{size} aux-CE val364": [
+            *["--method", "gsd-acam", "--head-pool-size", str(size)],
+            *["--aux-ce-weight", "1", "--train-limit", "1069"],
+        ]
+        for size in (1, 2, 4)
+    },
 }
 LEVELS = [i / 20 for i in range(21)]
 
@@ -162,10 +174,14 @@ def main() -> None:
         "odd": DataLoader(Subset(test, indices[1::2]), batch_size=64),
         "test": DataLoader(test, batch_size=64),
     }
-    rows, curves = [], {}
-    for name in args.configs:
-        run = args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
+    runs = {
+        name: args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
+        for name in args.configs
+    }
+    for name, run in runs.items():  # all training first, so that the timings below run close together
         train_once(run, CONFIGS[name])
+    rows, curves = [], {}
+    for name, run in runs.items():
         flags = CONFIGS[name]
         if "--train-limit" in flags:
             limit = int(flags[flags.index("--train-limit") + 1])
