@@ -6,16 +6,15 @@ stand-in model at no more than half a point of accuracy lost.
 1. Head costs (random weights; FLOPs and latency do not depend on them): for each head option
    (the paper's ``BottleneckHead``, the same head on a grid pooled to at most 1x1, 2x2 or 4x4
    (``pool_size``), or ``PooledHead``, with ACAM or without attention) on ResNet-18 at 64 px
-   and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage
-   and head, and each exit's FLOPs and latency relative to the plain model when every sample
-   leaves there.
-2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` (the main job's settings)
-   for each configuration in ``CONFIGS``, trained in a fresh process unless its run directory
-   already holds the results; all training runs before any timing. Digits has no validation
-   split, so the 364 test images are cut into two halves of alternate images; thresholds are
-   calibrated on one half (``max_accuracy_drop=0.005``) and reported on the other, in both
-   directions. A configuration trained with ``--train-limit 1069`` is instead calibrated on the
-   364 training images it did not see and reported on the whole test split. The
+   and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage and head, and each
+   exit's FLOPs and latency relative to the plain model when every sample leaves there.
+2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits --seeds 0 --save final`` (the
+   main job's preset, one seed, the final model kept) with the flags of each configuration in
+   ``CONFIGS``, trained in a fresh process unless its run directory already holds the results;
+   all training runs before any timing. A configuration trained with ``--train-limit 1069`` is
+   calibrated (``max_accuracy_drop=0.005``) on the 364 training images it never saw and
+   reported on the whole test split. The others are calibrated on one half of the 364 test
+   images (alternate images) and reported on the other, in both directions. The
    accuracy-compute curve sweeps one threshold for every head over 0, 0.05, ..., 1.
 
 Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
@@ -54,7 +53,9 @@ HEAD_OPTIONS = {
     "pooled + ACAM": partial(PooledHead, attn_layer=ACAM),
     "pooled": partial(PooledHead, attn_layer=None),
 }
-# name -> train_gsdnet flags on top of the main job's (--dataset digits, its stand-in preset).
+# One seed, so that the run's files sit in its directory; --save final keeps the exit model.
+TRAIN_FLAGS = ["--seeds", "0", "--save", "final"]
+# name -> train_gsdnet flags on top of --dataset digits (the main job's preset) and TRAIN_FLAGS.
 CONFIGS: dict[str, list[str]] = {
     "gsd-acam (main job)": ["--method", "gsd-acam"],
     "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
@@ -106,7 +107,7 @@ def head_costs(model_name: str, size: int, repeats: int) -> list[list[object]]:
 def train_once(run: Path, flags: list[str]) -> None:
     if (run / "early_exit" / "early_exit.json").is_file():
         return
-    command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *flags]
+    command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *TRAIN_FLAGS, *flags]
     subprocess.run([*command, "--output-dir", str(run)], check=True, stdout=subprocess.DEVNULL)
 
 
