@@ -8,14 +8,15 @@ stand-in model at no more than half a point of accuracy lost.
    (``pool_size``), or ``PooledHead``, with ACAM or without attention) on ResNet-18 at 64 px
    and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage and head, and each
    exit's FLOPs and latency relative to the plain model when every sample leaves there.
-2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits --seeds 0 --save final`` (the
-   main job's preset, one seed, the final model kept) with the flags of each configuration in
-   ``CONFIGS``, trained in a fresh process unless its run directory already holds the results;
-   all training runs before any timing. A configuration trained with ``--train-limit 1069`` is
-   calibrated (``max_accuracy_drop=0.005``) on the 364 training images it never saw and
-   reported on the whole test split. The others are calibrated on one half of the 364 test
-   images (alternate images) and reported on the other, in both directions. The
-   accuracy-compute curve sweeps one threshold for every head over 0, 0.05, ..., 1.
+2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` with ``TRAIN_FLAGS`` (the
+   main job's preset at 8 epochs, without its validation split, one seed, the final model kept)
+   and the flags of each configuration in ``CONFIGS``, trained in a fresh process unless its run
+   directory already holds the results; all training runs before any timing. A configuration
+   trained with ``--train-limit 1069`` is calibrated (``max_accuracy_drop=0.005``) on the 364
+   training images it never saw and reported on the whole test split. The others are
+   calibrated on one half of the 364 test images (alternate images) and reported on the other,
+   in both directions. The accuracy-compute curve sweeps one threshold for every head over 0,
+   0.05, ..., 1.
 
 Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
 variant in turn), on the process's CPU time with one torch thread.
@@ -53,8 +54,9 @@ HEAD_OPTIONS = {
     "pooled + ACAM": partial(PooledHead, attn_layer=ACAM),
     "pooled": partial(PooledHead, attn_layer=None),
 }
-# One seed, so that the run's files sit in its directory; --save final keeps the exit model.
-TRAIN_FLAGS = ["--seeds", "0", "--save", "final"]
+# The preset as these configurations were first measured with (8 epochs, no validation split),
+# one seed, so that the run's files sit in its directory; --save final keeps the exit model.
+TRAIN_FLAGS = ["--epochs", "8", "--val-fraction", "0", "--seeds", "0", "--save", "final"]
 # name -> train_gsdnet flags on top of --dataset digits (the main job's preset) and TRAIN_FLAGS.
 CONFIGS: dict[str, list[str]] = {
     "gsd-acam (main job)": ["--method", "gsd-acam"],

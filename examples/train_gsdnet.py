@@ -213,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--val-fraction",
         type=float,
         help="hold out this stratified, seeded fraction of the training set; the epoch is picked "
-        "on it and the test set is scored at that epoch (default: off; digits: 0.2)",
+        "on it and the test set is scored at that epoch (default: off; digits: 0.2; 0: off)",
     )
     protocol.add_argument(
         "--seeds",
@@ -299,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.method}"
     if args.train_limit is not None and args.train_limit < 1:
         p.error("--train-limit must be >= 1")
+    if args.val_fraction == 0:  # turns off the digits preset's split
+        args.val_fraction = None
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
     if args.as_shipped and args.method != "gsd-acam":
