@@ -59,7 +59,7 @@ HEAD_OPTIONS = {
 TRAIN_FLAGS = ["--epochs", "8", "--val-fraction", "0", "--seeds", "0", "--save", "final"]
 # name -> train_gsdnet flags on top of --dataset digits (the main job's preset) and TRAIN_FLAGS.
 CONFIGS: dict[str, list[str]] = {
-    "gsd-acam (main job)": ["--method", "gsd-acam"],
+    "gsd-acam paper loss": ["--method", "gsd-acam"],
     "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
     "gsd-acam pooled aux-CE": ["--method", "gsd-acam", "--head", "pooled", "--aux-ce-weight", "1"],
     "gsd-acam aux-CE val364": ["--method", "gsd-acam", "--aux-ce-weight", "1", "--train-limit", "1069"],
@@ -71,6 +71,14 @@ CONFIGS: dict[str, list[str]] = {
         for size in (1, 2, 4)
     },
 }
+# A second training seed for the paper's head and the 2x2 grid, to see how much of the
+# difference between their runs is training noise.
+CONFIGS.update(
+    {
+        f"{name} seed1": [*CONFIGS[name], "--seeds", "1"]
+        for name in ("gsd-acam aux-CE val364", "gsd-acam pool2 aux-CE val364")
+    }
+)
 LEVELS = [i / 20 for i in range(21)]
 
 
