@@ -112,3 +112,11 @@ def test_gradcheck_through_the_pooled_projection():
 def test_bad_pool_size_is_refused(bad):
     with pytest.raises(ValueError, match=f"pool_size must be a positive int.*got {bad!r}"):
         BottleneckHead(8, 16, 3, pool_size=bad)
+
+
+def test_compiles_in_one_graph():
+    module = head(4, 2, ACAM)
+    x = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    for got, want in zip(compiled(x), module(x)):
+        torch.testing.assert_close(got, want)
