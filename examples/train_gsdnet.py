@@ -305,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
     if args.as_shipped and args.method != "gsd-acam":
         p.error(f"--as-shipped reproduces the authors' GSDNet (gsd-acam), not --method {args.method}")
+    if args.head_pool_size is not None and args.head_pool_size < 1:
+        p.error(f"--head-pool-size must be >= 1, got {args.head_pool_size}")
     if args.head_pool_size is not None and (args.head != "bottleneck" or args.as_shipped):
         shipped = " --as-shipped" if args.as_shipped else ""
         p.error(
