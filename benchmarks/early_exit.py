@@ -4,18 +4,19 @@ stand-in model at no more than half a point of accuracy lost.
     python benchmarks/early_exit.py --runs-dir runs/early-exit
 
 1. Head costs (random weights; FLOPs and latency do not depend on them): for each head option
-   (the paper's ``BottleneckHead`` or ``PooledHead``, with ACAM or without attention) on
-   ResNet-18 at 64 px and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage
-   and head, and each exit's FLOPs and latency relative to the plain model when every sample
-   leaves there.
-2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` (the main job's settings)
-   for each configuration in ``CONFIGS``, trained in a fresh process unless its run directory
-   already holds the results. Digits has no validation split, so the 364 test images are cut
-   into two halves of alternate images; thresholds are calibrated on one half
-   (``max_accuracy_drop=0.005``) and reported on the other, in both directions. A configuration
-   trained with ``--train-limit 1069`` is instead calibrated on the 364 training images it did not
-   see and reported on the whole test split. The accuracy-compute curve sweeps one threshold for
-   every head over 0, 0.05, ..., 1.
+   (the paper's ``BottleneckHead``, the same head on a grid pooled to at most 1x1, 2x2 or 4x4
+   (``pool_size``), or ``PooledHead``, with ACAM or without attention) on ResNet-18 at 64 px
+   and on the stand-in's ``resnet10t`` at 32 px, the FLOPs of every stage and head, and each
+   exit's FLOPs and latency relative to the plain model when every sample leaves there.
+2. Trained stand-in: ``examples/train_gsdnet.py --dataset digits`` with ``TRAIN_FLAGS`` (the
+   main job's preset at 8 epochs, without its validation split, one seed, the final model kept)
+   and the flags of each configuration in ``CONFIGS``, trained in a fresh process unless its run
+   directory already holds the results; all training runs before any timing. A configuration
+   trained with ``--train-limit 1069`` is calibrated (``max_accuracy_drop=0.005``) on the 364
+   training images it never saw and reported on the whole test split. The others are
+   calibrated on one half of the 364 test images (alternate images) and reported on the other,
+   in both directions. The accuracy-compute curve sweeps one threshold for every head over 0,
+   0.05, ..., 1.
 
 Latency ratios are medians over ``--repeats`` interleaved repetitions (the plain model and every
 variant in turn), on the process's CPU time with one torch thread.
@@ -46,16 +47,38 @@ from gsdnet.transforms import eval_transform  # noqa: E402
 HEAD_OPTIONS = {
     "bottleneck + ACAM (paper)": partial(BottleneckHead, attn_layer=ACAM),
     "bottleneck": partial(BottleneckHead, attn_layer=None),
+    **{
+        f"bottleneck pool {size} + ACAM": partial(BottleneckHead, attn_layer=ACAM, pool_size=size)
+        for size in (1, 2, 4)
+    },
     "pooled + ACAM": partial(PooledHead, attn_layer=ACAM),
     "pooled": partial(PooledHead, attn_layer=None),
 }
-# name -> train_gsdnet flags on top of the main job's (--dataset digits, its stand-in preset).
+# The preset as these configurations were first measured with (8 epochs, no validation split),
+# one seed, so that the run's files sit in its directory; --save final keeps the exit model.
+TRAIN_FLAGS = ["--epochs", "8", "--val-fraction", "0", "--seeds", "0", "--save", "final"]
+# name -> train_gsdnet flags on top of --dataset digits (the main job's preset) and TRAIN_FLAGS.
 CONFIGS: dict[str, list[str]] = {
-    "gsd-acam (main job)": ["--method", "gsd-acam"],
+    "gsd-acam paper loss": ["--method", "gsd-acam"],
     "gsd-acam aux-CE": ["--method", "gsd-acam", "--aux-ce-weight", "1"],
     "gsd-acam pooled aux-CE": ["--method", "gsd-acam", "--head", "pooled", "--aux-ce-weight", "1"],
     "gsd-acam aux-CE val364": ["--method", "gsd-acam", "--aux-ce-weight", "1", "--train-limit", "1069"],
+    **{
+        f"gsd-acam pool{size} aux-CE val364": [
+            *["--method", "gsd-acam", "--head-pool-size", str(size)],
+            *["--aux-ce-weight", "1", "--train-limit", "1069"],
+        ]
+        for size in (1, 2, 4)
+    },
 }
+# A second training seed for the paper's head and the 2x2 grid, to see how much of the
+# difference between their runs is training noise.
+CONFIGS.update(
+    {
+        f"{name} seed1": [*CONFIGS[name], "--seeds", "1"]
+        for name in ("gsd-acam aux-CE val364", "gsd-acam pool2 aux-CE val364")
+    }
+)
 LEVELS = [i / 20 for i in range(21)]
 
 
@@ -94,7 +117,7 @@ def head_costs(model_name: str, size: int, repeats: int, device: torch.device) -
 def train_once(run: Path, flags: list[str]) -> None:
     if (run / "early_exit" / "early_exit.json").is_file():
         return
-    command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *flags]
+    command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *TRAIN_FLAGS, *flags]
     subprocess.run([*command, "--output-dir", str(run)], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -175,10 +198,14 @@ def main() -> None:
         "odd": DataLoader(Subset(test, indices[1::2]), batch_size=64),
         "test": DataLoader(test, batch_size=64),
     }
-    rows, curves = [], {}
-    for name in args.configs:
-        run = args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
+    runs = {
+        name: args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
+        for name in args.configs
+    }
+    for name, run in runs.items():  # all training first, so that the timings below run close together
         train_once(run, CONFIGS[name])
+    rows, curves = [], {}
+    for name, run in runs.items():
         flags = CONFIGS[name]
         if "--train-limit" in flags:
             limit = int(flags[flags.index("--train-limit") + 1])

@@ -174,6 +174,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="bottleneck",
         help="bottleneck: the paper's head; pooled: a cheaper head that pools first",
     )
+    p.add_argument(
+        "--head-pool-size",
+        type=int,
+        metavar="N",
+        help="with --head bottleneck: average-pool each stage output to at most N x N before the "
+        "head's projection, BN and ReLU, so early exits stay cheap at large batches "
+        "(default: the paper's full-resolution head; docs/early-exit.md)",
+    )
     loss = p.add_argument_group("loss (gsd and gsd-acam; defaults: the paper's)")
     loss.add_argument(
         "--temperature", type=float, default=PAPER_LOSS["temperature"], help="softening temperature T"
@@ -205,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--val-fraction",
         type=float,
         help="hold out this stratified, seeded fraction of the training set; the epoch is picked "
-        "on it and the test set is scored at that epoch (default: off; digits: 0.2)",
+        "on it and the test set is scored at that epoch (default: off; digits: 0.2; 0: off)",
     )
     protocol.add_argument(
         "--seeds",
@@ -291,10 +299,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.method}"
     if args.train_limit is not None and args.train_limit < 1:
         p.error("--train-limit must be >= 1")
+    if args.val_fraction == 0:  # turns off the digits preset's split
+        args.val_fraction = None
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
     if args.as_shipped and args.method != "gsd-acam":
         p.error(f"--as-shipped reproduces the authors' GSDNet (gsd-acam), not --method {args.method}")
+    if args.head_pool_size is not None and args.head_pool_size < 1:
+        p.error(f"--head-pool-size must be >= 1, got {args.head_pool_size}")
+    if args.head_pool_size is not None and (args.head != "bottleneck" or args.as_shipped):
+        shipped = " --as-shipped" if args.as_shipped else ""
+        p.error(
+            "--head-pool-size applies to --head bottleneck without --as-shipped, "
+            f"not --head {args.head}{shipped}"
+        )
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds lists a seed twice: {args.seeds}")
     return args
@@ -487,6 +505,7 @@ def run_one(
         img_size=args.img_size,
         teacher=args.teacher,
         head=args.head,
+        head_pool_size=args.head_pool_size,
         as_shipped=args.as_shipped,
         **loss_options,
     )
@@ -510,6 +529,7 @@ def run_one(
         "lr_gamma",
         "teacher",
         "head",
+        "head_pool_size",
         "train_limit",
         "val_fraction",
         "eval_split",

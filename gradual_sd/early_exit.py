@@ -573,8 +573,9 @@ class EarlyExitModel(nn.Module):
         ``model`` is built by the user's own constructor, exactly as trained (same architecture,
         same inserted modules, e.g. ACAM before the pooling); its weights are loaded here.
         ``heads`` are rebuilt from the saved config when they are the library's
-        :class:`BottleneckHead` or :class:`PooledHead` with ACAM, NormalizedACAM or no attention
-        at default settings; other heads must be passed, built as in training.
+        :class:`BottleneckHead` (any ``pool_size``) or :class:`PooledHead`, with ACAM,
+        NormalizedACAM or no attention at default settings; other heads must be passed, built as
+        in training.
         """
         directory = Path(directory)
         config = json.loads((directory / CONFIG_FILE).read_text())
@@ -613,21 +614,20 @@ def _head_spec(head: nn.Module) -> dict[str, Any] | None:
     attention = type(getattr(head, "attn", None)).__name__
     if type(head) not in (BottleneckHead, PooledHead) or attention not in _ATTENTION:
         return None
-    if isinstance(head, BottleneckHead):
-        if type(head.norm) is not nn.BatchNorm2d:
-            return None
-        hidden = head.conv.out_channels
-        in_channels = head.conv.in_channels
-    else:
-        hidden = in_channels = head.fc.in_features
-    return {
+    spec = {
         "class": type(head).__name__,
-        "in_channels": in_channels,
-        "hidden_size": hidden,
+        "in_channels": head.fc.in_features,
+        "hidden_size": head.fc.in_features,
         "num_classes": head.fc.out_features,
         "feature_dim": head.feature.out_features,
         "attn_layer": None if attention == "Identity" else attention,
     }
+    if isinstance(head, BottleneckHead):
+        if type(head.norm) is not nn.BatchNorm2d:
+            return None
+        spec["in_channels"] = head.conv.in_channels
+        spec["pool_size"] = head.pool_size
+    return spec
 
 
 def _build_head(spec: dict[str, Any] | None) -> nn.Module:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gradual_sd import EarlyExitModel, GradualSelfDistiller, PooledHead
+from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead
 from gradual_sd.exit_policy import ExitCosts, choose_thresholds, expected_calibration_error, route
 from gradual_sd.taps import to_feature_map
 
@@ -400,7 +400,9 @@ def test_profile_reports_every_exit(resnet):
 
 
 @pytest.mark.parametrize(
-    "head_factory", [None, partial(PooledHead, attn_layer=None)], ids=["bottleneck-acam", "pooled"]
+    "head_factory",
+    [None, partial(PooledHead, attn_layer=None), partial(BottleneckHead, pool_size=2)],
+    ids=["bottleneck-acam", "pooled", "bottleneck-pool2"],
 )
 def test_state_dict_and_saved_files_round_trip(tmp_path, head_factory):
     exits, _ = build("resnet18", head_factory)
@@ -416,6 +418,9 @@ def test_state_dict_and_saved_files_round_trip(tmp_path, head_factory):
     user_model = timm.create_model("resnet18", num_classes=5)  # the user's own constructor
     loaded = EarlyExitModel.load(tmp_path, user_model, example_input=torch.zeros(1, 3, SIZE, SIZE))
     assert loaded.thresholds == exits.thresholds
+    assert [getattr(h, "pool_size", None) for h in loaded.heads] == [
+        getattr(h, "pool_size", None) for h in exits.heads
+    ]
     for rebuilt in (other, loaded):
         with torch.no_grad():
             out = rebuilt(x)

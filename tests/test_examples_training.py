@@ -320,6 +320,27 @@ def test_loss_flags_default_to_the_papers_values():
         build_gsdnet("gsd", "test_resnet", 3, img_size=32, kl=0.3)
 
 
+def test_val_fraction_zero_turns_off_the_digits_split():
+    assert train_gsdnet.parse_args(["--dataset", "digits"]).val_fraction == 0.2
+    assert train_gsdnet.parse_args(["--dataset", "digits", "--val-fraction", "0"]).val_fraction is None
+    with pytest.raises(SystemExit):
+        train_gsdnet.parse_args(["--dataset", "digits", "--val-fraction", "1"])
+
+
+def test_head_pool_size_reaches_every_head_and_is_refused_where_it_does_not_apply():
+    args = train_gsdnet.parse_args(["--dataset", "digits", "--head-pool-size", "2"])
+    assert args.head_pool_size == 2 and args.head == "bottleneck"
+    built = build_gsdnet("gsd-acam", "test_resnet", 3, img_size=32, head_pool_size=args.head_pool_size)
+    assert [head.pool_size for head in built.module.heads] == [2] * len(built.module.heads)
+    for bad in (["--head", "pooled", "--head-pool-size", "2"], ["--head-pool-size", "0"]):
+        with pytest.raises(SystemExit):
+            train_gsdnet.parse_args(["--dataset", "digits", *bad])
+    with pytest.raises(ValueError, match="head_pool_size applies to the 'bottleneck' head, not 'pooled'"):
+        build_gsdnet("gsd", "test_resnet", 3, img_size=32, head="pooled", head_pool_size=2)
+    with pytest.raises(ValueError, match="as_shipped reproduces"):
+        build_gsdnet("gsd-acam", "test_resnet", 3, img_size=32, head_pool_size=2, as_shipped=True)
+
+
 @pytest.mark.parametrize(
     ("samples", "world_size", "batches"),
     [

@@ -106,6 +106,7 @@ def build_gsdnet(
     img_size: int = 224,
     teacher: str = "neighbour",
     head: str = "bottleneck",
+    head_pool_size: int | None = None,
     as_shipped: bool = False,
     **loss_options: object,
 ) -> Built:
@@ -117,8 +118,10 @@ def build_gsdnet(
     ``gsd-acam`` network by :func:`load_reference_state_dict`. ``caffe_resnet`` patches the
     ResNet for Caffe-ported weights; by default it is on for ``.pkl`` files and the authors'
     checkpoints. ``as_shipped`` trains ``gsd-acam`` as the authors' code does (``shipped.py``).
-    ``loss_options`` override ``PAPER_LOSS``; the baseline trains with plain cross-entropy.
-    ``config["weights"]`` records the file, its sha256 and what was loaded.
+    ``head_pool_size`` runs the bottleneck heads' projection on a pooled grid
+    (``BottleneckHead(pool_size=...)``, cheaper early exits). ``loss_options`` override
+    ``PAPER_LOSS``; the baseline trains with plain cross-entropy. ``config["weights"]`` records
+    the file, its sha256 and what was loaded.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -127,10 +130,13 @@ def build_gsdnet(
     unknown = sorted(set(loss_options) - set(PAPER_LOSS))
     if unknown:
         raise ValueError(f"unknown loss options {unknown}; choose from {sorted(PAPER_LOSS)}")
-    if as_shipped and (method, head) != ("gsd-acam", "bottleneck"):
+    if head_pool_size is not None and head != "bottleneck":
+        raise ValueError(f"head_pool_size applies to the 'bottleneck' head, not {head!r}")
+    if as_shipped and (method, head, head_pool_size) != ("gsd-acam", "bottleneck", None):
         raise ValueError(
             f"as_shipped reproduces the authors' GSDNet: method 'gsd-acam' with the 'bottleneck' "
-            f"head, not method {method!r} with head {head!r}"
+            f"head at full resolution, not method {method!r} with head {head!r} "
+            f"(head_pool_size={head_pool_size})"
         )
     path = None if weights in (None, "timm") else Path(weights)
     state = read_state_dict(path) if path is not None else None
@@ -161,10 +167,11 @@ def build_gsdnet(
     else:
         attn_layer = ACAM if method == "gsd-acam" else None
         head_factory = ShippedHead if as_shipped else HEADS[head]
+        head_options = {} if head_pool_size is None else {"pool_size": head_pool_size}
         module = GradualSelfDistiller(
             model,
             loss=GradualDistillationLoss(teacher=teacher, **{**PAPER_LOSS, **loss_options}),
-            head_factory=partial(head_factory, attn_layer=attn_layer),
+            head_factory=partial(head_factory, attn_layer=attn_layer, **head_options),
             feature_dim=FEATURE_DIM,
             example_input=example,
             check_finite=False,  # the engine checks, agreeing across processes before backward
