@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.val_fraction == 0:  # turns off the digits preset's split
         args.val_fraction = None
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        p.error(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
+        p.error(f"--val-fraction must be 0 (off) or lie strictly between 0 and 1, got {args.val_fraction}")
     if args.as_shipped and args.method != "gsd-acam":
         p.error(f"--as-shipped reproduces the authors' GSDNet (gsd-acam), not --method {args.method}")
     if args.head_pool_size is not None and args.head_pool_size < 1:
