@@ -1,4 +1,5 @@
 """Put ``examples/`` on ``sys.path`` so the example tests can import ``gsdnet`` and ``train_gsdnet``."""
+
 import sys
 from pathlib import Path
 
