@@ -96,7 +96,9 @@ class GradualSelfDistiller(nn.Module):
             ``finite_check.flush()``) raises, so no step waits for the device. On an
             accelerator, class-index targets outside ``[0, num_classes)`` are reported the same
             deferred way (as ``ValueError``; that step trains on them clamped into range, as an
-            unchecked index would end in a device-side assert). Skipped under ``torch.compile``.
+            unchecked index would end in a device-side assert); with ``False`` they are checked
+            only if the loss's ``check_target_range`` is ``True``. Skipped under
+            ``torch.compile``.
         checkpoint_heads: Recompute the heads during backward instead of saving their
             activations in the forward pass, at the price of a second head forward. This frees
             the heads' activations between forward and backward, but the backward recomputes
