@@ -132,7 +132,7 @@ def trained(
     for calibrate_on, report_on in directions:
         calibrated = exits.calibrate(splits[calibrate_on], max_accuracy_drop=0.005)
         table = exits.profile(
-            splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=64, levels=LEVELS
+            splits[report_on], batch_sizes=(1, 64), repeats=repeats, latency_images=320, levels=LEVELS
         )
         curve = table.pop("tradeoff")
         results[f"{calibrate_on}->{report_on}"] = {"calibration": calibrated, "report": table, "curve": curve}

@@ -440,7 +440,9 @@ class EarlyExitModel(nn.Module):
         latency as ratios to the plain model.
 
         Latency is timed on the first ``latency_images`` images at each batch size (batch 1:
-        one image at a time), the plain model and every variant in turn within each repetition;
+        one image at a time; a larger batch: as many whole batches as fit, at least one, since
+        the exits' saving depends on which images a batch holds), the plain model and every
+        variant in turn within each repetition;
         the ratios are medians over ``repeats`` repetitions of per-repetition ratios. On a CPU
         with one torch thread the clock is the process's CPU time, else wall time. Per exit,
         every sample is forced to leave there (the enabled heads before it still run).
@@ -490,8 +492,10 @@ class EarlyExitModel(nn.Module):
 
     def _latency(self, images: torch.Tensor, batch: int, repeats: int, count: int) -> dict[str, Any]:
         """Median ratios to the plain model of the time per image of the exits (and of every
-        forced exit), on ``count`` images at batch 1 or one batch of ``batch``."""
-        chunks = list(images[:count].split(1)) if batch == 1 else [images[:batch]]
+        forced exit), on ``count`` images at batch 1, or on the whole batches of ``batch`` that
+        fit in ``count`` images (at least one)."""
+        whole = max(batch, count - count % batch)
+        chunks = list(images[:whole].split(batch))
         variants: dict[str, Callable[[torch.Tensor], object]] = {"plain": self.model, "exits": self}
         for k in range(len(self.heads) + 1):
             variants[f"exit {k}"] = partial(self._forced, exit=k)

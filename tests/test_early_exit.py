@@ -396,6 +396,24 @@ def test_profile_reports_every_exit(resnet):
     exits.set_thresholds(math.inf)
 
 
+@pytest.mark.parametrize("latency_images, batches", [(4, 1), (20, 2), (24, 3)])
+def test_profile_times_every_whole_batch(resnet, latency_images, batches):
+    """At a batch size above 1, latency covers the whole batches within ``latency_images`` (at
+    least one): which images a batch holds decides how many leave early."""
+    exits, _ = resnet
+    x = images(24)
+    loader = [(x, torch.zeros(24, dtype=torch.long))]
+    timed = set()  # the distinct 8-image inputs the stem saw
+    stem = exits.model.conv1.register_forward_pre_hook(
+        lambda m, a: timed.add(a[0].data_ptr()) if a[0].shape[0] == 8 else None
+    )
+    try:
+        exits.profile(loader, batch_sizes=(8,), repeats=1, latency_images=latency_images)
+    finally:
+        stem.remove()
+    assert len(timed) == batches
+
+
 # -- saving and loading ------------------------------------------------------------------------
 
 
