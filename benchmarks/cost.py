@@ -183,6 +183,16 @@ def training_flops(variant: Variant, x: torch.Tensor, y: torch.Tensor, amp: str)
     return counter.get_total_flops()
 
 
+def step_peak_mib(step: Callable[[], None], module: nn.Module, device: torch.device) -> float:
+    """Peak memory of a training step after a first one (lazy allocations: oneDNN primitives,
+    cuDNN plans), with the optimizer state in place and no gradients, as at a step's start."""
+    step()
+    module.zero_grad(set_to_none=True)
+    with PeakMemory(device) as peak:
+        step()
+    return peak.mib
+
+
 def measure_memory_child(args: argparse.Namespace) -> None:
     """Child-process entry: peak memory of one training step of one variant."""
     device = torch.device(args.device)
@@ -191,11 +201,7 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     variant = build(args.child_memory, x[:1])
     variant.module.to(device)
     step = make_step(variant, x, y, args.amp)
-    step()  # first step: lazy allocations (oneDNN primitives, cuDNN plans) happen here
-    variant.module.zero_grad(set_to_none=True)
-    with PeakMemory(device) as peak:
-        step()
-    print(json.dumps({"peak_mib": peak.mib}))
+    print(json.dumps({"peak_mib": step_peak_mib(step, variant.module, device)}))
 
 
 def training_table(args: argparse.Namespace, batch_size: int, device: torch.device) -> str:
@@ -212,12 +218,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     if not args.skip_memory and device.type == "cuda":
         # The CUDA allocator counts tensor bytes per device, so one process measures every
         # variant: the peak above what is allocated when the step starts.
-        for name, step in steps.items():
-            step()  # as in a child: optimizer state exists, gradients do not
-            variants[name].module.zero_grad(set_to_none=True)
-            with PeakMemory(device) as peak:
-                step()
-            memory[name] = peak.mib
+        memory = {name: step_peak_mib(step, variants[name].module, device) for name, step in steps.items()}
     elif not args.skip_memory:
         for name in args.variants:
             memory[name] = run_child(

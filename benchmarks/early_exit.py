@@ -176,20 +176,30 @@ def main() -> None:
     results: dict = {}
 
     if not args.skip_head_costs:
-        rows = []
-        for spec in args.head_cost_models:
-            name, size = spec.split(":")
-            rows += head_costs(name, int(size), args.repeats, device)
-        header = ["model", "head", "exit after", "backbone MFLOPs since previous exit", "head MFLOPs"]
-        header += ["exit FLOPs x", "exit latency x (batch 1)", "exit latency x (batch 64)"]
-        print("\n## Head costs (every sample leaves at that exit)\n")
-        print(markdown_table(header, rows))
-        results["head_costs"] = rows
-    if args.skip_trained:
-        if args.json:
-            args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        return
+        results["head_costs"] = report_head_costs(args.head_cost_models, args.repeats, device)
+    if not args.skip_trained:
+        results.update(report_trained(args.configs, args.runs_dir, args.repeats))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
+
+def report_head_costs(specs: list[str], repeats: int, device: torch.device) -> list[list[object]]:
+    """Print and return the head-cost table for ``name:size`` model specs."""
+    rows = []
+    for spec in specs:
+        name, size = spec.split(":")
+        rows += head_costs(name, int(size), repeats, device)
+    header = ["model", "head", "exit after", "backbone MFLOPs since previous exit", "head MFLOPs"]
+    header += ["exit FLOPs x", "exit latency x (batch 1)", "exit latency x (batch 64)"]
+    print("\n## Head costs (every sample leaves at that exit)\n")
+    print(markdown_table(header, rows))
+    return rows
+
+
+def report_trained(configs: list[str], runs_dir: Path, repeats: int) -> dict:
+    """Train (where needed), calibrate and time each configuration; print the tables; return
+    every number by configuration."""
+    results: dict = {}
     data = build_datasets("digits", None, 7, False)
     test, train = data.test, data.train
     test.transform = train.transform = eval_transform(32)
@@ -199,10 +209,7 @@ def main() -> None:
         "odd": DataLoader(Subset(test, indices[1::2]), batch_size=64),
         "test": DataLoader(test, batch_size=64),
     }
-    runs = {
-        name: args.runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "")
-        for name in args.configs
-    }
+    runs = {name: runs_dir / name.replace(" ", "_").replace("(", "").replace(")", "") for name in configs}
     for name, run in runs.items():  # all training first, so that the timings below run close together
         train_once(run, CONFIGS[name])
     rows, curves = [], {}
@@ -216,7 +223,7 @@ def main() -> None:
             directions = [(name, "test")]
         else:
             directions = [("even", "odd"), ("odd", "even")]
-        config_rows, results[name] = trained(name, run, splits, directions, args.repeats)
+        config_rows, results[name] = trained(name, run, splits, directions, repeats)
         rows += config_rows
         curves[name] = results[name][f"{directions[0][0]}->{directions[0][1]}"]["curve"]
     header = ["config", "calibrate -> report", "head accuracy % (report half)", "thresholds"]
@@ -231,8 +238,7 @@ def main() -> None:
         for i, level in enumerate(LEVELS)
     ]
     print(markdown_table(["threshold", *[f"{n}: acc % @ FLOPs x" for n in curves]], curve_rows))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    return results
 
 
 if __name__ == "__main__":
