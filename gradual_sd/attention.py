@@ -12,6 +12,7 @@ takes ``attn_layer=`` or ``se_layer=``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import create_act_layer, make_divisible
 from torch import nn
+
+from .pooled_gate import FusedPooledGate, avg_max_pool
 
 __all__ = ["ACAM", "NormalizedACAM"]
 
@@ -82,26 +85,61 @@ class ACAM(nn.Module):
 
     def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
         """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
-        grouped = rearrange(pooled, "n k c -> n (k c) 1")
-        weights = self.weight_fc2(self.weight_act(self.weight_fc1(grouped)))
+        # The grouped 1x1 convolutions as one batched matmul per layer (group k reads branch k):
+        # the same parameters, without the CPU's slow grouped-convolution path.
+        n, _, c = pooled.shape
+        rd = self.rd_channels
+        by_branch = pooled.transpose(0, 1)  # (2, N, C)
+        hidden = _batched_linear(by_branch, self.weight_fc1.weight.view(2, rd, c), self.weight_fc1.bias, rd)
+        weights = _batched_linear(
+            self.weight_act(hidden), self.weight_fc2.weight.view(2, 1, rd), self.weight_fc2.bias, 1
+        )
+        weights = weights.transpose(0, 1)  # (N, 2, 1)
         return weights.softmax(dim=1) if self.normalize_weights else weights
 
+    def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The gate ``(N, C)`` from the stacked ``(N, 2, C)`` average and max descriptors."""
+        branch_logits = F.linear(
+            self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias
+        )
+        # Weighted sum over the two branches as one (N, 1, 2) x (N, 2, C) product.
+        attn = torch.bmm(self.branch_weights(pooled).transpose(1, 2), branch_logits).squeeze(1)
+        return self.gate(attn)
+
+    def _gate_as(self, dtype: torch.dtype, pooled: torch.Tensor) -> torch.Tensor:
+        return self.gate_from_pooled(pooled).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The max pool keeps its arg-max, so its backward is a scatter to one position; amax's
-        # backward compares the whole map with the maximum (about 5 % of a ResNet50 step).
-        peak = F.adaptive_max_pool2d(x, 1).flatten(1)
-        pooled = torch.stack((x.mean((2, 3)), peak), dim=1)  # (N, 2, C): avg, max
-        branch_logits = self.fc2(self.act(self.fc1(pooled)))
-        attn = (branch_logits * self.branch_weights(pooled)).sum(dim=1)
+        if torch.compiler.is_compiling():
+            # Inductor fuses these into the same map passes as SE (see pooled_gate).
+            gate = self.gate_from_pooled(avg_max_pool(x))
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return FusedPooledGate.apply(x, partial(self._gate_as, x.dtype), *self.parameters())
+        else:
+            gate = self.gate_from_pooled(_avg_and_max(x))
         # CUDA autocast runs sum in float32; without the cast the product would promote the
         # whole map (and every layer after it) to float32.
-        return x * rearrange(self.gate(attn), "n c -> n c 1 1").to(x.dtype)
+        return x * rearrange(gate, "n c -> n c 1 1").to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, rd_channels={self.rd_channels}, "
             f"normalize_weights={self.normalize_weights}"
         )
+
+
+def _avg_and_max(x: torch.Tensor) -> torch.Tensor:
+    """``(N, 2, C)`` descriptors when nothing is differentiated: no argmax is needed."""
+    return torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)
+
+
+def _batched_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: int
+) -> torch.Tensor:
+    """``x @ weight[k].T + bias[k]`` for each group ``k``: x ``(G, N, in)``, weight ``(G, out, in)``."""
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.view(-1, 1, out), x, weight.transpose(1, 2))
 
 
 class NormalizedACAM(ACAM):

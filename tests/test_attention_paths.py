@@ -1,0 +1,186 @@
+"""ACAM's three forward paths (fused autograd function for training, the traceable pool for
+torch.compile, plain ops without gradients) against one plain-autograd formulation, in float64,
+with gradients, ties in the max, channels-last maps and 1x1 maps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradual_sd import ACAM, NormalizedACAM
+from gradual_sd.pooled_gate import FusedPooledGate, avg_max_pool, spatial_max
+
+
+def plain_acam(module: ACAM, x: torch.Tensor) -> torch.Tensor:
+    """ACAM as plain autograd, written from the method's description and the module's
+    parameters: adaptive max pooling (gradient to the first maximal position), grouped 1x1
+    convolutions for the branch weights. This is how the module computed before the fused path."""
+    c, rd = module.channels, module.rd_channels
+    pooled = torch.stack((x.mean((2, 3)), F.adaptive_max_pool2d(x, 1).flatten(1)), dim=1)
+    shared = module.fc2(module.act(module.fc1(pooled)))
+    grouped = pooled.reshape(-1, 2 * c, 1)
+    hidden = F.conv1d(grouped, module.weight_fc1.weight, module.weight_fc1.bias, groups=2)
+    weights = F.conv1d(module.weight_act(hidden), module.weight_fc2.weight, module.weight_fc2.bias, groups=2)
+    if module.normalize_weights:
+        weights = weights.softmax(dim=1)
+    attn = module.gate((shared * weights).sum(dim=1))
+    assert hidden.shape[1] == 2 * rd
+    return x * attn[:, :, None, None]
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+
+
+def make_input(shape, ties: str, channels_last: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if ties == "relu":  # whole channels of zeros: every position ties
+        x = x.relu()
+        x[:, : max(1, shape[1] // 3)] = 0
+    elif ties == "rounded":  # a few values repeated across the map
+        x = x.mul(1.5).round()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def gradients(module, x, forward, grad_out):
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = forward(x)
+    out.backward(grad_out)
+    return out.detach(), x.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 24),
+    height=st.integers(1, 6),
+    width=st.integers(1, 6),
+    ties=st.sampled_from(["none", "relu", "rounded"]),
+    channels_last=st.booleans(),
+    normalize=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=60, deadline=None)
+def test_fused_and_compile_paths_equal_plain_autograd(
+    batch, channels, height, width, ties, channels_last, normalize, bias, seed
+):
+    module = ACAM(channels, rd_ratio=0.25, normalize_weights=normalize, mlp_bias=bias).double()
+    randomize(module, seed)
+    x = make_input((batch, channels, height, width), ties, channels_last, seed)
+    grad_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    expected = gradients(module, x, lambda v: plain_acam(module, v), grad_out)
+    fused = gradients(module, x, module, grad_out)
+    traceable = gradients(
+        module, x, lambda v: v * module.gate_from_pooled(avg_max_pool(v))[..., None, None], grad_out
+    )
+    for got in (fused, traceable):
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-13)
+        for name, grad in expected[2].items():
+            torch.testing.assert_close(got[2][name], grad, rtol=1e-12, atol=1e-13, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected[0], rtol=1e-12, atol=1e-13)
+
+
+def test_the_fused_function_runs_in_training():
+    """Guard against the dispatch silently falling back to plain ops."""
+    module = ACAM(8)
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    assert type(module(x).grad_fn).__name__ == "FusedPooledGateBackward"
+    with torch.no_grad():
+        assert module(x).grad_fn is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_max_index_is_the_first_maximum_in_row_major_order(channels_last):
+    x = torch.zeros(2, 3, 4, 5)
+    x[0, 1, 2, 0] = x[0, 1, 0, 4] = 1.0  # (0, 4) comes first in row-major order
+    x[1, 2, 3, 1] = x[1, 2, 1, 3] = 2.0  # (1, 3) comes first
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    peak, index = spatial_max(x)
+    assert peak.tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    assert index.tolist() == [[0, 4, 0], [0, 0, 8]]
+
+
+def test_gradcheck_fused_function_and_pool():
+    module = ACAM(12, rd_ratio=0.5).double()
+    randomize(module, 0)
+    x = torch.randn(2, 12, 3, 4, dtype=torch.float64, requires_grad=True)
+    params = tuple(module.parameters())
+
+    def fused(x, *params):
+        return FusedPooledGate.apply(x, module.gate_from_pooled, *params)
+
+    assert torch.autograd.gradcheck(fused, (x, *params))
+    assert torch.autograd.gradcheck(avg_max_pool, (x,))
+
+
+def test_frozen_parameters_or_frozen_input_get_the_right_gradients():
+    module = NormalizedACAM(16, rd_ratio=0.25).double()
+    randomize(module, 1)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    expected = gradients(module, x, lambda v: plain_acam(module, v), grad_out)
+    module.requires_grad_(False)  # frozen attention: only the map's gradient
+    xg = x.clone().requires_grad_()
+    module(xg).backward(grad_out)
+    torch.testing.assert_close(xg.grad, expected[1], rtol=1e-12, atol=1e-13)
+    module.requires_grad_(True)  # fixed input: only the parameters' gradients
+    module.zero_grad(set_to_none=True)
+    module(x).backward(grad_out)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, expected[2][name], rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_second_order_gradients_are_refused_not_wrong():
+    module = ACAM(8).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        grad.sum().backward()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_bfloat16_autocast_keeps_the_dtype_and_the_gradients(channels_last):
+    torch.manual_seed(0)
+    module = ACAM(32)
+    x = torch.randn(4, 32, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x)
+    reference = gradients(module, x, module, grad_out)
+    xb = x.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gradients(module, xb, module, grad_out.to(torch.bfloat16))
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0].float(), reference[0], rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got[1].float(), reference[1], rtol=0.05, atol=0.05)
+    for name, grad in reference[2].items():
+        assert got[2][name].dtype == torch.float32, name
+        cosine = F.cosine_similarity(got[2][name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_acam_matches_eager_in_one_graph(backend):
+    torch._dynamo.reset()
+    module = NormalizedACAM(16).double()
+    randomize(module, 2)
+    x = make_input((2, 16, 5, 5), "relu", False, 3)
+    grad_out = torch.randn_like(x)
+    expected = gradients(module, x, module, grad_out)
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    got = gradients(module, x, compiled, grad_out)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, msg=name)
