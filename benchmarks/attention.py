@@ -2,6 +2,7 @@
 spatial sizes, as paired ratios to SE (see ``_harness``).
 
     python benchmarks/attention.py --threads 1
+    python benchmarks/attention.py --device cuda --amp bf16 --compile
 
 All modules use the same reduction (1/16). The input requires grad, as inside a network, so
 the backward includes the gradient of the input through the gating multiply.
@@ -48,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument(
+        "--compile", action="store_true", help="time each module under torch.compile (inductor)"
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-ms", type=float, default=50.0, help="target duration of one sample")
@@ -70,6 +74,8 @@ def main(argv: list[str]) -> None:
     for channels in args.channels:
         modules = {name: cls(channels).to(device) for name, cls in MODULES.items()}
         params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+        if args.compile:
+            modules = {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
         for size in args.sizes:
             if channels * size * size > args.max_elements:
                 continue
@@ -118,7 +124,8 @@ def main(argv: list[str]) -> None:
         "ACAM / CBAM-channel",
     ]
     print(
-        f"Forward + backward, batch {args.batch}, {args.device}, amp={args.amp}; "
+        f"Forward + backward, batch {args.batch}, {args.device}, amp={args.amp}, "
+        f"{'compiled (inductor)' if args.compile else 'eager'}; "
         f"{args.repeats} paired repetitions of >= {args.min_ms:.0f} ms each, after warm-up; "
         "time per call: median [IQR] of paired ratios, then ratio of fastest times\n"
     )

@@ -152,14 +152,17 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_step(variant: Variant, x: torch.Tensor, y: torch.Tensor, amp: str) -> Callable[[], None]:
+def make_step(
+    variant: Variant, x: torch.Tensor, y: torch.Tensor, amp: str, compile: bool = False
+) -> Callable[[], None]:
     variant.module.train()
     optimizer = torch.optim.SGD(variant.module.parameters(), lr=1e-4)
+    forward_loss = torch.compile(variant.forward_loss) if compile else variant.forward_loss
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast(x.device, amp):
-            loss = variant.forward_loss(x, y)
+            loss = forward_loss(x, y)
         loss.backward()
         optimizer.step()
 
@@ -200,7 +203,7 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     x, y = batch(args.batch, args.img_size, device)
     variant = build(args.child_memory, x[:1])
     variant.module.to(device)
-    step = make_step(variant, x, y, args.amp)
+    step = make_step(variant, x, y, args.amp, args.compile)
     print(json.dumps({"peak_mib": step_peak_mib(step, variant.module, device)}))
 
 
@@ -211,7 +214,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     for variant in variants.values():
         variant.module.to(device)
     flops = {name: training_flops(v, x, y, args.amp) for name, v in variants.items()}
-    steps = {name: make_step(v, x, y, args.amp) for name, v in variants.items()}
+    steps = {name: make_step(v, x, y, args.amp, args.compile) for name, v in variants.items()}
     times = interleaved_times(steps, device, args.repeats, args.warmup, args.clock)
     ratios = paired_ratios(times, "plain")
     memory = {}
@@ -238,6 +241,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
                     args.device,
                     "--amp",
                     args.amp,
+                    *(["--compile"] if args.compile else []),
                 ]
             )["peak_mib"]
     rows = []
@@ -259,7 +263,8 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
         header += ["peak MiB", "memory ratio"]
     title = (
         f"Training step, {MODEL_NAME}, {args.img_size} px, batch {batch_size}, {args.device}, "
-        f"amp={args.amp}; {args.repeats} paired repetitions after {args.warmup} warm-up "
+        f"amp={args.amp}, {'compiled (inductor)' if args.compile else 'eager'}; "
+        f"{args.repeats} paired repetitions after {args.warmup} warm-up "
         f"(plain step median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
     )
     text = f"{title}\n\n{markdown_table(header, rows)}"
@@ -310,6 +315,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each training step's forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clock", choices=CLOCKS, help="default: cpu for 1-thread CPU runs, else wall")

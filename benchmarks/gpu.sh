@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (about 5 minutes on an H100; each step has its own
+# Everything that needs a GPU, in one call (about 5 minutes on an H100 before the compiled steps
+# of 4 and 5 were added; those are not timed yet. Each step has its own
 # time limit, and a failing step does not stop the rest):
 #   1. tests/test_cuda.py: float32 against the CPU, float16/bfloat16 autocast, the deferred
 #      finite check, no host sync in a training step, channels-last, inductor, early exit;
 #   2. benchmarks/cost.py: ResNet50 at 224 px, batch 32 and 64, float32 and bf16 autocast;
 #   3. benchmarks/early_exit.py: each head option's exit cost on ResNet50 and ResNet-18 at 224 px;
-#   4. benchmarks/attention.py: ACAM against SE and CBAM.
+#   4. benchmarks/attention.py: ACAM against SE and CBAM, eager and compiled, float32 and bf16;
+#   5. benchmarks/cost.py --compile: the attention variants in ResNet50, compiled.
 # Tables go to OUT_DIR, one file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu.sh [OUT_DIR]
 set -uo pipefail
@@ -37,7 +39,12 @@ for amp in none bf16; do
 done
 step early-exit-heads 100 "$python" benchmarks/early_exit.py --device cuda --skip-trained \
   --head-cost-models resnet50:224 resnet18:224 --repeats 10
-step attention 60 "$python" benchmarks/attention.py --device cuda --batch 32 --repeats 15 --min-ms 20
+for amp in none bf16; do
+  step "attention-$amp" 90 "$python" benchmarks/attention.py --device cuda --amp "$amp" --batch 32 --repeats 15 --min-ms 20
+  step "attention-$amp-compiled" 240 "$python" benchmarks/attention.py --device cuda --amp "$amp" --compile --batch 32 --repeats 15 --min-ms 20
+  step "cost224-$amp-compiled" 240 "$python" benchmarks/cost.py --device cuda --amp "$amp" --compile --img-size 224 \
+    --batch-sizes 64 --variants plain acam-blocks se-blocks cbam-blocks --repeats 10 --warmup 3 --skip-inference
+done
 if [ ${#failed[@]} != 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1

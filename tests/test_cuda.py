@@ -218,3 +218,29 @@ def test_early_exit_mixed_routing_on_cuda():
     assert out.exit_index.tolist() == index
     expected = torch.stack([logits[k][i] for i, k in enumerate(index)])
     torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_fused_acam_on_cuda_equals_the_cpu_with_ties(channels_last):
+    """The fused path on CUDA (max over dim, addcmul, scatter) against the CPU's, in float64,
+    on post-ReLU maps with all-zero channels (every position ties)."""
+    torch.manual_seed(0)
+    cpu = ACAM(48).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 48, 7, 9, dtype=torch.float64).relu()
+    x[:, :8] = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(x)
+    results = []
+    for module, device in ((cpu, "cpu"), (gpu, "cuda")):
+        xd = x.to(device).requires_grad_()
+        out = module(xd)
+        assert type(out.grad_fn).__name__ == "FusedPooledGateBackward"
+        out.backward(grad_out.to(device))
+        results.append((out.cpu(), xd.grad.cpu(), [p.grad.cpu() for p in module.parameters()]))
+    (out_c, gx_c, gp_c), (out_g, gx_g, gp_g) = results
+    torch.testing.assert_close(out_g, out_c)
+    torch.testing.assert_close(gx_g, gx_c)
+    for got, expected in zip(gp_g, gp_c):
+        torch.testing.assert_close(got, expected)
