@@ -3,6 +3,7 @@ saved for backward, for the plain ResNet50 and the distiller's head options. Det
 timing, no process-level memory, so it does not depend on the machine's load.
 
     python benchmarks/saved_activations.py
+    python benchmarks/saved_activations.py --variants acam-blocks se-blocks cbam-blocks
 
 Tensors are seen through ``torch.autograd.graph.saved_tensors_hooks`` and counted once per
 storage (by ``untyped_storage().data_ptr()``), so views of one buffer and a tensor saved by two
@@ -23,6 +24,7 @@ import sys
 import torch
 
 from _harness import command_line, machine_line, markdown_table
+from cost import VARIANTS as ALL_VARIANTS
 from cost import Variant, batch, build
 
 VARIANTS = ("plain", "gsd-paper-heads", "gsd-paper-heads-ckpt", "gsd-pooled-heads")
@@ -65,10 +67,10 @@ def saved_bytes(variant: Variant, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     return totals
 
 
-def table(img_size: int, batch_size: int) -> str:
+def table(img_size: int, batch_size: int, variants: list[str]) -> str:
     torch.manual_seed(0)
     x, y = batch(batch_size, img_size, torch.device("cpu"))
-    measured = {name: saved_bytes(build(name, x[:1]), x, y) for name in VARIANTS}
+    measured = {name: saved_bytes(build(name, x[:1]), x, y) for name in ["plain", *variants]}
     plain = measured["plain"]["total"]
     rows = []
     for name, sizes in measured.items():
@@ -91,11 +93,14 @@ def table(img_size: int, batch_size: int) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=["112x8", "224x2"], help="IMG_SIZExBATCH")
+    parser.add_argument(
+        "--variants", nargs="+", default=[v for v in VARIANTS if v != "plain"], choices=ALL_VARIANTS[1:]
+    )
     args = parser.parse_args(argv)
     print(f"`{command_line()}`\n\n{machine_line(torch.device('cpu'))}\n")
     for setting in args.settings:
         img_size, batch_size = map(int, setting.split("x"))
-        print(table(img_size, batch_size) + "\n", flush=True)
+        print(table(img_size, batch_size, args.variants) + "\n", flush=True)
 
 
 if __name__ == "__main__":

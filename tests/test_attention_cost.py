@@ -43,6 +43,7 @@ def full_size_ops(module: torch.nn.Module, channels_last: bool) -> list[str]:
     x.requires_grad_()
     grad_out = torch.randn_like(x)
     module(x).backward(grad_out)  # warm-up, outside the count
+    x.grad = None  # or the count would include accumulating into it
     with FullSizeOps(x.numel()) as mode:
         module(x).backward(grad_out)
     return mode.ops
