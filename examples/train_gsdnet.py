@@ -564,6 +564,8 @@ def run_one(
         done = finished_metrics(out, run_info, args.epochs)
         if done is not None:
             log.info("%s: finished and verified, skipped (--resume)", out)
+            if env.is_main and not args.keep_checkpoint:  # a kill came before its removal
+                (out / "checkpoint.pt").unlink(missing_ok=True)
             progress.total -= args.epochs
             return done
     trainer = Trainer(
