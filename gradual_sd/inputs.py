@@ -28,7 +28,7 @@ def check_images(images: torch.Tensor, model: nn.Module) -> None:
     weight = next((p for p in model.parameters() if p.is_floating_point()), None)
     if images.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
         raise TypeError(
-            f"images are float64 but the model's weights are {weight.dtype}: pass images.to("
+            f"images are {images.dtype} but the model's weights are {weight.dtype}: pass images.to("
             f"{weight.dtype}) (or convert the model with model.double())"
         )
     if images.dim() == 0 or images.shape[0] == 0:

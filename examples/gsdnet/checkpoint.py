@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,11 +97,14 @@ def load(path: Path) -> dict:
         "it cannot be resumed from. Delete it (or restore an intact copy) and run again: "
         "without a checkpoint the run starts over from epoch 1"
     )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; {advice}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a complete zip archive (truncated?); {advice}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch's messages for a damaged zip vary; its advice does not fit
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} is damaged ({reason}); {advice}") from None
+    except Exception as error:  # torch's messages vary, and some advise weights_only=False: never
+        raise CheckpointError(f"checkpoint {path} is damaged ({type(error).__name__}); {advice}") from None
     if not isinstance(state, dict) or DIGEST_KEY not in state:
         raise CheckpointError(f"checkpoint {path} carries no content digest; {advice}")
     saved = state.pop(DIGEST_KEY)
