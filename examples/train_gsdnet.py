@@ -53,7 +53,7 @@ from gsdnet.datasets.common import (
     find_unreadable,
     stratified_split,
 )
-from gsdnet.distributed import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, shutdown
+from gsdnet.distributed import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, shutdown, stall_error
 from gsdnet.engine import Trainer, eval_loader, train_loader
 from gsdnet.exits import report_exits
 from gsdnet.identity import run_identity
@@ -753,6 +753,7 @@ def main(argv: list[str] | None = None) -> dict:
     handlers = setup_logging(args.output_dir, env)
     methods = list(METHODS) if args.method == "all" else [args.method]
     progress = Progress(len(methods) * len(args.seeds) * args.epochs)
+    failed = False
     try:
         dirs = [run_dir(args, m, s, methods) for m in methods for s in args.seeds]
         if args.resume and not any(has_state(d) for d in dirs):
@@ -783,11 +784,17 @@ def main(argv: list[str] | None = None) -> dict:
                 ", ".join(str(run_dir(args, m, s, methods)) for m in methods for s in args.seeds),
             )
         return {"runs": runs, "comparison": str(path)}
+    except BaseException as error:
+        failed = True
+        stalled = stall_error(error, env, args.dist_timeout)
+        if stalled is not None:
+            raise stalled from error
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
-        shutdown(env)
+        shutdown(env, failed)
         torch.set_num_threads(threads)
 
 

@@ -5,8 +5,10 @@ CLI's errors, high-bit-depth images and strict metrics.json (issue 16)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +264,83 @@ def test_ferplus_pixel_values_outside_0_255_name_the_file_and_row(tmp_path):
         LabelFileError, match=f"{pixels}:3: pixel values must lie in 0..255, got values from 0 to 300"
     ):
         build_datasets("ferplus", tmp_path)
+
+
+# --- SIGKILL at chosen points of a two-seed command, then --resume ------------------------------
+KILLS = [
+    # (fault, what the run folders hold right after the kill)
+    ("checkpoint-write:2:KILL", "seed 0 killed writing its epoch-2 checkpoint"),
+    ("before-reports:1:KILL", "seed 0 trained both epochs, no report written yet"),
+    ("before-checkpoint-removal:1:KILL", "seed 0's metrics.json written, checkpoint still there"),
+    ("run-start:1:KILL", "seed 0 finished; seed 1 not started"),
+    ("train-step:8:KILL", "seed 1 killed in its second epoch"),
+]
+
+
+def comparable(metrics: dict) -> dict:
+    """What an interrupted and an uninterrupted run must agree on (not timings or paths)."""
+    return {k: metrics[k] for k in ("final", "best", "selected", "classes", "run", "num_train_samples")}
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_in_a_two_seed_command_then_resume_equals_an_uninterrupted_run(tmp_path):
+    run = ["--dataset", "digits", "--train-limit", "48", "--seeds", "0", "1", *TINY, "--epochs", "2"]
+    run += ["--save", "final"]
+    whole = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "whole")])
+    out = tmp_path / "killed"
+    seeds = [out / "seed0", out / "seed1"]
+    for i, (fault, state) in enumerate(KILLS):
+        done = script(
+            *run, "--output-dir", str(out), *(["--resume"] if i else []), env={"GSDNET_FAULT": fault}
+        )
+        assert done.returncode == -signal.SIGKILL, (fault, done.stderr[-2000:])
+        if fault.startswith("checkpoint-write"):
+            assert list(seeds[0].glob(".checkpoint.pt.*.tmp")), "the kill left its temporary file"
+            assert checkpoint.load(seeds[0] / "checkpoint.pt")["epoch"] == 1, state
+        if fault.startswith("before-reports"):
+            assert not list(seeds[0].glob(".*.tmp")), "the orphan was removed on the next start"
+            assert checkpoint.load(seeds[0] / "checkpoint.pt")["epoch"] == 2, state
+            assert not (seeds[0] / "metrics.json").exists(), state
+        if fault.startswith("before-checkpoint-removal"):
+            assert (seeds[0] / "metrics.json").exists() and (seeds[0] / "checkpoint.pt").exists(), state
+        if fault.startswith("run-start"):
+            assert not (seeds[0] / "checkpoint.pt").exists() and not seeds[1].exists(), state
+        if fault.startswith("train-step"):
+            assert checkpoint.load(seeds[1] / "checkpoint.pt")["epoch"] == 1, state
+    resumed = script(*run, "--output-dir", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "seed0: finished and verified, skipped" in resumed.stdout
+    for seed, folder in enumerate(seeds):
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert comparable(metrics) == comparable(whole["runs"]["gsd-acam"][seed])
+        expected = torch.load(tmp_path / "whole" / folder.name / "model_final.pt", weights_only=True)
+        got = torch.load(folder / "model_final.pt", weights_only=True)
+        for key, value in expected["state_dict"].items():
+            torch.testing.assert_close(got["state_dict"][key], value, rtol=0, atol=0, msg=key)
+        assert not (folder / "checkpoint.pt").exists() and not list(folder.glob(".*.tmp"))
+        lines = (folder / "log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (out / "comparison.md").read_text() == (tmp_path / "whole" / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_stalled_torchrun_process_ends_the_run_within_the_timeout(tmp_path):
+    data = rafdb_basic(tmp_path / "data")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(DRIVER), *data, *TINY, "--epochs", "2", "--dist-timeout", "5"]
+    command += ["--output-dir", str(tmp_path / "ddp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GSDNET_FAULT="train-step:2:STOP:1")  # rank 1 freezes
+    started = time.time()
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the frozen rank, if torchrun left it behind
+        except ProcessLookupError:
+            pass
+    elapsed = time.time() - started
+    assert process.returncode != 0 and elapsed < 120  # 5 s, then torchrun's 30 s grace for rank 1
+    assert "did not answer within --dist-timeout 5 s" in stderr, stderr[-3000:]

@@ -66,10 +66,28 @@ def init_distributed(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns_group)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, failed: bool = False) -> None:
+    """Leave the process group; after a failure without the final barrier, which the other
+    processes may never reach."""
     if env.owns_group and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+class ProcessTimeoutError(RuntimeError):
+    """Another torchrun process did not take part in a collective within the timeout."""
+
+
+def stall_error(error: BaseException, env: DistEnv, timeout_s: float) -> ProcessTimeoutError | None:
+    """A message for a collective's timeout (gloo's and NCCL's name only the transport)."""
+    if not (env.distributed and isinstance(error, RuntimeError) and "timed out" in str(error).lower()):
+        return None
+    return ProcessTimeoutError(
+        f"another torchrun process did not answer within --dist-timeout {timeout_s:g} s (stalled, "
+        "stopped or dead), so this one stops too; the last checkpoint is kept for --resume "
+        f"({str(error).splitlines()[0][:200]})"
+    )
 
 
 def all_reduce(tensor: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:
