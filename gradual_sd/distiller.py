@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
-from .inputs import check_images
+from .inputs import checked_forward
 from .layout import Layout
 from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
 from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
@@ -203,6 +203,7 @@ class GradualSelfDistiller(nn.Module):
         """Whether the hooks are still attached to the model."""
         return self.taps.active
 
+    @checked_forward
     def forward(
         self,
         images: torch.Tensor,
@@ -220,7 +221,6 @@ class GradualSelfDistiller(nn.Module):
                 "this GradualSelfDistiller's hooks were removed (remove() or export()); wrap the "
                 "model again to keep training it"
             )
-        check_images(images, self)
         if run_heads is None:
             run_heads = self.training and targets is not None
         if not run_heads:

@@ -1,23 +1,28 @@
-"""Checks of an image batch before a wrapped model runs it, so that a wrong batch gets an error
-naming the input and the fix instead of a kernel's message from deep inside the backbone.
+"""Checks of an image batch for a wrapped model's ``forward``, so that a wrong batch gets an
+error naming the input and the fix instead of a kernel's message from deep inside the backbone.
 
-Only shapes, dtypes and module flags are read: no tensor value, so no device sync.
+Only shapes, dtypes and module flags are read before the model runs: no tensor value, so no
+device sync. BatchNorm's refusal of a single value per channel (a batch of one whose maps are
+1x1 at some layer, in training mode) depends on shapes inside the model, so that error is
+translated where it is raised instead of guessed beforehand.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["check_images"]
+__all__ = ["check_images", "checked_forward"]
+
+BATCHNORM_MESSAGE = "Expected more than 1 value per channel when training"
 
 
 def check_images(images: torch.Tensor, model: nn.Module) -> None:
-    """Raise ``TypeError``/``ValueError`` for a batch ``model`` cannot take: not a tensor, an
-    integer dtype, float64 for a model of another precision, an empty batch, or a single image
-    in training mode with BatchNorm (which needs more than one value per channel). Inputs that
-    are not tensors are left to the model."""
+    """Raise ``TypeError``/``ValueError`` for a batch ``model`` cannot take: an integer dtype,
+    float64 for a model of another precision, or an empty batch. Inputs that are not tensors
+    are left to the model."""
     if not isinstance(images, torch.Tensor) or torch.compiler.is_compiling():
         return
     if not images.is_floating_point():
@@ -36,14 +41,25 @@ def check_images(images: torch.Tensor, model: nn.Module) -> None:
             f"empty batch (images of shape {tuple(images.shape)}): pass at least one image; "
             "skip empty batches before calling the model"
         )
-    if (
-        images.shape[0] == 1
-        and model.training
-        and any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
-    ):
-        raise ValueError(
-            "a batch of one image in training mode: BatchNorm needs more than one value per "
-            "channel, which fails once a stage's maps are 1x1. Train on batches of two or more "
-            "(DataLoader(..., drop_last=True) drops a last single-image batch), or call "
-            "model.eval() to predict"
-        )
+
+
+def checked_forward(forward):
+    """Decorate a wrapper's ``forward(self, images, ...)``: :func:`check_images` first, and
+    BatchNorm's single-value error explained."""
+
+    @functools.wraps(forward)
+    def checked(self, images, *args, **kwargs):
+        check_images(images, self)
+        try:
+            return forward(self, images, *args, **kwargs)
+        except ValueError as error:
+            if BATCHNORM_MESSAGE not in str(error):
+                raise
+            raise ValueError(
+                f"a batch of {images.shape[0]} image(s) in training mode left a BatchNorm layer one "
+                "value per channel (its maps are 1x1 there). Train on batches of two or more "
+                "(DataLoader(..., drop_last=True) drops a last single-image batch), or call "
+                "model.eval() to predict"
+            ) from error
+
+    return checked

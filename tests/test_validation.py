@@ -71,7 +71,12 @@ def test_empty_batch_is_named(distiller):
 
 
 def test_batch_of_one_in_training_mode_names_batchnorm_and_the_fix(distiller):
-    with pytest.raises(ValueError, match="a batch of one image in training mode.*drop_last=True"):
+    with pytest.raises(ValueError, match=r"a batch of 1 image\(s\) in training mode.*drop_last=True"):
         distiller(torch.zeros(1, 3, 32, 32), torch.tensor([0]))
     distiller.eval()
     assert distiller(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+
+
+def test_batch_of_one_trains_where_every_batchnorm_sees_several_values(distiller):
+    out = distiller(torch.randn(1, 3, 64, 64), torch.tensor([2]))  # the last maps are 2x2
+    assert torch.isfinite(out.loss)
