@@ -37,13 +37,7 @@ import torch
 import gradual_sd
 from gradual_sd.losses import FORMULATIONS, TEACHERS
 from gsdnet import checkpoint
-from gsdnet.argtypes import (
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-    timm_model,
-)
+from gsdnet.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, timm_model
 from gsdnet.datasets import DATASETS, build_datasets
 from gsdnet.datasets.common import (
     DatasetSplits,
@@ -55,11 +49,11 @@ from gsdnet.datasets.common import (
 )
 from gsdnet.distributed import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, shutdown, stall_error
 from gsdnet.engine import Trainer, eval_loader, train_loader
-from gsdnet.exits import report_exits
+from gsdnet.exits import EXIT_OUTPUTS, report_exits
 from gsdnet.identity import run_identity
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
 from gsdnet.models import HEADS, METHODS, PAPER_LOSS, build_gsdnet, export_payload
-from gsdnet.runs import finished_metrics, has_state, output_digests, unverified
+from gsdnet.runs import finish, finished_metrics, has_state
 from gsdnet.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 log = logging.getLogger("gsdnet")
@@ -123,6 +117,7 @@ def preset_help(key: str, what: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        usage="%(prog)s --dataset NAME [options] (--help lists them)",  # an error stays short
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
         epilog=f"presets: FER datasets {PAPER}; digits {STAND_IN}",
@@ -658,7 +653,8 @@ def run_one(
             out / "confusion_matrix.png",
             f"{method}, {args.dataset}, epoch {final['epoch']} (final)",
         )
-        finish(out, metrics, args.keep_checkpoint)
+        outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
+        finish(out, metrics, outputs, args.keep_checkpoint)
         if selected:
             log.info(
                 "%s seed %d: test at the epoch picked on validation (%d): %.2f%% (balanced %.2f%%); "
@@ -702,20 +698,6 @@ def run_one(
         if saved:
             log.info(LOAD_HINT.format(examples=str(EXAMPLES), path=str(saved[0].resolve())))
     return metrics
-
-
-def finish(out: Path, metrics: dict, keep_checkpoint: bool) -> None:
-    """Write metrics.json last, listing every other output's sha256; remove the checkpoint only
-    once all of them are verified on disk."""
-    written = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), "early_exit.md", "early_exit.png"]
-    written += ["early_exit"]
-    metrics["outputs"] = output_digests(out, [name for name in written if (out / name).exists()])
-    checkpoint.save_json(metrics, out / "metrics.json")
-    damaged = unverified(out, metrics["outputs"])
-    if damaged:
-        raise OSError(f"outputs of {out} did not verify after writing: {damaged}; checkpoint.pt kept")
-    if not keep_checkpoint:
-        (out / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def run_dir(args: argparse.Namespace, method: str, seed: int, methods: list[str]) -> Path:

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from .checkpoint import save_json
 from .engine import RunMismatchError, differences
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,18 @@ def finished_metrics(out: Path, run_info: dict, epochs: int) -> dict | None:
         log.warning("%s: outputs missing or changed since the run finished: %s; redoing them", out, damaged)
         return None
     return metrics
+
+
+def finish(out: Path, metrics: dict, outputs: list[str], keep_checkpoint: bool) -> None:
+    """Write ``metrics.json`` last, with the sha256 of each of ``outputs`` that exists; remove
+    the checkpoint only once every one of them is verified on disk."""
+    metrics["outputs"] = output_digests(out, [name for name in outputs if (out / name).exists()])
+    save_json(metrics, out / "metrics.json")
+    damaged = unverified(out, metrics["outputs"])
+    if damaged:
+        raise OSError(f"outputs of {out} did not verify after writing: {damaged}; checkpoint.pt kept")
+    if not keep_checkpoint:
+        (out / "checkpoint.pt").unlink(missing_ok=True)
 
 
 def has_state(out: Path) -> bool:
