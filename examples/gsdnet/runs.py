@@ -51,7 +51,11 @@ def finished_metrics(out: Path, run_info: dict, epochs: int) -> dict | None:
     except (OSError, ValueError):
         return None  # not written yet (a kill came first): continue from the checkpoint
     if not isinstance(metrics, dict) or "outputs" not in metrics or "run" not in metrics:
-        return None
+        raise RunMismatchError(
+            f"--resume refused: {path} was written by an older version of this script, which "
+            "recorded neither its settings nor its outputs; move the folder away to train this "
+            "run again"
+        )
     differ = differences(metrics["run"], run_info)
     if differ:
         raise RunMismatchError(
