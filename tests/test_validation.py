@@ -80,3 +80,20 @@ def test_batch_of_one_in_training_mode_names_batchnorm_and_the_fix(distiller):
 def test_batch_of_one_trains_where_every_batchnorm_sees_several_values(distiller):
     out = distiller(torch.randn(1, 3, 64, 64), torch.tensor([2]))  # the last maps are 2x2
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bad_soft_targets_on_cuda_are_reported_later_without_a_sync(distiller):
+    module = distiller.cuda()
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    good = torch.softmax(torch.randn(4, 3, device="cuda"), 1)
+    module(images, good).loss.backward()  # the first step initialises cuDNN and the allocator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(images, good * 4).loss.backward()  # step 1: unnormalised, queued not read
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="training step 1: soft targets must be finite, non-negative"):
+        for _ in range(50):
+            module(images, good).loss.backward()
+        module.finite_check.flush()

@@ -106,7 +106,10 @@ def load(path: Path) -> dict:
     except Exception as error:  # torch's messages vary, and some advise weights_only=False: never
         raise CheckpointError(f"checkpoint {path} is damaged ({type(error).__name__}); {advice}") from None
     if not isinstance(state, dict) or DIGEST_KEY not in state:
-        raise CheckpointError(f"checkpoint {path} carries no content digest; {advice}")
+        raise CheckpointError(
+            f"checkpoint {path} carries no content digest (written before checkpoints had one, or "
+            f"not by this script), so it cannot be verified; {advice}"
+        )
     saved = state.pop(DIGEST_KEY)
     if content_digest(state) != saved:
         raise CheckpointError(f"checkpoint {path} fails its content check (sha256 differs); {advice}")

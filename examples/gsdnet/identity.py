@@ -23,6 +23,7 @@ def dataset_digest(lists: Mapping[str, ImageList], root: Path | None) -> str:
     class folder changes the digest; moving the whole dataset to another ``--data-dir`` does not.
     """
     digest = hashlib.sha256()
+    root = None if root is None else Path(root).expanduser()  # as the dataset builders expand it
     for name in sorted(lists):
         images = lists[name]
         digest.update(f"split {name} {len(images)}\n".encode())
