@@ -22,7 +22,7 @@ import train_gsdnet
 from gsdnet import checkpoint
 from gsdnet.datasets import LabelFileError, build_datasets
 from gsdnet.datasets.common import ImageList
-from gsdnet.divergence import DivergedError
+from gsdnet.divergence import DivergedError, check_loss
 from gsdnet.engine import RunMismatchError, Trainer
 from test_examples_datasets import write_ferplus
 from test_examples_training import TINY, image_folder, rafdb_basic
@@ -203,6 +203,17 @@ def test_a_runaway_loss_stops_the_run_instead_of_reporting_chance_accuracy(tmp_p
     with pytest.raises(DivergedError, match=r"training diverged: epoch 1's mean loss .* 10 x the first step"):
         train_gsdnet.main([*run, "--lr", "10", "--output-dir", str(out)])
     assert not (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_the_divergence_rule():
+    check_loss(49.9, 5.0, 3, "kept")  # below 10 x the first step's loss
+    with pytest.raises(DivergedError, match="epoch 3's mean loss 50 is more than 10 x the first step's 5"):
+        check_loss(50.0, 5.0, 3, "kept")
+    check_loss(9.9, 0.01, 2, "kept")  # a first loss below 1 counts as 1
+    with pytest.raises(DivergedError):
+        check_loss(10.0, 0.01, 2, "kept")
+    with pytest.raises(DivergedError):
+        check_loss(float("nan"), 5.0, 2, "kept")
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 The rule: after every epoch, every parameter and buffer must be finite, and the epoch's mean
 training loss must stay below ``DIVERGENCE_FACTOR`` times the loss of the run's first step (the
-untrained model's, averaged over processes). A healthy run's loss falls below its first step's
-within the first epoch; one that ends an epoch ten times above it has been thrown off by too
-large a learning rate (``--lr 10`` on digits ends its first epoch at 1e4 and more), and its weights
-would be saved, evaluated at chance accuracy and reported as a normal epoch.
+untrained model's, averaged over processes), or times 1 where that first loss is below 1 (a
+model that starts near zero loss must not be stopped by ordinary noise). A healthy run's loss
+falls below its first step's within the first epoch; one that ends an epoch ten times above it
+has been thrown off by too large a learning rate (``--lr 10`` on digits ends its first epoch at
+1e4 and more), and its weights would be saved, evaluated at chance accuracy and reported as a
+normal epoch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from .distributed import DistEnv, all_reduce
 
 DIVERGENCE_FACTOR = 10.0
+LOSS_FLOOR = 1.0
 
 
 class DivergedError(FloatingPointError):
@@ -41,7 +44,7 @@ def check_weights(module: nn.Module, env: DistEnv, epoch: int, kept: str) -> Non
 
 def check_loss(loss: float, first_step_loss: float | None, epoch: int, kept: str) -> None:
     """Raise :class:`DivergedError` when ``loss`` (an epoch's mean) broke the rule above."""
-    if first_step_loss is None or loss < DIVERGENCE_FACTOR * first_step_loss:
+    if first_step_loss is None or loss < DIVERGENCE_FACTOR * max(first_step_loss, LOSS_FLOOR):
         return
     raise DivergedError(
         f"training diverged: epoch {epoch}'s mean loss {loss:.4g} is more than "
