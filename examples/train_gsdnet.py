@@ -37,7 +37,8 @@ import torch
 import gradual_sd
 from gradual_sd.losses import FORMULATIONS, TEACHERS
 from gsdnet import checkpoint
-from gsdnet.datasets import DATASETS, LabelFileError, build_datasets
+from gsdnet.argtypes import non_negative_float, non_negative_int, positive_float, positive_int, timm_model
+from gsdnet.datasets import DATASETS, build_datasets
 from gsdnet.datasets.common import (
     DatasetSplits,
     ImageList,
@@ -46,11 +47,13 @@ from gsdnet.datasets.common import (
     find_unreadable,
     stratified_split,
 )
-from gsdnet.distributed import DistEnv, init_distributed, shutdown
-from gsdnet.engine import NonFiniteLossError, Trainer, eval_loader, train_loader
-from gsdnet.exits import report_exits
+from gsdnet.distributed import DEFAULT_TIMEOUT_S, DistEnv, init_distributed, shutdown, stall_error
+from gsdnet.engine import Trainer, eval_loader, train_loader
+from gsdnet.exits import EXIT_OUTPUTS, report_exits
+from gsdnet.identity import run_identity
 from gsdnet.metrics import comparison_table, plot_confusion_matrix
 from gsdnet.models import HEADS, METHODS, PAPER_LOSS, build_gsdnet, export_payload
+from gsdnet.runs import finish, finished_metrics, has_state
 from gsdnet.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 log = logging.getLogger("gsdnet")
@@ -114,6 +117,7 @@ def preset_help(key: str, what: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
+        usage="%(prog)s --dataset NAME [options] (--help lists them)",  # an error stays short
         description=__doc__.split("\n\n")[0],
         formatter_class=HelpFormatter,
         epilog=f"presets: FER datasets {PAPER}; digits {STAND_IN}",
@@ -131,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="gsd-acam",
         help="Table 2 row; 'all' trains the three in turn and writes comparison.md",
     )
-    p.add_argument("--model", help=preset_help("model", "any timm model name"))
+    p.add_argument("--model", type=timm_model, help=preset_help("model", "any timm model name"))
     p.add_argument(
         "--weights",
         help=f"initial weights (required for the FER datasets): {FACE_WEIGHTS} (face-pretrained "
@@ -152,16 +156,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train gsd-acam as the authors' code does: the heads' in-place sum, a trainable last "
         "projection, conv bias and init, drop the last partial batch, ties to the later epoch",
     )
-    p.add_argument("--epochs", type=int, help=preset_help("epochs", "training epochs"))
+    p.add_argument("--epochs", type=positive_int, help=preset_help("epochs", "training epochs"))
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         help=preset_help("batch_size", "global batch, split over torchrun processes"),
     )
-    p.add_argument("--img-size", type=int, help=preset_help("img_size", "input size in pixels"))
-    p.add_argument("--lr", type=float, help=preset_help("lr", "Adam learning rate"))
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay")
-    p.add_argument("--lr-gamma", type=float, default=0.9, help="learning-rate factor per epoch")
+    p.add_argument("--img-size", type=positive_int, help=preset_help("img_size", "input size in pixels"))
+    p.add_argument("--lr", type=positive_float, help=preset_help("lr", "Adam learning rate"))
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="Adam weight decay")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.9, help="learning-rate factor per epoch")
     p.add_argument(
         "--teacher",
         choices=TEACHERS,
@@ -176,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--head-pool-size",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="with --head bottleneck: average-pool each stage output to at most N x N before the "
         "head's projection, BN and ReLU, so early exits stay cheap at large batches "
@@ -184,14 +188,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     loss = p.add_argument_group("loss (gsd and gsd-acam; defaults: the paper's)")
     loss.add_argument(
-        "--temperature", type=float, default=PAPER_LOSS["temperature"], help="softening temperature T"
+        "--temperature",
+        type=positive_float,
+        default=PAPER_LOSS["temperature"],
+        help="softening temperature T",
     )
     loss.add_argument(
-        "--kl-weight", type=float, default=PAPER_LOSS["kl_weight"], help="weight of each pair's KL term"
+        "--kl-weight",
+        type=non_negative_float,
+        default=PAPER_LOSS["kl_weight"],
+        help="weight of each pair's KL term",
     )
     loss.add_argument(
         "--feature-weight",
-        type=float,
+        type=non_negative_float,
         default=PAPER_LOSS["feature_weight"],
         help="weight of each pair's feature term",
     )
@@ -204,7 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     loss.add_argument(
         "--aux-ce-weight",
-        type=float,
+        type=non_negative_float,
         default=PAPER_LOSS["aux_ce_weight"],
         help="cross-entropy weight on every auxiliary head (paper: 0)",
     )
@@ -218,11 +228,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     protocol.add_argument(
         "--seeds",
         "--seed",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         help=preset_help("seeds", "seeds to run; mean +- std over them in comparison.md"),
     )
-    protocol.add_argument("--train-limit", type=int, help="train on a fixed random subset of N images")
+    protocol.add_argument(
+        "--train-limit", type=positive_int, help="train on a fixed random subset of N images"
+    )
     protocol.add_argument(
         "--eval-split",
         choices=("test", "val"),
@@ -238,13 +250,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes")
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         help=f"DataLoader worker processes per training process (default: {PAPER['workers']}, "
         "at most the machine's cores; digits: 0, its images are in memory)",
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         help="CPU threads for PyTorch (default: PyTorch's choice; 1 for digits); "
         "1 avoids oversubscription on a CPU shared with other jobs",
     )
@@ -277,7 +289,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument(
         "--resume",
         action="store_true",
-        help="continue from <output-dir>/checkpoint.pt (same settings, --epochs may grow)",
+        help="continue the command: skip its finished runs, continue each unfinished one from its "
+        "checkpoint.pt (same settings, data and weights; --epochs may grow)",
+    )
+    out.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="with torchrun: how long a process waits for the others in a collective before the "
+        "run ends with an error (a stalled or dead process otherwise blocks the rest forever)",
     )
     args = p.parse_args(argv)
     preset = STAND_IN if args.dataset == "digits" else PAPER
@@ -297,16 +319,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.weights = None
     if args.output_dir is None:
         args.output_dir = Path("runs") / f"{args.dataset}-{args.method}"
-    if args.train_limit is not None and args.train_limit < 1:
-        p.error("--train-limit must be >= 1")
     if args.val_fraction == 0:  # turns off the digits preset's split
         args.val_fraction = None
     if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be 0 (off) or lie strictly between 0 and 1, got {args.val_fraction}")
     if args.as_shipped and args.method != "gsd-acam":
         p.error(f"--as-shipped reproduces the authors' GSDNet (gsd-acam), not --method {args.method}")
-    if args.head_pool_size is not None and args.head_pool_size < 1:
-        p.error(f"--head-pool-size must be >= 1, got {args.head_pool_size}")
     if args.head_pool_size is not None and (args.head != "bottleneck" or args.as_shipped):
         shipped = " --as-shipped" if args.as_shipped else ""
         p.error(
@@ -316,6 +334,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds lists a seed twice: {args.seeds}")
     return args
+
+
+RUN_KEYS = (  # the settings a resumed run must share with its checkpoint (--epochs may grow)
+    "dataset",
+    "model",
+    "img_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "lr_gamma",
+    "teacher",
+    "head",
+    "head_pool_size",
+    "train_limit",
+    "val_fraction",
+    "eval_split",
+    "affectnet_classes",
+    "balanced",
+    "as_shipped",
+    *PAPER_LOSS,
+)
 
 
 def setup_logging(output_dir: Path, env: DistEnv) -> list[logging.Handler]:
@@ -461,6 +500,10 @@ def run_one(
     progress: Progress,
 ) -> dict:
     started = time.time()
+    if env.is_main:
+        orphans = checkpoint.remove_orphans(out)
+        if orphans:
+            log.info("removed %d temporary files left by a killed write in %s", len(orphans), out)
     train, test, val = lists["train"], lists["test"], lists.get("val")
     val_source = "the dataset's validation split" if val is not None else None
     if args.val_fraction is not None:
@@ -509,6 +552,17 @@ def run_one(
         as_shipped=args.as_shipped,
         **loss_options,
     )
+    run_info = {k: getattr(args, k) for k in RUN_KEYS}
+    run_info.update(method=method, seed=seed, world_size=env.world_size)
+    run_info.update(run_identity(splits.classes, lists, args.data_dir, config["weights"]))
+    if args.resume:
+        done = finished_metrics(out, run_info, args.epochs)
+        if done is not None:
+            log.info("%s: finished and verified, skipped (--resume)", out)
+            if env.is_main and not args.keep_checkpoint:  # a kill came before its removal
+                (out / "checkpoint.pt").unlink(missing_ok=True)
+            progress.total -= args.epochs
+            return done
     trainer = Trainer(
         module,
         env,
@@ -519,29 +573,10 @@ def run_one(
         args.sync_bn,
         later_ties=args.as_shipped,
     )
-    keys = (
-        "dataset",
-        "model",
-        "img_size",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "lr_gamma",
-        "teacher",
-        "head",
-        "head_pool_size",
-        "train_limit",
-        "val_fraction",
-        "eval_split",
-        "affectnet_classes",
-        "balanced",
-        "as_shipped",
-        *PAPER_LOSS,
-    )
-    run_info = {k: getattr(args, k) for k in keys}
-    run_info.update(method=method, seed=seed, world_size=env.world_size)
-    if args.resume:
-        trainer.resume(out / "checkpoint.pt", run_info)
+    if args.resume and (out / "checkpoint.pt").is_file():
+        trainer.resume(out / "checkpoint.pt", run_info, args.epochs)
+    elif args.resume:
+        log.info("%s: no checkpoint yet; this run of the command starts from epoch 1", out)
 
     def save_model(kind: str, module) -> None:
         if kind in args.save:
@@ -549,7 +584,7 @@ def run_one(
             checkpoint.save(payload, out / MODEL_FILES[kind])
 
     def on_epoch(record: dict) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in trainer.history)
+        lines = "".join(json.dumps(checkpoint.strict(r), allow_nan=False) + "\n" for r in trainer.history)
         checkpoint.atomic_write(out / "log.jsonl", lambda f: f.write(lines.encode()))
         log.info("%s  [%s]", epoch_line(record, args.epochs), progress.step(record["seconds"]))
 
@@ -598,11 +633,10 @@ def run_one(
         "environment": environment(),
         "world_size": env.world_size,
         "wall_time_s": round(time.time() - started, 1),
+        "run": run_info,
     }
     if env.is_main:
         save_model("final", trainer.module)
-        if not args.keep_checkpoint:
-            (out / "checkpoint.pt").unlink(missing_ok=True)
         if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
             metrics["early_exit"] = report_exits(
                 trainer.module,
@@ -613,13 +647,14 @@ def run_one(
                 f"{method}, {args.dataset}",
                 save="final" in args.save,  # the exit model holds the whole model, as --save final does
             )
-        checkpoint.save_json(metrics, out / "metrics.json")
         plot_confusion_matrix(
             final["confusion_matrix"],
             splits.classes,
             out / "confusion_matrix.png",
             f"{method}, {args.dataset}, epoch {final['epoch']} (final)",
         )
+        outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
+        finish(out, metrics, outputs, args.keep_checkpoint)
         if selected:
             log.info(
                 "%s seed %d: test at the epoch picked on validation (%d): %.2f%% (balanced %.2f%%); "
@@ -696,11 +731,19 @@ def main(argv: list[str] | None = None) -> dict:
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     handlers = setup_logging(args.output_dir, env)
     methods = list(METHODS) if args.method == "all" else [args.method]
     progress = Progress(len(methods) * len(args.seeds) * args.epochs)
+    failed = False
     try:
+        dirs = [run_dir(args, m, s, methods) for m in methods for s in args.seeds]
+        if args.resume and not any(has_state(d) for d in dirs):
+            raise FileNotFoundError(
+                f"--resume: no checkpoint.pt or finished run under {args.output_dir} to resume from"
+            )
+        if env.is_main:
+            checkpoint.remove_orphans(args.output_dir)
         splits, lists = prepare_data(args)
         runs = {
             method: [
@@ -723,17 +766,29 @@ def main(argv: list[str] | None = None) -> dict:
                 ", ".join(str(run_dir(args, m, s, methods)) for m in methods for s in args.seeds),
             )
         return {"runs": runs, "comparison": str(path)}
+    except BaseException as error:
+        failed = True
+        stalled = stall_error(error, env, args.dist_timeout)
+        if stalled is not None:
+            raise stalled from error
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
-        shutdown(env)
+        shutdown(env, failed)
         torch.set_num_threads(threads)
 
+
+# Errors a user can act on (data, checkpoint, settings, divergence, a stalled process): one message,
+# the traceback only with --debug.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, ImportError)
 
 if __name__ == "__main__":
     try:
         main()
-    except (NonFiniteLossError, FileNotFoundError, LabelFileError, UnreadableImagesError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {error} (--debug shows the traceback)", file=sys.stderr)
         sys.exit(1)

@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
+from .inputs import checked_forward
 from .layout import Layout
-from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets
+from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
 from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
 from .taps import StageTaps, tapped_by, to_feature_map
 
@@ -202,6 +203,7 @@ class GradualSelfDistiller(nn.Module):
         """Whether the hooks are still attached to the model."""
         return self.taps.active
 
+    @checked_forward
     def forward(
         self,
         images: torch.Tensor,
@@ -255,11 +257,12 @@ class GradualSelfDistiller(nn.Module):
         if targets is None:
             return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
         checking = self.finite_check is not None and not torch.compiler.is_compiling()
-        # Accelerator targets: the range check joins the deferred flags instead of syncing.
+        # Accelerator targets: the value check joins the deferred flags instead of syncing.
         conditions = []
-        if checking and targets.device.type != "cpu" and targets.dtype in INDEX_DTYPES:
-            conditions.append(((targets >= 0) & (targets < self.num_classes)).all())
-            targets = targets.clamp(0, self.num_classes - 1)
+        if checking and targets.device.type != "cpu":
+            conditions.append(targets_valid(targets, self.num_classes))
+            if targets.dtype in INDEX_DTYPES:
+                targets = targets.clamp(0, self.num_classes - 1)
         loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
         if checking:
             terms, names, classes = tuple(losses), self.head_names, self.num_classes
@@ -270,7 +273,7 @@ class GradualSelfDistiller(nn.Module):
                     *(f"term {k}" for k in terms),
                     *(f"logits of {n}" for n in names),
                     *(f"features of {n}" for n in names),
-                    *([f"class-index targets outside [0, {classes - 1}]"] if conditions else []),
+                    *([target_rule(targets, classes)] if conditions else []),
                 ],
                 conditions,
             )

@@ -82,14 +82,39 @@ def distillation_pairs(num_heads: int, teacher: Teacher = "neighbour") -> list[t
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def soft_target_tolerance(dtype: torch.dtype) -> float:
+    """How far a row of class probabilities may sum from 1 (rounding of the dtype)."""
+    return 1e-2 if torch.finfo(dtype).bits <= 16 else 1e-4
+
+
+def targets_valid(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """A 0-dim boolean on the targets' device, true when the values are valid: class indices in
+    ``[0, num_classes)``, or probabilities that are finite, non-negative and sum to 1 per row."""
+    if not targets.is_floating_point():
+        return ((targets >= 0) & (targets < num_classes)).all()
+    sums = targets.float().sum(dim=1)
+    tolerance = soft_target_tolerance(targets.dtype)
+    return torch.isfinite(targets).all() & (targets >= 0).all() & ((sums - 1).abs() <= tolerance).all()
+
+
+def target_rule(targets: torch.Tensor, num_classes: int) -> str:
+    """What :func:`targets_valid` requires of ``targets``, for an error message."""
+    if not targets.is_floating_point():
+        return f"class-index targets outside [0, {num_classes - 1}]"
+    return (
+        "soft targets must be finite, non-negative probabilities whose rows sum to 1 "
+        f"(within {soft_target_tolerance(targets.dtype):g})"
+    )
+
+
 def check_targets(
     targets: torch.Tensor, batch_size: int, num_classes: int, check_range: bool | None = None
 ) -> None:
     """Raise a clear error for targets that cross-entropy would reject obscurely or misuse.
 
-    Shape and dtype checks are free; the range check reads the targets' extremes, which on an
-    accelerator is one device sync, so ``check_range=None`` checks CPU targets only (never while
-    compiling)."""
+    Shape and dtype checks are free; the value check (class indices in range; probabilities
+    finite, non-negative, rows summing to 1) reads the targets, which on an accelerator is one
+    device sync, so ``check_range=None`` checks CPU targets only (never while compiling)."""
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor, got {type(targets).__name__}")
     if targets.is_floating_point():
@@ -98,6 +123,16 @@ def check_targets(
                 f"float targets are class probabilities and must have shape "
                 f"({batch_size}, {num_classes}); got {tuple(targets.shape)}"
             )
+        if check_range is None:
+            check_range = targets.device.type == "cpu"
+        if check_range and targets.numel() and not torch.compiler.is_compiling():
+            if not bool(targets_valid(targets, num_classes)):
+                sums = targets.double().sum(dim=1)
+                raise ValueError(
+                    f"{target_rule(targets, num_classes)}; got values from {targets.min().item():g} "
+                    f"to {targets.max().item():g} and row sums from {sums.min().item():g} to "
+                    f"{sums.max().item():g}. Normalise them, e.g. targets.softmax(1) of scores"
+                )
         return
     if targets.dtype not in INDEX_DTYPES:
         raise TypeError(
@@ -132,7 +167,7 @@ class GradualDistillationLoss(nn.Module):
         formulation: ``"reference"`` (the paper's code) or ``"normalized"``; see module doc.
         aux_ce_weight: Cross-entropy weight on the auxiliary heads (paper: 0, CE on the last
             classifier only).
-        label_smoothing: Passed to every cross-entropy term.
+        label_smoothing: Passed to every cross-entropy term; in ``[0, 1)``.
         check_target_range: Check that class indices lie in ``[0, num_classes)``. ``None``: for
             targets on the CPU, where it is free. ``True``: on an accelerator too, at one device
             sync per call (unchecked, an out-of-range index ends in a device-side assert there).
@@ -160,6 +195,8 @@ class GradualDistillationLoss(nn.Module):
         ):
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing!r}")
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
         if formulation not in FORMULATIONS:

@@ -1,7 +1,12 @@
-"""Process-group setup for ``torchrun`` (gloo on CPU, NCCL on CUDA) and the samplers it needs."""
+"""Process-group setup for ``torchrun`` (gloo on CPU, NCCL on CUDA) and the samplers it needs.
+
+The group has a timeout: a collective that waits longer for a stalled or dead process raises
+on the processes still running, so the run ends with an error instead of hanging forever.
+"""
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 from dataclasses import dataclass
@@ -10,6 +15,9 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+
+DEFAULT_TIMEOUT_S = 1800.0  # longer than any one epoch's evaluation or checkpoint write
 
 
 @dataclass
@@ -41,8 +49,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_name: str) -> DistEnv:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+def init_distributed(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+    """Join the process group that ``torchrun`` describes in the environment, if any; a
+    collective that waits more than ``timeout_s`` seconds raises."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
@@ -50,14 +59,35 @@ def init_distributed(device_name: str) -> DistEnv:
         return DistEnv(0, 1, device)
     owns_group = not dist.is_initialized()
     if owns_group:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistEnv(dist.get_rank(), dist.get_world_size(), device, owns_group)
 
 
-def shutdown(env: DistEnv) -> None:
+def shutdown(env: DistEnv, failed: bool = False) -> None:
+    """Leave the process group; after a failure without the final barrier, which the other
+    processes may never reach."""
     if env.owns_group and dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+class ProcessTimeoutError(RuntimeError):
+    """Another torchrun process did not take part in a collective within the timeout."""
+
+
+def stall_error(error: BaseException, env: DistEnv, timeout_s: float) -> ProcessTimeoutError | None:
+    """A message for a collective's timeout (gloo's and NCCL's name only the transport)."""
+    if not (env.distributed and isinstance(error, RuntimeError) and "timed out" in str(error).lower()):
+        return None
+    return ProcessTimeoutError(
+        f"another torchrun process did not answer within --dist-timeout {timeout_s:g} s (stalled, "
+        "stopped or dead), so this one stops too; the last checkpoint is kept for --resume "
+        f"({str(error).splitlines()[0][:200]})"
+    )
 
 
 def all_reduce(tensor: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from . import checkpoint
+from .divergence import check_loss, check_weights
 from .distributed import DistEnv, WeightedShardSampler, all_reduce, broadcast_buffers, shard_indices
 from .metrics import confusion_matrix, summarize
 from .models import plain_model
@@ -38,6 +39,15 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the last good checkpoint was kept."""
+
+
+class RunMismatchError(ValueError):
+    """``--resume`` found a checkpoint of a different run; the message names every difference."""
+
+
+def differences(saved: dict, now: dict) -> str:
+    """``key: saved X, now Y`` for every key of ``now`` whose value differs in ``saved``."""
+    return "; ".join(f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v)
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -110,6 +120,7 @@ class Trainer:
     best: dict | None = None  # test metrics of the epoch with the best test accuracy
     selected: dict | None = None  # {"epoch", "val", "test"} at the best validation accuracy
     last: dict | None = None  # test metrics of the latest evaluated epoch
+    first_step_loss: float | None = None  # the untrained model's loss, for the divergence rule
 
     def __post_init__(self) -> None:
         if self.amp and self.env.device.type != "cuda":
@@ -139,19 +150,29 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "selected": self.selected,
+            "first_step_loss": self.first_step_loss,
             "run": run_info,
         }
 
-    def resume(self, path: Path, run_info: dict) -> None:
+    def resume(self, path: Path, run_info: dict, epochs: int) -> None:
         state = checkpoint.load(path)
-        differ = {k: (state["run"].get(k), v) for k, v in run_info.items() if state["run"].get(k) != v}
+        differ = differences(state["run"], run_info)
         if differ:
-            raise ValueError(f"{path} was written by a different run configuration: {differ} (saved, now)")
+            raise RunMismatchError(
+                f"--resume refused: {path} was written by a different run configuration ({differ}). "
+                "Resume with the original settings, or use another --output-dir"
+            )
+        if state["epoch"] > epochs:
+            raise RunMismatchError(
+                f"--resume refused: {path} holds epoch {state['epoch']}, beyond --epochs {epochs}; "
+                f"pass --epochs {state['epoch']} or more"
+            )
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.best, self.selected = state["history"], state["best"], state["selected"]
+        self.first_step_loss = state.get("first_step_loss")
         self.start_epoch = state["epoch"] + 1
         log.info("resumed from %s after epoch %d", path, state["epoch"])
 
@@ -190,6 +211,10 @@ class Trainer:
             targets = targets.to(device, non_blocking=True)
             logits, loss, losses = self.step_loss(images, targets)
             self.check_finite(loss, losses, epoch, step)
+            if self.first_step_loss is None:  # once per run: the reference of the divergence rule
+                self.first_step_loss = float(all_reduce(loss.detach().float().clone(), self.env)) / (
+                    self.env.world_size
+                )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -256,6 +281,13 @@ class Trainer:
             seed_everything(seed, epoch, self.env.rank)
             train.sampler.set_epoch(epoch)
             record = {"epoch": epoch, **self.train_epoch(train, epoch)}
+            kept = (
+                f"The checkpoint of epoch {epoch - 1} is kept: lower --lr, then --resume"
+                if epoch > 1
+                else "No epoch was saved: lower --lr and start again"
+            )
+            check_weights(self.module, self.env, epoch, kept)
+            check_loss(record["losses"]["loss"], self.first_step_loss, epoch, kept)
             results = self.evaluate_all(evals, classes, epoch)
             test = results["test"]
             for split, result in results.items():
@@ -277,7 +309,7 @@ class Trainer:
                     on_improved("selected", self.module)
             self.last = test
             if self.env.is_main:
-                checkpoint.save(self.state(epoch, run_info), output_dir / "checkpoint.pt")
+                checkpoint.save_checked(self.state(epoch, run_info), output_dir / "checkpoint.pt")
                 on_epoch(record)
         if self.start_epoch > epochs:  # resumed a finished run: evaluate the restored weights
             self.last = self.evaluate_all(evals, classes, epochs)["test"]

@@ -20,6 +20,7 @@ from .checkpoint import atomic_write
 from .datasets.common import log
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
+EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", "early_exit")  # what report_exits may write
 
 
 def calibration_split(evaluated: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset, str]:

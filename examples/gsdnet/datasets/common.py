@@ -23,10 +23,23 @@ class LabelFileError(ValueError):
     """A label file line that cannot be parsed; the message names the file and line."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (modes ``I;16*``, and ``I`` holding values up to 65535) is
+    scaled by its bit depth to 0..255: Pillow's own conversion clips it, turning nearly every
+    pixel of a 16-bit image white. 32-bit integer images are scaled by 2**32."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode != "I" or pixels.max(initial=0) <= 65535 else 2.0**32 - 1
+        scaled = np.clip(np.round(pixels * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageList(Dataset):
     """``(image, label)`` pairs from a list of files (or in-memory uint8 arrays) and labels.
 
-    Images are decoded lazily and converted to RGB; a corrupt file raises an error naming it.
+    Images are decoded lazily and converted to 8-bit RGB (:func:`to_rgb`); a corrupt file
+    raises an error naming it.
     """
 
     def __init__(
@@ -50,7 +63,7 @@ class ImageList(Dataset):
             return Image.fromarray(source).convert("RGB")
         try:
             with Image.open(source) as image:
-                return image.convert("RGB")
+                return to_rgb(image)
         except (OSError, SyntaxError, ValueError) as error:
             raise OSError(f"cannot read image {source}: {error}") from error
 

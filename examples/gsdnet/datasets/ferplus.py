@@ -68,9 +68,15 @@ def parse(data_dir: Path) -> tuple[dict[str, tuple[list[np.ndarray], list[int]]]
                 )
             try:
                 votes = [int(vote_row[column]) for column in VOTE_COLUMNS]
-                pixels = np.array(pixel_row["pixels"].split(), dtype=np.uint8).reshape(48, 48)
-            except (KeyError, TypeError, ValueError) as error:
+                values = np.array(pixel_row["pixels"].split(), dtype=np.int64).reshape(48, 48)
+            except (KeyError, TypeError, ValueError, OverflowError) as error:
                 raise LabelFileError(f"{where}: cannot read votes or 48x48 pixels ({error})") from None
+            if values.min() < 0 or values.max() > 255:
+                raise LabelFileError(
+                    f"{pixels_csv}:{number}: pixel values must lie in 0..255, got values from "
+                    f"{values.min()} to {values.max()}"
+                )
+            pixels = values.astype(np.uint8)
             label, reason = majority_label(votes)
             reasons[f"{SPLITS[usage]}: {reason}"] += 1
             if label is not None:

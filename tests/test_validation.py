@@ -1,0 +1,99 @@
+"""Input validation of the library: soft targets, label smoothing and image batches get errors
+that name the input and the fix, instead of a wrong loss or a kernel's message."""
+
+import math
+
+import pytest
+import timm
+import torch
+
+from gradual_sd import GradualDistillationLoss, GradualSelfDistiller
+
+
+def heads(n=4, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(n, classes, generator=gen) for _ in range(3)]
+    features = [torch.randn(n, 8, generator=gen) for _ in range(3)]
+    return logits, features
+
+
+@pytest.mark.parametrize(
+    ("targets", "what"),
+    [
+        (torch.tensor([[1.5, -0.5, 0.0]] * 4), "values from -0.5"),  # negative, sums to 1
+        (torch.tensor([[2.0, 1.0, 1.0]] * 4), "row sums from 4"),  # unnormalised
+        (torch.tensor([[float("nan"), 0.5, 0.5]] * 4), "finite"),
+    ],
+)
+def test_bad_soft_targets_are_refused(targets, what):
+    logits, features = heads()
+    with pytest.raises(ValueError, match=what):
+        GradualDistillationLoss()(logits, features, targets)
+    with pytest.raises(ValueError, match="soft targets must be finite, non-negative probabilities"):
+        GradualDistillationLoss().cross_entropy(logits[-1], targets)
+
+
+def test_valid_soft_targets_pass_within_tolerance():
+    logits, features = heads()
+    targets = torch.softmax(torch.randn(4, 3), 1) * (1 + 5e-5)
+    loss, _ = GradualDistillationLoss()(logits, features, targets)
+    assert torch.isfinite(loss)
+    half = torch.softmax(torch.randn(4, 3), 1).half()  # rounding of float16 stays within 1e-2
+    GradualDistillationLoss().cross_entropy(logits[-1], half)
+
+
+@pytest.mark.parametrize("value", [-0.5, 1.0, math.nan, math.inf])
+def test_label_smoothing_outside_zero_one_is_refused(value):
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\)"):
+        GradualDistillationLoss(label_smoothing=value)
+
+
+@pytest.fixture
+def distiller():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    return GradualSelfDistiller(model, example_input=torch.zeros(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fix"),
+    [(torch.uint8, r"images.float\(\)"), (torch.int64, r"images.float\(\)"), (torch.float64, "images.to")],
+)
+def test_image_dtypes_the_model_cannot_take_name_the_fix(distiller, dtype, fix):
+    images = torch.zeros(2, 3, 32, 32, dtype=dtype)
+    with pytest.raises(TypeError, match=f"images are {dtype}.*{fix}"):
+        distiller(images, torch.tensor([0, 1]))
+
+
+def test_empty_batch_is_named(distiller):
+    with pytest.raises(ValueError, match=r"empty batch \(images of shape \(0, 3, 32, 32\)\)"):
+        distiller(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+
+
+def test_batch_of_one_in_training_mode_names_batchnorm_and_the_fix(distiller):
+    with pytest.raises(ValueError, match=r"a batch of 1 image\(s\) in training mode.*drop_last=True"):
+        distiller(torch.zeros(1, 3, 32, 32), torch.tensor([0]))
+    distiller.eval()
+    assert distiller(torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+
+
+def test_batch_of_one_trains_where_every_batchnorm_sees_several_values(distiller):
+    out = distiller(torch.randn(1, 3, 64, 64), torch.tensor([2]))  # the last maps are 2x2
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bad_soft_targets_on_cuda_are_reported_later_without_a_sync(distiller):
+    module = distiller.cuda()
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    good = torch.softmax(torch.randn(4, 3, device="cuda"), 1)
+    module(images, good).loss.backward()  # the first step initialises cuDNN and the allocator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        module(images, good * 4).loss.backward()  # step 1: unnormalised, queued not read
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(ValueError, match="training step 1: soft targets must be finite, non-negative"):
+        for _ in range(50):
+            module(images, good).loss.backward()
+        module.finite_check.flush()
