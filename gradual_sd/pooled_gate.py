@@ -12,9 +12,9 @@ timm's SE has, plus the max's read and a scatter of ``N x C`` values:
   reductions and folds the backward into the gate's, the same passes as SE.
 - :class:`FusedPooledGate` is the whole gate as one autograd function: its backward computes
   ``grad_x = grad_out * gate + d_avg / (H*W)`` and adds ``d_max`` at each argmax, so nothing
-  full-size is summed afterwards. The small gate network keeps ordinary autograd: its graph is
-  built in the forward on detached ``N x C`` descriptors and differentiated inside the
-  backward, which gives ``d_avg``, ``d_max`` and its parameters' gradients.
+  full-size is summed afterwards. The small gate network is re-run under ordinary autograd
+  inside the backward (a few ``N x C`` operations) to get ``d_avg``, ``d_max`` and its
+  parameters' gradients.
 
 The gradient of the max goes to the first maximal position in row-major order, as with
 ``adaptive_max_pool2d``; ties (a channel that is all zero after a ReLU, say) are common in
@@ -99,6 +99,15 @@ def avg_max_pool(x: torch.Tensor) -> torch.Tensor:
     return _AvgMaxPool.apply(x)
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4 has per-device functions
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
 GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -113,34 +122,33 @@ class FusedPooledGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gate_fn: GateFn, *params: nn.Parameter) -> torch.Tensor:
         peak, index = spatial_max(x)
-        # The gate network's own graph, from detached descriptors: the backward differentiates
-        # it without running it again. Its tensors are N x C, and it lives as long as ctx.
-        with torch.enable_grad():
-            descriptors = torch.stack((x.mean((2, 3)), peak), dim=1).detach().requires_grad_()
-            gate = gate_fn(descriptors)
-        ctx.descriptors, ctx.gate, ctx.params = descriptors, gate, params
-        ctx.save_for_backward(x, index)
-        return x * gate.detach()[:, :, None, None]
+        pooled = torch.stack((x.mean((2, 3)), peak), dim=1)
+        gate = gate_fn(pooled)
+        ctx.gate_fn, ctx.params = gate_fn, params
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.save_for_backward(x, pooled, index, gate)
+        return x * gate[:, :, None, None]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, index = ctx.saved_tensors
-        gate = ctx.gate
+        x, pooled, index, gate = ctx.saved_tensors
         needs_x, _, *needs_params = ctx.needs_input_grad
         # d(loss)/d(gate): the gate is (N, C), so this reduces as soon as it multiplies.
         gate_grad = (grad_out * x).sum((2, 3)).to(gate.dtype)
-        wanted = [ctx.descriptors] * needs_x + [p for p, need in zip(ctx.params, needs_params) if need]
-        grads = []
-        if wanted and gate.requires_grad:
-            # retain_graph: a second backward through the outer graph (retain_graph=True there)
-            # needs this one again; it is freed with ctx.
-            grads = list(torch.autograd.grad(gate, wanted, gate_grad, retain_graph=True, allow_unused=True))
+        enabled, dtype = ctx.autocast
+        # Re-run rather than keep the forward's graph: a graph built inside this forward would
+        # have its tensors packed by the caller's saved-tensor hooks (non-reentrant checkpoint
+        # among them), which then recompute the region a second time when it is differentiated.
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            descriptors = pooled.detach().requires_grad_(needs_x)
+            wanted = [descriptors] * needs_x + [p for p, need in zip(ctx.params, needs_params) if need]
+            grads = list(torch.autograd.grad(ctx.gate_fn(descriptors), wanted, gate_grad, allow_unused=True))
         grad_x = None
         if needs_x:
-            descriptor_grad = grads.pop(0)
-            grad_x = _gated_grad_plus_spread_average(grad_out, gate.detach(), descriptor_grad[:, 0], x.shape)
-            grad_x = _add_at_argmax(grad_x, index, descriptor_grad[:, 1])
+            pooled_grad = grads.pop(0)
+            grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], x.shape)
+            grad_x = _add_at_argmax(grad_x, index, pooled_grad[:, 1])
         param_grads = iter(grads)
         return (grad_x, None, *(next(param_grads) if need else None for need in needs_params))
 

@@ -184,3 +184,20 @@ def test_compiled_acam_matches_eager_in_one_graph(backend):
     torch.testing.assert_close(got[1], expected[1])
     for name, grad in expected[2].items():
         torch.testing.assert_close(got[2][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_fused_acam_under_activation_checkpointing(use_reentrant):
+    """Checkpointing recomputes the region in backward; the fused function must neither run
+    twice per unpack nor give other gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    module = ACAM(16).double()
+    randomize(module, 4)
+    x = make_input((2, 16, 5, 5), "relu", False, 5)
+    grad_out = torch.randn_like(x)
+    expected = gradients(module, x, module, grad_out)
+    got = gradients(module, x, lambda v: checkpoint(module, v, use_reentrant=use_reentrant), grad_out)
+    torch.testing.assert_close(got[1], expected[1])
+    for name, grad in expected[2].items():
+        torch.testing.assert_close(got[2][name], grad, msg=name)
