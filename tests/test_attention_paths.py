@@ -197,7 +197,10 @@ def test_fused_acam_under_activation_checkpointing(use_reentrant):
     x = make_input((2, 16, 5, 5), "relu", False, 5)
     grad_out = torch.randn_like(x)
     expected = gradients(module, x, module, grad_out)
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
     got = gradients(module, x, lambda v: checkpoint(module, v, use_reentrant=use_reentrant), grad_out)
+    assert len(calls) == 2  # the forward and one recompute
     torch.testing.assert_close(got[1], expected[1])
     for name, grad in expected[2].items():
         torch.testing.assert_close(got[2][name], grad, msg=name)
