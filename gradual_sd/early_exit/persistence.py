@@ -51,9 +51,19 @@ def load(
 ) -> EarlyExitModel:
     directory = Path(directory)
     saved = json.loads((directory / CONFIG_FILE).read_text())
-    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    trained = f"stages {saved['stage_names']}, classifier {saved['classifier_name']!r}"
+    load_weights(
+        model,
+        directory / MODEL_FILE,
+        f"build the model exactly as trained ({trained}; the same architecture, num_classes and "
+        "inserted modules such as ACAM) and pass it to EarlyExitModel.load",
+    )
     head_list = nn.ModuleList(heads if heads is not None else [build_head(s) for s in saved["heads"]])
-    head_list.load_state_dict(torch.load(directory / HEADS_FILE, map_location="cpu", weights_only=True))
+    load_weights(
+        head_list,
+        directory / HEADS_FILE,
+        "pass heads built as in training, one per stage (or heads=None for the library's heads)",
+    )
     reference = next(model.parameters(), None)
     if reference is not None:
         head_list.to(reference.device)
@@ -69,6 +79,35 @@ def load(
         example_input=example_input,
         check=check,
     )
+
+
+def load_weights(module: nn.Module, path: Path, fix: str) -> None:
+    """Load the state_dict saved at ``path`` into ``module``; if its names or shapes do not fit,
+    say how (a few examples of each mismatch) and what to do, instead of PyTorch's full dump."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [
+        f"{k!r}: saved {tuple(saved[k].shape)}, here {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and isinstance(own[k], torch.Tensor) and saved[k].shape != own[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        problems = [
+            f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+            for items, what in (
+                ([repr(k) for k in missing], f"of its {len(own)} entries are not in the file"),
+                ([repr(k) for k in unexpected], "saved entries have no place in it"),
+                (reshaped, "differ in shape"),
+            )
+            if items
+        ]
+        raise RuntimeError(
+            f"{path} does not fit this {type(module).__name__}: {'; '.join(problems)}. "
+            f"It was saved from another model; {fix}"
+        )
+    module.load_state_dict(saved)
 
 
 def head_spec(head: nn.Module) -> dict[str, Any] | None:
