@@ -24,10 +24,10 @@ class Outcomes(NamedTuple):
     costs: ExitCosts
 
 
-def outcomes(exits: EarlyExitModel, data: Data) -> Outcomes:
+def outcomes(exits: EarlyExitModel, data: Data, show_progress: bool | None, desc: str) -> Outcomes:
     """Every exit's logits and the targets over ``data`` (one full pass), and what routing
     is simulated from: each head's confidence, whether each exit is right, the costs."""
-    logits, targets = collect(exits, data)
+    logits, targets = collect(exits, data, show_progress, desc)
     costs = exit_costs(exits, first_images(data, device_of(exits.model), 1))
     confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
     correct = torch.stack([z.argmax(-1) == targets for z in logits])
@@ -44,10 +44,12 @@ def curve(found: Outcomes, levels: Sequence[float]) -> list[dict[str, float]]:
     return points
 
 
-def calibrate(exits: EarlyExitModel, data: Data, max_accuracy_drop: float) -> dict[str, Any]:
+def calibrate(
+    exits: EarlyExitModel, data: Data, max_accuracy_drop: float, show_progress: bool | None
+) -> dict[str, Any]:
     """Set ``exits``' thresholds by :func:`~gradual_sd.exit_policy.choose_thresholds`; what they
     reach on ``data``."""
-    _, _, confidence, correct, costs = outcomes(exits, data)
+    _, _, confidence, correct, costs = outcomes(exits, data, show_progress, "calibrate")
     exits.set_thresholds(choose_thresholds(confidence, correct, costs, max_accuracy_drop))
     accuracy, flops = evaluate(confidence, correct, costs, exits.thresholds)
     return {

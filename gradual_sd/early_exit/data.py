@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .progress import progress
+
 if TYPE_CHECKING:
     from .model import EarlyExitModel
 
@@ -48,12 +50,22 @@ def first_images(data: Data, device: torch.device, count: int) -> torch.Tensor:
     return torch.cat(taken)
 
 
-def collect(exits: EarlyExitModel, data: Data) -> tuple[list[torch.Tensor], torch.Tensor]:
+def batch_count(data: Data, size: int = 256) -> int | None:
+    """How many batches :func:`batches` yields, where that is known without iterating."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return -(-data[0].shape[0] // size)
+    return len(data) if hasattr(data, "__len__") else None
+
+
+def collect(
+    exits: EarlyExitModel, data: Data, show_progress: bool | None = None, desc: str = "exit logits"
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every exit's logits (on the CPU, float32) and the targets, over all of ``data``."""
     per_exit: list[list[torch.Tensor]] = [[] for _ in range(len(exits.heads) + 1)]
     targets = []
+    pairs = progress(batches(data, device_of(exits.model)), show_progress, desc, "batch", batch_count(data))
     with torch.inference_mode():
-        for images, labels in batches(data, device_of(exits.model)):
+        for images, labels in pairs:
             for store, logits in zip(per_exit, exits.exit_logits(images)):
                 store.append(logits.float().cpu())
             targets.append(labels.cpu())

@@ -245,7 +245,9 @@ class EarlyExitModel(nn.Module):
         matrix multiplications and convolutions, not element-wise operations."""
         return costs.exit_costs(self, example)
 
-    def calibrate(self, data: Data, max_accuracy_drop: float = 0.005) -> dict[str, Any]:
+    def calibrate(
+        self, data: Data, max_accuracy_drop: float = 0.005, *, progress: bool | None = None
+    ) -> dict[str, Any]:
         """Choose the thresholds on held-out ``data`` (an ``(images, targets)`` pair or an
         iterable of such batches): the lowest expected FLOPs whose accuracy on ``data`` stays
         within ``max_accuracy_drop`` (a fraction) of the model's own classifier.
@@ -256,16 +258,24 @@ class EarlyExitModel(nn.Module):
         reach on ``data``. On new data the drop can be larger: on a few hundred images the
         thresholds fit the set's noise (docs/early-exit.md), so calibrate on as many held-out
         images as there are.
+
+        ``progress``: a bar over the batches of ``data`` (tqdm, when installed) on stderr;
+        the default shows it only when stderr is a terminal, ``False`` never.
         """
-        return calibration.calibrate(self, data, max_accuracy_drop)
+        return calibration.calibrate(self, data, max_accuracy_drop, progress)
 
     def tradeoff(
-        self, data: Data, levels: Sequence[float] = tuple(i / 20 for i in range(21))
+        self,
+        data: Data,
+        levels: Sequence[float] = tuple(i / 20 for i in range(21)),
+        *,
+        progress: bool | None = None,
     ) -> list[dict[str, float]]:
         """The accuracy-compute curve on ``data``: for each level, every head at that threshold
         (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
-        Thresholds are not changed. :meth:`profile` returns the same curve."""
-        return calibration.curve(calibration.outcomes(self, data), levels)
+        Thresholds are not changed. :meth:`profile` returns the same curve. ``progress`` as in
+        :meth:`calibrate`."""
+        return calibration.curve(calibration.outcomes(self, data, progress, "tradeoff"), levels)
 
     def profile(
         self,
@@ -275,6 +285,7 @@ class EarlyExitModel(nn.Module):
         repeats: int = 5,
         latency_images: int = 64,
         levels: Sequence[float] = tuple(i / 20 for i in range(21)),
+        progress: bool | None = None,
     ) -> dict[str, Any]:
         """Per exit, at the current thresholds: share of samples, their accuracy and expected
         calibration error, the head's accuracy on every sample, FLOPs per sample to reach it,
@@ -289,8 +300,10 @@ class EarlyExitModel(nn.Module):
         with one torch thread the clock is the process's CPU time, else wall time. Per exit,
         every sample is forced to leave there (the enabled heads before it still run).
         ``tradeoff`` is :meth:`tradeoff`'s curve at ``levels``, from the same pass over ``data``.
+        ``progress``: bars over the pass over ``data`` and over the repetitions at each batch
+        size, as in :meth:`calibrate`.
         """
-        return profiling.profile(self, data, batch_sizes, repeats, latency_images, levels)
+        return profiling.profile(self, data, batch_sizes, repeats, latency_images, levels, progress)
 
     # -- saving and loading (persistence.py) --------------------------------------------------
 

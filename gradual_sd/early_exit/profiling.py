@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..exit_policy import expected_calibration_error, route
 from .calibration import curve, outcomes
 from .data import Data, device_of, first_images
+from .progress import progress
 
 if TYPE_CHECKING:
     from .model import EarlyExitModel
@@ -28,9 +29,10 @@ def profile(
     repeats: int,
     latency_images: int,
     levels: Sequence[float],
+    show_progress: bool | None,
 ) -> dict[str, Any]:
     """:meth:`EarlyExitModel.profile`'s report."""
-    found = outcomes(exits, data)
+    found = outcomes(exits, data, show_progress, "profile: exit logits")
     logits, targets, confidence, _, costs = found
     device = device_of(exits.model)
     chosen_exit = route(confidence, exits.thresholds)
@@ -56,7 +58,9 @@ def profile(
         )
     chosen = torch.stack(logits)[chosen_exit, torch.arange(chosen_exit.numel())]
     images = first_images(data, device, max(latency_images, *batch_sizes))
-    latency = {b: measure_latency(exits, images, b, repeats, latency_images) for b in batch_sizes}
+    latency = {
+        b: measure_latency(exits, images, b, repeats, latency_images, show_progress) for b in batch_sizes
+    }
     for k, row in enumerate(rows):
         row["latency_ratio"] = {b: latency[b][f"exit {k}"] for b in batch_sizes}
     return {
@@ -74,7 +78,12 @@ def profile(
 
 
 def measure_latency(
-    exits: EarlyExitModel, images: torch.Tensor, batch: int, repeats: int, count: int
+    exits: EarlyExitModel,
+    images: torch.Tensor,
+    batch: int,
+    repeats: int,
+    count: int,
+    show_progress: bool | None = None,
 ) -> dict[str, Any]:
     """Median ratios to the plain model of the time per image of the exits (and of every
     forced exit), on ``count`` images at batch 1, or on the whole batches of ``batch`` that
@@ -93,7 +102,7 @@ def measure_latency(
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn(chunks[0])
-        for rep in range(repeats):
+        for rep in progress(range(repeats), show_progress, f"profile: latency at batch {batch}", "repeat"):
             order = list(variants)[rep % len(variants) :] + list(variants)[: rep % len(variants)]
             for name in order:
                 _synchronize(device)
