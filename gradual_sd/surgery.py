@@ -37,6 +37,13 @@ All take and return ``(N, C, H, W)`` maps. timm's channels-last ``SqueezeExciteC
 on purpose: ACAM expects channels on dim 1.
 """
 
+# kinds= also takes the path where each listed class is defined (how Python prints it, e.g.
+# timm.layers.squeeze_excite.SEModule for timm.layers.SEModule).
+_KINDS_BY_NAME = {
+    **{f"{cls.__module__}.{cls.__qualname__}": cls for cls in SQUEEZE_EXCITE_KINDS.values()},
+    **SQUEEZE_EXCITE_KINDS,
+}
+
 # Where the known SE classes keep their gate (timm, torchvision, timm's hgnet and senet).
 _GATE_ATTRIBUTES = ("gate", "scale_activation", "sigmoid")
 
@@ -137,7 +144,7 @@ def replace_squeeze_excite(
         if name and isinstance(module, classes) and not inside_found:
             found[name] = module
     if not found:
-        looked_for = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in classes)
+        looked_for = ", ".join(_kind_name(cls) for cls in classes)
         raise ValueError(
             f"{type(model).__name__} has no squeeze-excite module of the kinds looked for "
             f"({looked_for}); pass its class in kinds=, or put attention after stages with "
@@ -160,10 +167,10 @@ def _squeeze_excite_classes(kinds: Iterable[str | type[nn.Module]] | None) -> tu
     for kind in kinds:
         if isinstance(kind, type) and issubclass(kind, nn.Module):
             classes.append(kind)
-        elif isinstance(kind, str) and kind in SQUEEZE_EXCITE_KINDS:
-            classes.append(SQUEEZE_EXCITE_KINDS[kind])
+        elif isinstance(kind, str) and kind in _KINDS_BY_NAME:
+            classes.append(_KINDS_BY_NAME[kind])
         elif isinstance(kind, str):
-            close = difflib.get_close_matches(kind, SQUEEZE_EXCITE_KINDS, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(kind, _KINDS_BY_NAME, n=3, cutoff=0.5)
             hint = f"close matches: {close}; " if close else ""
             raise ValueError(
                 f"unknown squeeze-excite kind {kind!r}; {hint}valid: {list(SQUEEZE_EXCITE_KINDS)}"
@@ -173,6 +180,13 @@ def _squeeze_excite_classes(kinds: Iterable[str | type[nn.Module]] | None) -> tu
                 f"kinds must hold nn.Module classes or names from SQUEEZE_EXCITE_KINDS, got {kind!r}"
             )
     return tuple(classes)
+
+
+def _kind_name(cls: type[nn.Module]) -> str:
+    """The name ``kinds=`` takes for ``cls``: its key in :data:`SQUEEZE_EXCITE_KINDS`, else its
+    defining module and qualified name (a class not listed there is passed as the class)."""
+    listed = (name for name, known in SQUEEZE_EXCITE_KINDS.items() if known is cls)
+    return next(listed, f"{cls.__module__}.{cls.__qualname__}")
 
 
 def _build_like(

@@ -20,7 +20,7 @@ def data():
     return torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 4, (4,), generator=gen)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backend", ["eager", pytest.param("aot_eager", marks=pytest.mark.slow)])
 def test_compiled_training_step_matches_eager(backend):
     torch._dynamo.reset()
     eager = small_distiller()

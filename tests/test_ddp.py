@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import timm
 import torch
 import torch.distributed as dist
@@ -48,6 +49,7 @@ def worker(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_step_keeps_every_parameter_in_sync():
     manager = mp.Manager()
     results = manager.dict()

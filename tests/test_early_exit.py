@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from functools import partial
 
 import pytest
@@ -451,6 +452,40 @@ def test_load_asks_for_heads_it_cannot_rebuild(tmp_path):
     exits.save(tmp_path)
     with pytest.raises(ValueError, match="pass heads="):
         EarlyExitModel.load(tmp_path, timm.create_model("resnet18", num_classes=5))
+
+
+def test_load_into_another_architecture_says_what_differs(tmp_path):
+    exits, _ = build("resnet18")
+    exits.save(tmp_path)
+    with pytest.raises(RuntimeError, match=r"model.pt does not fit this ResNet: 96 of its 218") as info:
+        EarlyExitModel.load(tmp_path, timm.create_model("resnet34", num_classes=5))
+    assert "'layer1.2.conv1.weight'" in str(info.value)  # resnet34 has three blocks in layer1
+    assert "as trained (stages ['layer1', 'layer2', 'layer3'], classifier 'fc';" in str(info.value)
+    assert "Missing key(s)" not in str(info.value)
+    shape = r"2 differ in shape \(e.g. 'fc.weight': saved \(5, 512\), here \(7, 512\)"
+    with pytest.raises(RuntimeError, match=shape):
+        EarlyExitModel.load(tmp_path, timm.create_model("resnet18", num_classes=7))
+    heads = [PooledHead(c, c, 5) for c in (64, 128, 256)]
+    with pytest.raises(RuntimeError, match=r"heads.pt does not fit this ModuleList: .*pass heads built"):
+        EarlyExitModel.load(tmp_path, timm.create_model("resnet18", num_classes=5), heads)
+
+
+def test_calibrate_and_profile_show_progress_when_asked_or_on_a_terminal(resnet, capsys, monkeypatch):
+    exits, _ = resnet
+    thresholds = exits.thresholds
+    x, targets = images(24), torch.zeros(24, dtype=torch.long)
+    exits.calibrate((x, targets), progress=True)
+    assert "calibrate:   0%|" in capsys.readouterr().err
+    exits.profile([(x, targets)], batch_sizes=(8,), repeats=2, latency_images=8, progress=True)
+    err = capsys.readouterr().err
+    assert "profile: exit logits:   0%|" in err and "profile: latency at batch 8:   0%|" in err
+    exits.calibrate((x, targets))  # stderr is not a terminal under pytest's capture
+    exits.calibrate((x, targets), progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: no bar and no error
+    exits.calibrate((x, targets), progress=True)
+    assert capsys.readouterr().err == ""
+    exits.set_thresholds(thresholds)
 
 
 def test_tradeoff_matches_real_forward_passes(resnet):

@@ -243,6 +243,7 @@ def evaluate_exported(path: Path, dataset) -> float:
     return accuracy(confusion_matrix(predictions, torch.tensor(dataset.labels), len(config["classes"])))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     data = rafdb_basic(tmp_path / "data")
     out = tmp_path / "ddp"

@@ -1,5 +1,5 @@
 """The README's quickstart runs and shows it worked, the package-index page is safe to publish,
-the API reference lists the public API, and CI runs the README's test command."""
+the API reference lists the public API, and CI runs the README's two test commands."""
 
 import re
 from pathlib import Path
@@ -58,8 +58,17 @@ def test_api_reference_lists_every_public_name():
     assert set(documented) == set(gradual_sd.__all__) - {"__version__"}
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_both_readme_test_commands_and_ends_with_the_full_suite():
     bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    assert len(bash) >= 2, "README needs its two set-up commands"
-    test_command = bash[1].strip().split("&&")[-1].strip()
-    assert test_command in (ROOT / ".ci" / "run").read_text()
+    assert len(bash) >= 3, "README needs its set-up command and the two test commands"
+    quick = bash[1].strip().split("&&")[-1].strip()
+    full = bash[2].strip()
+    assert quick == "python -m pytest", "the quick tier is pytest's default selection"
+    assert '-m "slow or not slow"' in full
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    assert quick in commands, ".ci/run does not run the quick tier"
+    assert commands[-1] == full, "the full suite must come last: its summary closes the log"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"""^addopts = ".*-m 'not slow'""", pyproject, flags=re.M), "the default skips slow"
+    assert re.search(r'^    "slow: ', pyproject, flags=re.M), "the slow marker must be registered"

@@ -1,5 +1,7 @@
 """Model surgery: attention after named stages, and in place of squeeze-excite modules."""
 
+import re
+
 import pytest
 import timm
 import torch
@@ -7,6 +9,7 @@ import torchvision
 from torch import nn
 
 from gradual_sd import ACAM, NormalizedACAM, insert_after, replace_squeeze_excite
+from gradual_sd.surgery import SQUEEZE_EXCITE_KINDS
 
 
 def test_appends_to_sequential_stage_and_keeps_weight_names():
@@ -189,6 +192,20 @@ def test_user_kinds_by_class_and_name():
     with pytest.raises(ValueError, match="no squeeze-excite module"):
         replace_squeeze_excite(net, kinds="timm.layers.SEModule")
     assert isinstance(replace_squeeze_excite(net, kinds=["torchvision.ops.SqueezeExcitation"])["se"], ACAM)
+
+
+def test_kinds_accepts_the_names_its_error_lists():
+    no_se = nn.Sequential(nn.Conv2d(3, 4, 1))
+    with pytest.raises(ValueError, match="no squeeze-excite module") as info:
+        replace_squeeze_excite(no_se)
+    listed = re.search(r"kinds looked for \((.*?)\)", str(info.value)).group(1).split(", ")
+    assert len(listed) == len(SQUEEZE_EXCITE_KINDS)
+    for name in listed:
+        with pytest.raises(ValueError, match=re.escape(f"kinds looked for ({name})")):
+            replace_squeeze_excite(no_se, kinds=[name])
+    # and the paths where Python says the classes are defined
+    net = TinySENet(timm.layers.SEModule(16))
+    assert isinstance(replace_squeeze_excite(net, kinds="timm.layers.squeeze_excite.SEModule")["se"], ACAM)
 
 
 def test_squeeze_excite_errors_name_the_fix():

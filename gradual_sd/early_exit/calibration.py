@@ -1,0 +1,60 @@
+"""Calibration and the accuracy-compute trade-off, simulated from one full pass over held-out data."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..exit_policy import ExitCosts, choose_thresholds, evaluate
+from .costs import exit_costs
+from .data import Data, collect, device_of, first_images
+
+if TYPE_CHECKING:
+    from .model import EarlyExitModel
+
+
+class Outcomes(NamedTuple):
+    logits: list[torch.Tensor]  # every exit's, over the data, on the CPU
+    targets: torch.Tensor
+    confidence: torch.Tensor  # (heads, N): each head's top softmax probability
+    correct: torch.Tensor  # (heads + 1, N): whether each exit is right
+    costs: ExitCosts
+
+
+def outcomes(exits: EarlyExitModel, data: Data, show_progress: bool | None, desc: str) -> Outcomes:
+    """Every exit's logits and the targets over ``data`` (one full pass), and what routing
+    is simulated from: each head's confidence, whether each exit is right, the costs."""
+    logits, targets = collect(exits, data, show_progress, desc)
+    costs = exit_costs(exits, first_images(data, device_of(exits.model), 1))
+    confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
+    correct = torch.stack([z.argmax(-1) == targets for z in logits])
+    return Outcomes(logits, targets, confidence, correct, costs)
+
+
+def curve(found: Outcomes, levels: Sequence[float]) -> list[dict[str, float]]:
+    """Accuracy and relative FLOPs with every head at each threshold level."""
+    _, _, confidence, correct, costs = found
+    points = []
+    for level in levels:
+        accuracy, flops = evaluate(confidence, correct, costs, [level] * confidence.shape[0])
+        points.append({"threshold": level, "accuracy": accuracy, "flops_ratio": flops / costs.full})
+    return points
+
+
+def calibrate(
+    exits: EarlyExitModel, data: Data, max_accuracy_drop: float, show_progress: bool | None
+) -> dict[str, Any]:
+    """Set ``exits``' thresholds by :func:`~gradual_sd.exit_policy.choose_thresholds`; what they
+    reach on ``data``."""
+    _, _, confidence, correct, costs = outcomes(exits, data, show_progress, "calibrate")
+    exits.set_thresholds(choose_thresholds(confidence, correct, costs, max_accuracy_drop))
+    accuracy, flops = evaluate(confidence, correct, costs, exits.thresholds)
+    return {
+        "thresholds": list(exits.thresholds),
+        "accuracy": accuracy,
+        "full_accuracy": correct[-1].double().mean().item(),
+        "flops_ratio": flops / costs.full,
+    }

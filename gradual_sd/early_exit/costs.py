@@ -1,0 +1,37 @@
+"""FLOPs per sample of the backbone up to each tapped stage, of each head and of the whole model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..exit_policy import ExitCosts
+from .routing import Pass, everybody
+
+if TYPE_CHECKING:
+    from .model import EarlyExitModel
+
+
+def flops(fn: Callable[..., object], *args: object) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return float(counter.get_total_flops())
+
+
+def exit_costs(exits: EarlyExitModel, example: torch.Tensor) -> ExitCosts:
+    """Counted on the first sample of ``example``: the backbone alone is the forward stopped
+    right after stage ``k``; head ``k`` is the forward with only that head enabled, minus that."""
+    example = example[:1]
+    heads = len(exits.heads)
+    with torch.inference_mode():
+        full = flops(exits.model, example)
+        stages, head_costs = [], []
+        for k in range(heads):
+            run = Pass(1, example.device, [False] * heads, everybody, stop_at=k)
+            stages.append(flops(exits._run, example, run))
+            run = Pass(1, example.device, [j == k for j in range(heads)], everybody)
+            head_costs.append(flops(exits._run, example, run) - stages[-1])
+    return ExitCosts(tuple(stages), tuple(head_costs), full)

@@ -1,0 +1,143 @@
+"""Saving an early-exit model to a folder and rebuilding it without the training code."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..attention import ACAM, NormalizedACAM
+from ..heads import BottleneckHead, PooledHead
+
+if TYPE_CHECKING:
+    from .model import EarlyExitModel
+
+CONFIG_FILE, MODEL_FILE, HEADS_FILE = "early_exit.json", "model.pt", "heads.pt"
+_ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}
+
+
+def config(exits: EarlyExitModel) -> dict[str, Any]:
+    return {
+        "stage_names": list(exits.stage_names),
+        "layouts": list(exits.layouts),
+        "classifier_name": exits.classifier_name,
+        "num_prefix_tokens": list(exits.num_prefix_tokens),
+        "thresholds": [t if t <= 1 else None for t in exits.thresholds],
+        "heads": [head_spec(head) for head in exits.heads],
+    }
+
+
+def save(exits: EarlyExitModel, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(exits.model.state_dict(), directory / MODEL_FILE)
+    torch.save(exits.heads.state_dict(), directory / HEADS_FILE)
+    (directory / CONFIG_FILE).write_text(json.dumps(config(exits), indent=2) + "\n")
+    return directory
+
+
+def load(
+    cls: type[EarlyExitModel],
+    directory: str | Path,
+    model: nn.Module,
+    heads: Sequence[nn.Module] | None,
+    example_input: torch.Tensor | None,
+    check: bool,
+) -> EarlyExitModel:
+    directory = Path(directory)
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    trained = f"stages {saved['stage_names']}, classifier {saved['classifier_name']!r}"
+    load_weights(
+        model,
+        directory / MODEL_FILE,
+        f"build the model exactly as trained ({trained}; the same architecture, num_classes and "
+        "inserted modules such as ACAM) and pass it to EarlyExitModel.load",
+    )
+    head_list = nn.ModuleList(heads if heads is not None else [build_head(s) for s in saved["heads"]])
+    load_weights(
+        head_list,
+        directory / HEADS_FILE,
+        "pass heads built as in training, one per stage (or heads=None for the library's heads)",
+    )
+    reference = next(model.parameters(), None)
+    if reference is not None:
+        head_list.to(reference.device)
+    thresholds = [math.inf if t is None else t for t in saved["thresholds"]]
+    return cls(
+        model,
+        list(head_list),
+        saved["stage_names"],
+        saved["layouts"],
+        saved["classifier_name"],
+        saved["num_prefix_tokens"],
+        thresholds=thresholds,
+        example_input=example_input,
+        check=check,
+    )
+
+
+def load_weights(module: nn.Module, path: Path, fix: str) -> None:
+    """Load the state_dict saved at ``path`` into ``module``; if its names or shapes do not fit,
+    say how (a few examples of each mismatch) and what to do, instead of PyTorch's full dump."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    own = module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [
+        f"{k!r}: saved {tuple(saved[k].shape)}, here {tuple(own[k].shape)}"
+        for k in own
+        if k in saved and isinstance(own[k], torch.Tensor) and saved[k].shape != own[k].shape
+    ]
+    if missing or unexpected or reshaped:
+        problems = [
+            f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+            for items, what in (
+                ([repr(k) for k in missing], f"of its {len(own)} entries are not in the file"),
+                ([repr(k) for k in unexpected], "saved entries have no place in it"),
+                (reshaped, "differ in shape"),
+            )
+            if items
+        ]
+        raise RuntimeError(
+            f"{path} does not fit this {type(module).__name__}: {'; '.join(problems)}. "
+            f"It was saved from another model; {fix}"
+        )
+    module.load_state_dict(saved)
+
+
+def head_spec(head: nn.Module) -> dict[str, Any] | None:
+    """Constructor arguments of the library's heads, or ``None`` for heads it cannot describe."""
+    attention = type(getattr(head, "attn", None)).__name__
+    if type(head) not in (BottleneckHead, PooledHead) or attention not in _ATTENTION:
+        return None
+    spec = {
+        "class": type(head).__name__,
+        "in_channels": head.fc.in_features,
+        "hidden_size": head.fc.in_features,
+        "num_classes": head.fc.out_features,
+        "feature_dim": head.feature.out_features,
+        "attn_layer": None if attention == "Identity" else attention,
+    }
+    if isinstance(head, BottleneckHead):
+        if type(head.norm) is not nn.BatchNorm2d:
+            return None
+        spec["in_channels"] = head.conv.in_channels
+        spec["pool_size"] = head.pool_size
+    return spec
+
+
+def build_head(spec: dict[str, Any] | None) -> nn.Module:
+    if spec is None:
+        raise ValueError(
+            "the saved config does not describe these heads (not the library's heads at default "
+            "settings); build them as in training and pass heads=[...] to EarlyExitModel.load"
+        )
+    spec = dict(spec)
+    factory = {"BottleneckHead": BottleneckHead, "PooledHead": PooledHead}[spec.pop("class")]
+    attention = spec.pop("attn_layer")
+    return factory(**spec, attn_layer=_ATTENTION[attention] if attention else None)

@@ -1,0 +1,64 @@
+"""The construction check: can samples leave at each tapped stage without changing the others'
+answers? Refuses models where a later stage reads more than the tapped stage's output."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..stages import default_example_input
+from .routing import Pass
+
+if TYPE_CHECKING:
+    from .model import EarlyExitModel
+
+
+def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
+    """Let sample 0 leave at each stage in turn and check the others' logits are unchanged."""
+    heads, names = len(exits.heads), exits.stage_names
+    with torch.no_grad():
+        reference = exits.model(batch)
+        if not isinstance(reference, torch.Tensor) or reference.dim() != 2:
+            raise ValueError("the model must return (N, num_classes) logits for early exit")
+        run = Pass(batch.shape[0], batch.device, [False] * heads, lambda k, z: z)
+        exits._run(batch, run)
+        if run.fired != list(range(heads)):
+            ran = [names[k] for k in run.fired]
+            raise ValueError(f"each stage must run once, in order {list(names)}; they ran as {ran}")
+        scale = float(reference.abs().max()) + 1.0
+        for k, name in enumerate(names):
+            first = lambda j, z: torch.arange(z.shape[0], device=z.device) == 0  # noqa: E731
+            run = Pass(batch.shape[0], batch.device, [j == k for j in range(heads)], first)
+            try:
+                logits = exits._run(batch, run)
+            except (RuntimeError, ValueError) as error:
+                raise ValueError(
+                    f"samples cannot leave at stage {name!r}: the rest of the model fails on "
+                    f"the smaller batch ({error}). A later stage probably also reads a tensor "
+                    "from before this stage (cross-stage links as in HRNet or DenseNet-style "
+                    "models); tap only stages after which nothing earlier is read"
+                ) from error
+            difference = (logits - reference[1:]).abs().max().item()
+            if difference > 1e-4 * scale:
+                raise ValueError(
+                    f"samples cannot leave at stage {name!r}: when one sample leaves there, "
+                    f"the others' logits change by up to {difference:.3g}. A later stage reads "
+                    "more than this stage's output (a cross-stage link, or an operation that "
+                    "mixes the batch); tap only stages after which nothing earlier is read"
+                )
+
+
+def probe_batch(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
+    """A batch of 4 different inputs: the given one if it has at least 3 samples, else random
+    images shaped like it (default: as :func:`~gradual_sd.stages.default_example_input`)."""
+    if example is not None and example.shape[0] >= 3:
+        return example
+    if example is None:
+        example = default_example_input(model)
+    if not example.is_floating_point():
+        raise ValueError("pass an example_input with at least 3 samples for a non-float input")
+    shape, device, dtype = tuple(example.shape[1:]), example.device, example.dtype
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((4, *shape), generator=generator).to(device=device, dtype=dtype)
