@@ -24,6 +24,7 @@ networks.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -99,13 +100,19 @@ def avg_max_pool(x: torch.Tensor) -> torch.Tensor:
     return _AvgMaxPool.apply(x)
 
 
-def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None when autocast is off."""
     try:
-        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4 has per-device functions
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):  # torch < 2.4 has per-device functions
         if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return dtype if enabled else None
 
 
 GateFn = Callable[[torch.Tensor], torch.Tensor]
@@ -125,7 +132,7 @@ class FusedPooledGate(torch.autograd.Function):
         pooled = torch.stack((x.mean((2, 3)), peak), dim=1)
         gate = gate_fn(pooled)
         ctx.gate_fn, ctx.params = gate_fn, params
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast_dtype = _autocast_dtype(x.device.type)
         ctx.save_for_backward(x, pooled, index, gate)
         return x * gate[:, :, None, None]
 
@@ -136,11 +143,12 @@ class FusedPooledGate(torch.autograd.Function):
         needs_x, _, *needs_params = ctx.needs_input_grad
         # d(loss)/d(gate): the gate is (N, C), so this reduces as soon as it multiplies.
         gate_grad = (grad_out * x).sum((2, 3)).to(gate.dtype)
-        enabled, dtype = ctx.autocast
+        dtype = ctx.autocast_dtype
+        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
         # Re-run rather than keep the forward's graph: a graph built inside this forward would
         # have its tensors packed by the caller's saved-tensor hooks (non-reentrant checkpoint
         # among them), which then recompute the region a second time when it is differentiated.
-        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), autocast:
             descriptors = pooled.detach().requires_grad_(needs_x)
             wanted = [descriptors] * needs_x + [p for p, need in zip(ctx.params, needs_params) if need]
             grads = list(torch.autograd.grad(ctx.gate_fn(descriptors), wanted, gate_grad, allow_unused=True))

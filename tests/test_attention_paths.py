@@ -204,3 +204,11 @@ def test_fused_acam_under_activation_checkpointing(use_reentrant):
     torch.testing.assert_close(got[1], expected[1])
     for name, grad in expected[2].items():
         torch.testing.assert_close(got[2][name], grad, msg=name)
+
+
+def test_meta_tensors_go_through_forward_and_backward():
+    """Shape-only runs (meta device) must not trip over the autocast state of an unknown device."""
+    module = ACAM(16, device="meta")
+    x = torch.empty(2, 16, 4, 4, device="meta", requires_grad=True)
+    module(x).sum().backward()
+    assert x.grad.shape == x.shape and module.fc1.weight.grad.shape == module.fc1.weight.shape
