@@ -217,7 +217,7 @@ def report_trained(configs: list[str], runs_dir: Path, repeats: int) -> dict:
         flags = CONFIGS[name]
         if "--train-limit" in flags:
             limit = int(flags[flags.index("--train-limit") + 1])
-            # The images train_gsdnet.limit_train leaves out (its subset: randperm, seed 0).
+            # The images gsdnet.prepare.limit_train leaves out (its subset: randperm, seed 0).
             unseen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[limit:]
             splits[name] = DataLoader(Subset(train, unseen.sort().values.tolist()), batch_size=64)
             directions = [(name, "test")]

@@ -16,7 +16,7 @@ import sys
 
 import examples_path  # noqa: F401
 import train_gsdnet
-from gsdnet import checkpoint, engine, runs
+from gsdnet import checkpoint, engine, report, runs
 
 
 def inject(point: str, n: int, sig: signal.Signals) -> None:
@@ -59,7 +59,7 @@ def inject(point: str, n: int, sig: signal.Signals) -> None:
         owner, name = {
             "train-step": (engine.Trainer, "check_finite"),
             "run-start": (engine.Trainer, "fit"),
-            "before-reports": (train_gsdnet, "plot_confusion_matrix"),
+            "before-reports": (report, "plot_confusion_matrix"),
             "before-checkpoint-removal": (runs, "unverified"),
         }[point]
         wrap(owner, name)

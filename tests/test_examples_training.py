@@ -13,6 +13,7 @@ import torch
 
 import examples_path  # noqa: F401
 import ablation
+import gsdnet.build
 import train_gsdnet
 from gsdnet.datasets import build_datasets
 from gsdnet.distributed import DistEnv
@@ -282,7 +283,7 @@ def test_loss_flags_reach_the_distillers_loss(tmp_path, monkeypatch):
         built.append(build_gsdnet(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(train_gsdnet, "build_gsdnet", keep)
+    monkeypatch.setattr(gsdnet.build, "build_gsdnet", keep)
     flags = [
         "--temperature",
         "4",

@@ -1,0 +1,241 @@
+"""Report: a run's ``metrics.json``, confusion matrix and early-exit report, its console summary,
+and the command's ``comparison.md``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import gradual_sd
+
+from .build import Built
+from .cli import MODEL_FILES
+from .datasets.common import DatasetSplits
+from .distributed import DistEnv
+from .exits import EXIT_OUTPUTS, report_exits
+from .metrics import comparison_table, plot_confusion_matrix
+from .prepare import RunData
+from .runs import finish
+from .training import Trained
+
+log = logging.getLogger(__name__)
+EXAMPLES = Path(__file__).resolve().parents[1]
+STAND_IN_NOTE = (
+    "SMALL STAND-IN, NOT RAF-DB: scikit-learn's 8x8 handwritten digits, a {model} at {img_size}px "
+    "from {init}; it checks the pipeline, it is not a facial-expression result"
+)
+# model_*.pt hold the plain model (no heads, no hooks); gsdnet lives in examples/, not installed.
+LOAD_HINT = (
+    "load an exported model from any directory (returns the model in eval mode and its config: "
+    "classes, img_size, mean, std):\n"
+    "  import sys; sys.path.insert(0, {examples!r})\n"
+    "  from gsdnet.models import load_exported\n"
+    "  model, config = load_exported({path!r})"
+)
+
+
+def stand_in_note(args: argparse.Namespace) -> str | None:
+    """The digits runs' warning that they are not a facial-expression result."""
+    if args.dataset != "digits":
+        return None
+    init = args.weights or "random initialisation"
+    return STAND_IN_NOTE.format(model=args.model, img_size=args.img_size, init=init)
+
+
+def environment() -> dict:
+    """Versions and the git commit, so a metrics file says what produced it."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=EXAMPLES, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain"], cwd=EXAMPLES, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "gradual_sd": gradual_sd.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty if commit else None,
+    }
+
+
+def json_args(args: argparse.Namespace) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def run_metrics(
+    args: argparse.Namespace,
+    splits: DatasetSplits,
+    data: RunData,
+    method: str,
+    seed: int,
+    built: Built,
+    trained: Trained,
+    env: DistEnv,
+    started: float,
+) -> dict:
+    """metrics.json's content, before the early-exit summary and the outputs' digests."""
+    final, best, selected = trained.final, trained.best, trained.selected
+    tie_rule = "ties to the later epoch" if args.as_shipped else "ties to the earlier epoch"
+    return {
+        "note": stand_in_note(args),
+        "dataset": args.dataset,
+        "description": splits.description,
+        "method": method,
+        "as_shipped": args.as_shipped,
+        "model": args.model,
+        "seed": seed,
+        "loss": None if method == "baseline" else dict(built.loss_options, teacher=args.teacher),
+        "weights": built.config["weights"],
+        "classes": splits.classes,
+        "num_train_samples": len(data.train),
+        "num_val_samples": len(data.val) if data.val is not None else None,
+        "num_test_samples": len(data.test),
+        "val_split": data.val_source,
+        "eval_split": args.eval_split,
+        "accuracy_units": "fraction in [0, 1]; balanced_accuracy is the mean per-class recall",
+        "headline": "selected" if selected else "final",
+        "final": final,
+        "selected": None
+        if selected is None
+        else dict(selected, selected_on=f"validation accuracy of the last classifier ({tie_rule})"),
+        "best": dict(
+            best,
+            selected_on=f"{args.eval_split} accuracy of the last classifier "
+            f"(as the reference code does; optimistic; {tie_rule})",
+        ),
+        "dataset_notes": splits.notes,
+        "args": json_args(args),
+        "environment": environment(),
+        "world_size": env.world_size,
+        "wall_time_s": round(time.time() - started, 1),
+        "run": built.run_info,
+    }
+
+
+def report(
+    args: argparse.Namespace,
+    splits: DatasetSplits,
+    data: RunData,
+    method: str,
+    seed: int,
+    built: Built,
+    trained: Trained,
+    env: DistEnv,
+    out: Path,
+    started: float,
+) -> dict:
+    """Write the run's reports and metrics.json (last, with its outputs' digests); return the
+    metrics. Only the main process writes."""
+    metrics = run_metrics(args, splits, data, method, seed, built, trained, env, started)
+    if not env.is_main:
+        return metrics
+    final = trained.final
+    if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
+        metrics["early_exit"] = report_exits(
+            trained.module,
+            data.test,
+            data.val,
+            args.batch_size,
+            out,
+            f"{method}, {args.dataset}",
+            save="final" in args.save,  # the exit model holds the whole model, as --save final does
+        )
+    plot_confusion_matrix(
+        final["confusion_matrix"],
+        splits.classes,
+        out / "confusion_matrix.png",
+        f"{method}, {args.dataset}, epoch {final['epoch']} (final)",
+    )
+    outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
+    finish(out, metrics, outputs, args.keep_checkpoint)
+    log_headline(method, seed, trained)
+    log_outputs(args, out)
+    return metrics
+
+
+def log_headline(method: str, seed: int, trained: Trained) -> None:
+    final, best, selected = trained.final, trained.best, trained.selected
+    if selected:
+        log.info(
+            "%s seed %d: test at the epoch picked on validation (%d): %.2f%% (balanced %.2f%%); "
+            "final epoch %.2f%%; best epoch on test %d: %.2f%% (optimistic)",
+            method,
+            seed,
+            selected["epoch"],
+            100 * selected["test"]["accuracy"],
+            100 * selected["test"]["balanced_accuracy"],
+            100 * final["accuracy"],
+            best["epoch"],
+            100 * best["accuracy"],
+        )
+    else:
+        log.info(
+            "%s seed %d: final epoch %d accuracy %.2f%% (balanced %.2f%%, headline); best epoch "
+            "%d %.2f%% (picked on the test set, optimistic)",
+            method,
+            seed,
+            final["epoch"],
+            100 * final["accuracy"],
+            100 * final["balanced_accuracy"],
+            best["epoch"],
+            100 * best["accuracy"],
+        )
+
+
+def log_outputs(args: argparse.Namespace, out: Path) -> None:
+    """Which files the run wrote, and how to load an exported model."""
+    files = [
+        "metrics.json",
+        "log.jsonl",
+        "train.log" if out == args.output_dir else None,
+        "confusion_matrix.png",
+    ]
+    files += [
+        MODEL_FILES[k]
+        for k in ("final", "selected", "best")
+        if k in args.save and (out / MODEL_FILES[k]).is_file()
+    ]
+    if args.keep_checkpoint:
+        files.append("checkpoint.pt")
+    log.info("wrote %s: %s", out, ", ".join(f for f in files if f))
+    saved = [out / f for f in files if f and f.startswith("model_")]
+    if saved:
+        log.info(LOAD_HINT.format(examples=str(EXAMPLES), path=str(saved[0].resolve())))
+
+
+def summary(runs: dict[str, list[dict]], seeds: list[int]) -> str:
+    """comparison.md: every protocol's table, mean +- std over seeds."""
+    first = next(iter(runs.values()))[0]
+    header = (
+        f"{first['note'] or first['description']}\n\nSeeds {seeds}; test accuracy (%) of the last "
+        "classifier and of every head, mean ± std over seeds.\n"
+    )
+    parts = [header]
+    if first["selected"]:
+        parts.append(
+            f"\n**Clean protocol**: test at the epoch picked on validation ({first['val_split']}):\n\n"
+            + comparison_table(runs, "selected")
+        )
+    parts.append("\nFinal epoch:\n\n" + comparison_table(runs, "final"))
+    parts.append(
+        "\nBest epoch picked on the test set (the paper's protocol, optimistic):\n\n"
+        + comparison_table(runs, "best")
+    )
+    return "".join(parts)
