@@ -261,6 +261,23 @@ def test_a_user_error_found_later_is_one_line_and_the_traceback_needs_debug(tmp_
 def test_resume_with_nothing_to_resume_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt or finished run under"):
         train_gsdnet.main(["--dataset", "digits", *TINY, "--output-dir", str(tmp_path / "none"), "--resume"])
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset", "rafdb", "--data-dir", "missing", *TINY], "data directory .*missing does not exist"),
+        (["--dataset", "digits", *NO_WEIGHTS, "--weights", "missing.pth"], "weights file missing.pth"),
+    ],
+)
+def test_a_refused_run_leaves_no_files_and_no_banner(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=message):
+        train_gsdnet.main([*flags, "--epochs", "1", "--output-dir", "run"])
+    assert list(tmp_path.iterdir()) == []  # no train.log, no folder
+    printed = capsys.readouterr().out
+    assert "missing" not in printed and "training on" not in printed  # the run was never described
 
 
 # --- images ---------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """What a command prints: one logger for the console and ``train.log``, each epoch's line, and
-the whole command's elapsed time and ETA."""
+the whole command's elapsed time and ETA.
+
+``train.log`` is held in memory until :func:`keep_log` (called once a run passed its checks and
+is about to train), so that a command refused before that (a missing data directory, weights
+file or checkpoint) leaves no file behind.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,41 @@ from .distributed import DistEnv
 log = logging.getLogger("gsdnet")
 
 
+class PendingFileHandler(logging.Handler):
+    """Appends to ``path`` once :meth:`keep` is called; the lines before it wait in memory."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path, self.lines, self.file = path, [], None
+
+    def keep(self) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")  # closed in close()
+            self.file.write("".join(self.lines))
+            self.file.flush()
+            self.lines = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record) + "\n"
+        if self.file is None:
+            self.lines.append(line)
+        else:
+            self.file.write(line)
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
 def setup_logging(output_dir: Path, env: DistEnv) -> list[logging.Handler]:
     log.setLevel(logging.INFO if env.is_main else logging.WARNING)
     log.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "train.log"))
+        handlers.append(PendingFileHandler(output_dir / "train.log"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
@@ -30,6 +63,13 @@ def close_logging(handlers: list[logging.Handler]) -> None:
     for handler in handlers:
         log.removeHandler(handler)
         handler.close()
+
+
+def keep_log() -> None:
+    """Start writing ``train.log`` (with every line so far): the command passed its checks."""
+    for handler in log.handlers:
+        if isinstance(handler, PendingFileHandler):
+            handler.keep()
 
 
 def clock(seconds: float) -> str:

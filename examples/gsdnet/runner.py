@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .build import build_run
-from .console import Progress, close_logging, setup_logging
+from .console import Progress, close_logging, keep_log, setup_logging
 from .datasets.common import DatasetSplits, ImageList
 from .distributed import DistEnv, init_distributed, shutdown, stall_error
 from .models import METHODS
@@ -44,8 +44,8 @@ def run_one(
         if orphans:
             log.info("removed %d temporary files left by a killed write in %s", len(orphans), out)
     data = run_data(args, splits, lists, seed)
-    log_start(args, splits, data, method, seed)
     built = build_run(args, method, seed, splits.classes, lists, env)
+    log_start(args, splits, data, method, seed)  # after the checks: the weights loaded
     done = finished_run(args, out, built.run_info, env, progress)
     if done is not None:
         return done
@@ -78,6 +78,7 @@ def finished_run(
         return None
     done = finished_metrics(out, run_info, args.epochs)
     if done is not None:
+        keep_log()
         log.info("%s: finished and verified, skipped (--resume)", out)
         if env.is_main and not args.keep_checkpoint:  # a kill came before its removal
             (out / "checkpoint.pt").unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from torch import nn
 from . import checkpoint
 from .build import Built
 from .cli import MODEL_FILES
-from .console import Progress, epoch_line
+from .console import Progress, epoch_line, keep_log
 from .distributed import DistEnv
 from .engine import Trainer, eval_loader, train_loader
 from .models import export_payload
@@ -58,6 +58,7 @@ def train(
         trainer.resume(out / "checkpoint.pt", built.run_info, args.epochs)
     elif args.resume:
         log.info("%s: no checkpoint yet; this run of the command starts from epoch 1", out)
+    keep_log()  # every check passed: from here on the command leaves train.log
 
     def save_model(kind: str, module: nn.Module) -> None:
         if kind in args.save:
