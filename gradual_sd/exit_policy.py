@@ -37,14 +37,17 @@ class ExitCosts(NamedTuple):
     full: float
 
     def per_exit(self, thresholds: Sequence[float]) -> torch.Tensor:
-        """Cost of answering at each exit (auxiliary heads, then the classifier), counting every
-        enabled head run on the way: a sample that reaches exit k also paid for heads before k."""
-        heads = torch.tensor(
+        """Cost of answering at each exit (auxiliary heads, then the classifier): the backbone up
+        to it, every enabled head run on the way, and its own head, enabled or not (a sample
+        forced to leave at a disabled exit runs that head, as the trade-off curve counts it)."""
+        enabled = torch.tensor(
             [h if t <= 1 else 0.0 for h, t in zip(self.heads, thresholds)], dtype=torch.float64
         )
-        paid = heads.cumsum(0)
+        before = enabled.cumsum(0) - enabled
+        own = torch.tensor(self.heads, dtype=torch.float64)
         stages = torch.tensor(self.stages, dtype=torch.float64)
-        return torch.cat([stages + paid, torch.tensor([self.full], dtype=torch.float64) + heads.sum()])
+        full = torch.tensor([self.full], dtype=torch.float64)
+        return torch.cat([stages + before + own, full + enabled.sum()])
 
 
 def route(confidence: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:

@@ -330,6 +330,16 @@ def test_choose_thresholds_on_a_known_case():
     assert choose_thresholds(confidence, correct, dear, 1.0) == [math.inf]
 
 
+def test_every_exit_counts_its_own_head_even_when_disabled():
+    # As the trade-off curve and the forced-exit latency do: answering at a disabled exit runs
+    # its head, not the disabled heads before it; the classifier pays for the enabled heads.
+    costs = ExitCosts(stages=(1.0, 3.0), heads=(0.5, 0.25), full=10.0)
+    assert costs.per_exit([math.inf, math.inf]).tolist() == [1.5, 3.25, 10.0]
+    assert costs.per_exit([0.5, math.inf]).tolist() == [1.5, 3.75, 10.5]
+    assert costs.per_exit([math.inf, 0.5]).tolist() == [1.5, 3.25, 10.25]
+    assert costs.per_exit([0.5, 0.5]).tolist() == [1.5, 3.75, 10.75]
+
+
 def test_calibrate_keeps_the_accuracy_it_promises(resnet):
     exits, plain = resnet
     x = images(48, seed=5)
