@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import examples_path  # noqa: F401
+import gsdnet.report
 import train_gsdnet
 from gradual_sd import EarlyExitModel
 from gsdnet.datasets import build_datasets
+from gsdnet.engine import Trainer
 from gsdnet.models import load_exported
 from gsdnet.transforms import eval_transform
 
@@ -49,3 +51,43 @@ def test_report_and_reload(tmp_path):
     assert shares == pytest.approx([row["share"] for row in report["report"]["exits"]])
     accuracy = (answered.logits.argmax(-1) == targets).double().mean().item()
     assert accuracy == pytest.approx(report["report"]["accuracy"])
+
+
+def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeypatch):
+    # Validation keeps epoch 1 (no later epoch counts as better), so the final epoch differs.
+    monkeypatch.setattr(Trainer, "improves", lambda self, accuracy, current: current is None)
+    plotted = []
+    original = gsdnet.report.plot_confusion_matrix
+    monkeypatch.setattr(
+        gsdnet.report, "plot_confusion_matrix", lambda cm, *a: plotted.append((cm, a[-1])) or original(cm, *a)
+    )
+    out = tmp_path / "run"
+    argv = ["--dataset", "digits", "--train-limit", "48", "--epochs", "2", "--method", "gsd-acam"]
+    argv += ["--seeds", "0", "--save", "final", "selected", "--keep-checkpoint", *TINY, "--device", "cpu"]
+    metrics = train_gsdnet.main([*argv, "--output-dir", str(out)])
+    selected, report = metrics["selected"], metrics["early_exit"]
+    assert (selected["epoch"], metrics["final"]["epoch"], report["epoch"]) == (1, 2, 1)
+    # The confusion matrix, early_exit.md and its plot name the epoch and show its results.
+    assert plotted == [
+        (selected["test"]["confusion_matrix"], "gsd-acam, digits, epoch 1 (picked on validation)")
+    ]
+    assert (
+        "# Early exits: gsd-acam, digits, epoch 1 (picked on validation)"
+        in (out / "early_exit.md").read_text()
+    )
+    assert report["report"]["full_accuracy"] == pytest.approx(selected["test"]["accuracy"])
+    # The saved exit model holds the selected epoch's weights, not the final one's.
+    assert holds_exported_weights(out, "selected") and not holds_exported_weights(out, "final")
+    # The table's FLOPs count the head, as the plot's curve does (threshold 0: all leave there).
+    assert report["report"]["exits"][0]["flops_ratio"] == pytest.approx(report["tradeoff"][0]["flops_ratio"])
+    # A resumed run gets them from its checkpoint.
+    resumed = train_gsdnet.main([*argv, "--epochs", "3", "--resume", "--output-dir", str(out)])
+    assert (resumed["final"]["epoch"], resumed["early_exit"]["epoch"]) == (3, 1)
+    assert holds_exported_weights(out, "selected")
+
+
+def holds_exported_weights(out, kind: str) -> bool:
+    """Whether the saved exit model's weights are those of ``model_<kind>.pt``."""
+    exit_weights = torch.load(out / "early_exit" / "model.pt", weights_only=True)
+    exported = torch.load(out / f"model_{kind}.pt", weights_only=True)["state_dict"]
+    return all(torch.equal(exit_weights[k], v) for k, v in exported.items())

@@ -119,6 +119,7 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     best: dict | None = None  # test metrics of the epoch with the best test accuracy
     selected: dict | None = None  # {"epoch", "val", "test"} at the best validation accuracy
+    selected_state: dict | None = None  # the module's weights (on the CPU) at the selected epoch
     last: dict | None = None  # test metrics of the latest evaluated epoch
     first_step_loss: float | None = None  # the untrained model's loss, for the divergence rule
 
@@ -150,6 +151,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "selected": self.selected,
+            "selected_module": self.selected_state,
             "first_step_loss": self.first_step_loss,
             "run": run_info,
         }
@@ -172,6 +174,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.history, self.best, self.selected = state["history"], state["best"], state["selected"]
+        self.selected_state = state.get("selected_module")  # None: written before it was kept
         self.first_step_loss = state.get("first_step_loss")
         self.start_epoch = state["epoch"] + 1
         log.info("resumed from %s after epoch %d", path, state["epoch"])
@@ -274,8 +277,9 @@ class Trainer:
         on_epoch,
     ) -> None:
         """Train to ``epochs``; after each epoch evaluate ``evals`` (``test`` and optionally
-        ``val``), keep the best and the selected epoch, checkpoint, log. ``on_improved(kind,
-        module)`` runs when ``best`` or ``selected`` moves to this epoch."""
+        ``val``), keep the best and the selected epoch (with the selected epoch's weights, which
+        the run's reports describe), checkpoint, log. ``on_improved(kind, module)`` runs when
+        ``best`` or ``selected`` moves to this epoch."""
         for epoch in range(self.start_epoch, epochs + 1):
             started = time.time()
             seed_everything(seed, epoch, self.env.rank)
@@ -305,6 +309,9 @@ class Trainer:
                 results["val"]["accuracy"], (self.selected or {}).get("val")
             ):
                 self.selected = {"epoch": epoch, "val": results["val"], "test": test}
+                self.selected_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()
+                }
                 if self.env.is_main:
                     on_improved("selected", self.module)
             self.last = test

@@ -48,9 +48,10 @@ def report_exits(
     save: bool = True,
 ) -> dict | None:
     """Turn the trained heads into early exits; write ``early_exit.md``, ``early_exit.png`` and
-    the exit model (``early_exit/``, only with ``save``); return the summary for metrics.json. Removes the
-    distiller's hooks: call it after training. ``None`` when there are too few images to
-    calibrate on some and report on others."""
+    the exit model (``early_exit/``, only with ``save``), titled ``title`` (which names the
+    model's epoch); return the summary for metrics.json. Removes the distiller's hooks: call it
+    after training. ``None`` when there are too few images to calibrate on some and report on
+    others."""
     calibrate_on, report_on, how = calibration_split(evaluated, val)
     if len(calibrate_on) == 0 or len(report_on) == 0:
         return None
@@ -70,8 +71,9 @@ def report_exits(
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
     log.info(
-        "early exits: accuracy %.2f%% (full model %.2f%%), FLOPs %.2fx, latency %.2fx at batch 1 "
-        "and %.2fx at batch %d; wrote early_exit.md, early_exit.png%s",
+        "early exits of %s: accuracy %.2f%% (full model %.2f%%), FLOPs %.2fx, latency %.2fx at "
+        "batch 1 and %.2fx at batch %d; wrote early_exit.md, early_exit.png%s",
+        title,
         100 * table["accuracy"],
         100 * table["full_accuracy"],
         table["flops_ratio"],
@@ -116,7 +118,7 @@ def exit_table(table: dict, calibrated: dict, how: str, batch_size: int) -> str:
         f"{100 * table['full_accuracy']:.2f} %), mean FLOPs {table['flops_ratio']:.2f}x, latency "
         f"{latency[1]:.2f}x at batch 1 and {latency[batch_size]:.2f}x at batch {batch_size} of the "
         "plain model's (medians of 3 interleaved repetitions; FLOPs x and latency x per exit: "
-        "every sample forced to leave there).",
+        "every sample forced to leave there, its own head included).",
         "",
     ]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from .exits import EXIT_OUTPUTS, report_exits
 from .metrics import comparison_table, plot_confusion_matrix
 from .prepare import RunData
 from .runs import finish
+from .selection import Reported
 from .training import Trained
 
 log = logging.getLogger(__name__)
@@ -137,31 +138,31 @@ def report(
     seed: int,
     built: Built,
     trained: Trained,
+    reported: Reported,
     env: DistEnv,
     out: Path,
     started: float,
 ) -> dict:
-    """Write the run's reports and metrics.json (last, with its outputs' digests); return the
-    metrics. Only the main process writes."""
+    """Write the run's reports, all of ``reported`` (the headline's model), and metrics.json
+    (last, with its outputs' digests); return the metrics. Only the main process writes."""
     metrics = run_metrics(args, splits, data, method, seed, built, trained, env, started)
     if not env.is_main:
         return metrics
-    final = trained.final
+    title = f"{method}, {args.dataset}, {reported.label}"
     if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
         metrics["early_exit"] = report_exits(
-            trained.module,
+            reported.module,
             data.test,
             data.val,
             args.batch_size,
             out,
-            f"{method}, {args.dataset}",
-            save="final" in args.save,  # the exit model holds the whole model, as --save final does
+            title,
+            save="final" in args.save,  # the exit model holds a whole model, as --save final does
         )
+        if metrics["early_exit"] is not None:
+            metrics["early_exit"]["epoch"] = reported.epoch
     plot_confusion_matrix(
-        final["confusion_matrix"],
-        splits.classes,
-        out / "confusion_matrix.png",
-        f"{method}, {args.dataset}, epoch {final['epoch']} (final)",
+        reported.test["confusion_matrix"], splits.classes, out / "confusion_matrix.png", title
     )
     outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
     finish(out, metrics, outputs, args.keep_checkpoint)

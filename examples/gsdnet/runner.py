@@ -23,6 +23,7 @@ from .models import METHODS
 from .prepare import prepare_data, run_data
 from .report import report, stand_in_note, summary
 from .runs import finished_metrics, has_state
+from .selection import select
 from .training import train
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def run_one(
     if done is not None:
         return done
     trained = train(args, built, data, splits.classes, seed, env, out, progress)
-    return report(args, splits, data, method, seed, built, trained, env, out, started)
+    reported = select(trained)
+    return report(args, splits, data, method, seed, built, trained, reported, env, out, started)
 
 
 def log_start(args: argparse.Namespace, splits: DatasetSplits, data, method: str, seed: int) -> None:

@@ -32,6 +32,7 @@ class Trained:
     final: dict  # test results of the final epoch
     best: dict  # ... of the epoch with the best test accuracy (optimistic)
     selected: dict | None  # {"epoch", "val", "test"} of the epoch picked on validation
+    selected_state: dict | None  # the distiller's weights at that epoch
 
 
 def train(
@@ -88,4 +89,4 @@ def train(
     )
     if env.is_main:
         save_model("final", trainer.module)
-    return Trained(trainer.module, trainer.last, trainer.best, trainer.selected)
+    return Trained(trainer.module, trainer.last, trainer.best, trainer.selected, trainer.selected_state)
