@@ -20,7 +20,7 @@ from .console import Progress, close_logging, keep_log, setup_logging
 from .datasets.common import DatasetSplits, ImageList
 from .distributed import DistEnv, init_distributed, shutdown, stall_error
 from .models import METHODS
-from .prepare import prepare_data, run_data
+from .prepare import RunData, prepare_data, run_data
 from .report import report, stand_in_note, summary
 from .runs import finished_metrics, has_state
 from .selection import select
@@ -40,10 +40,7 @@ def run_one(
     progress: Progress,
 ) -> dict:
     started = time.time()
-    if env.is_main:
-        orphans = checkpoint.remove_orphans(out)
-        if orphans:
-            log.info("removed %d temporary files left by a killed write in %s", len(orphans), out)
+    remove_orphans(out, env)
     data = run_data(args, splits, lists, seed)
     built = build_run(args, method, seed, splits.classes, lists, env)
     log_start(args, splits, data, method, seed)  # after the checks: the weights loaded
@@ -55,7 +52,14 @@ def run_one(
     return report(args, splits, data, method, seed, built, trained, reported, env, out, started)
 
 
-def log_start(args: argparse.Namespace, splits: DatasetSplits, data, method: str, seed: int) -> None:
+def remove_orphans(out: Path, env: DistEnv) -> None:
+    if env.is_main:
+        orphans = checkpoint.remove_orphans(out)
+        if orphans:
+            log.info("removed %d temporary files left by a killed write in %s", len(orphans), out)
+
+
+def log_start(args: argparse.Namespace, splits: DatasetSplits, data: RunData, method: str, seed: int) -> None:
     note = stand_in_note(args)
     if note:
         log.info("NOTE: %s", note)
