@@ -8,6 +8,7 @@ as shipped, opt-in), ``weights`` (face-pretrained checkpoints and the authors' c
 
 ``examples/train_gsdnet.py`` is ``cli`` (its flags) over ``runner``, whose runs read as their
 steps, one module each: ``prepare`` (data), ``build`` (the model and the run's identity),
-``training``, ``report`` (metrics.json, confusion matrix, early exits, comparison.md); ``console``
-holds what the command prints.
+``training``, ``selection`` (the one model every report describes) and ``report``
+(metrics.json, confusion matrix, early exits, comparison.md); ``console`` holds what the command
+prints.
 """
