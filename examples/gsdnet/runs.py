@@ -7,23 +7,15 @@ kill at any point leaves either a verified finished run or a checkpoint to conti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 
 from .checkpoint import save_json
 from .engine import RunMismatchError, differences
+from .weights import file_sha256
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def output_digests(out: Path, names: list[str]) -> dict[str, str]:
