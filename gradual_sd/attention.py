@@ -87,7 +87,7 @@ class ACAM(nn.Module):
         """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
         # The grouped 1x1 convolutions as one batched matmul per layer (group k reads branch k):
         # the same parameters, without the CPU's slow grouped-convolution path.
-        n, _, c = pooled.shape
+        c = pooled.shape[-1]
         rd = self.rd_channels
         by_branch = pooled.transpose(0, 1)  # (2, N, C)
         hidden = _batched_linear(by_branch, self.weight_fc1.weight.view(2, rd, c), self.weight_fc1.bias, rd)
