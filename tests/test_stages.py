@@ -62,7 +62,7 @@ def test_layout_evidence_that_disagrees_is_refused():
     with pytest.raises(ValueError, match="stage_layout='NHWC' does not fit"):
         resolve_layout("s", (1, 96, 8, 8), other_shape=(1, 96, 16, 16), requested="NHWC")
     with pytest.raises(ValueError, match="stage_layout must be one of"):
-        resolve_layout("s", (1, 96, 8, 8), requested="NLC")
+        resolve_layout("s", (1, 96, 8, 8), requested="NWHC")
 
 
 @given(prefix=st.integers(0, 8), grid=st.integers(1, 64))
