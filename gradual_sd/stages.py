@@ -363,9 +363,9 @@ def _pooled(stage: StageInfo, other: object, scaled: bool) -> bool:
 
 def _list_stages(
     model: nn.Module, example: torch.Tensor, candidates: list[str]
-) -> tuple[list[StageInfo], Probe, set[str]]:
+) -> tuple[list[StageInfo], Probe, set[str], str]:
     """The candidates, the probe of every module (with the classifier candidates' inputs)
-    they were read from, and the names of those that are pooled."""
+    they were read from, the names of those that are pooled, and the classifier."""
     # The classifier candidates get input hooks only, so the probe keeps their inputs (the
     # pre-logits) under their names, and their place in the run order is where they start.
     names = [n for n in module_names(model) if n not in candidates]
@@ -379,8 +379,8 @@ def _list_stages(
     stages: list[StageInfo] = []
     pooled: set[str] = set()
     for name in dict.fromkeys(before_classifier):
-        if probe.calls[name] > 1:  # a shared module: a hook would see only its last call
-            continue
+        if probe.calls[name] > 1 or name in candidates:  # shared: a hook sees its last call only;
+            continue  # a classifier candidate: the probe holds its input, not its output
         if type(modules[name]).__module__ == nn.ZeroPad2d.__module__:  # padding: not a resolution
             continue
         raw = probe.shapes[name]
@@ -404,7 +404,7 @@ def _list_stages(
             second = second[element]
         if _pooled(stage, second, scaled):
             pooled.add(name)
-    return stages, probe, pooled
+    return stages, probe, pooled, classifier
 
 
 def default_stage_names(
@@ -446,7 +446,7 @@ def _default_names(
         if all(isinstance(_select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
             names = sorted(names, key=probe.order.index)
             return [*spread(names[:-1], max_heads), names[-1]], probe
-    stages, probe, pooled = _list_stages(model, example, candidates)
+    stages, probe, pooled, classifier = _list_stages(model, example, candidates)
     usable = [s for s in stages if s.layout is not None and s.name not in pooled]
     suggested = choose_stages(usable, max_heads)
     if len(suggested) < 2:
@@ -458,7 +458,38 @@ def _default_names(
             f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
             f"are: {listing}"
         )
+    _check_last_stage(model, suggested[-1], probe, classifier)
     return suggested, probe
+
+
+def _spread_out(probe: Probe, name: str) -> bool:
+    """Whether a module's output has several positions (not a pooled head's (N, C, 1, 1))."""
+    shape, _ = _select_element(name, probe.shapes.get(name), probe.batch, None)
+    return isinstance(shape, tuple) and len(shape) in (3, 4) and sorted(shape[1:])[-2] > 1
+
+
+def _check_last_stage(model: nn.Module, last: str, probe: Probe, classifier: str) -> None:
+    """Refuse stages found from the shapes when most of the model's parameters run after the
+    deepest of them: then the model's own stages have no resolution to find them by (a
+    Perceiver's latent array), and heads on what does would sit on its input processing."""
+    modules = dict(model.named_modules())
+    start, end = probe.order.index(last), probe.order.index(classifier)
+    later = {
+        n for n in probe.order[start + 1 : end] if not n.startswith(last + ".") and _spread_out(probe, n)
+    }
+
+    def own(names: object) -> int:
+        return sum(p.numel() for n in names for p in modules[n].parameters(recurse=False))
+
+    body = own(n for n in modules if n and n != classifier)
+    after = own(later)
+    if body and after > body / 2:
+        raise ValueError(
+            f"cannot find stages of {type(model).__name__} from the shapes: {after / body:.0%} of its "
+            f"parameters run after the deepest output with a resolution, {last!r}, at none the input "
+            "decides (as in a Perceiver's latent array). Pass stage_names, shallow to deep "
+            "(gradual_sd.list_stages(model) lists every candidate)"
+        )
 
 
 def _patch_grid(probe: Probe, name: str, width: int, tokens: int) -> int | None:
