@@ -92,6 +92,7 @@ def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
 
 
+@pytest.mark.slow
 def test_family(family: str, model_name: str) -> None:
     if family in REFUSED:
         model, _ = create_small(model_name)
