@@ -43,10 +43,24 @@ class Probe(NamedTuple):
         return logits
 
 
+def _global_pool_off(model: nn.Module) -> bool:
+    """Whether a timm model was created with ``global_pool=''`` (no pooling before its head)."""
+    pool = getattr(model, "global_pool", None)
+    return pool == "" or getattr(pool, "pool_type", None) == ""
+
+
+_POOL_ADVICE = (
+    "it was created with global_pool='', which leaves its feature map unpooled before the "
+    "classifier: create it with global_pool='avg' (the default)"
+)
+
+
 def _not_logits(model: nn.Module, output: object) -> str:
     name = type(model).__name__
     if isinstance(output, torch.Tensor):
         got = tuple(output.shape)
+        if _global_pool_off(model):
+            return f"{name} returned {got} in eval mode, not (N, num_classes) logits: {_POOL_ADVICE}"
         if output.dim() >= 3:
             return (
                 f"{name} returned {got} in eval mode, an unpooled feature map, not (N, num_classes) "
@@ -195,6 +209,8 @@ def _first_input(model: nn.Module) -> str | None:
 def _failure_advice(model: nn.Module, example: torch.Tensor) -> str:
     """What to change when the model fails on the example: its inputs, or the example."""
     required = _required_inputs(model)
+    if _global_pool_off(model):
+        return f"It fails because {_POOL_ADVICE}"
     if _first_input(model) == "input_ids":
         return (
             "Its forward takes input_ids (token ids), not images: wrap it so it takes images and "

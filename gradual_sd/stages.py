@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from typing import NamedTuple
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -458,7 +458,7 @@ def _default_names(
             f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
             f"are: {listing}"
         )
-    _check_last_stage(model, suggested[-1], probe, classifier)
+    _check_last_stage(model, stages, suggested[-1], probe, classifier)
     return suggested, probe
 
 
@@ -468,17 +468,23 @@ def _spread_out(probe: Probe, name: str) -> bool:
     return isinstance(shape, tuple) and len(shape) in (3, 4) and sorted(shape[1:])[-2] > 1
 
 
-def _check_last_stage(model: nn.Module, last: str, probe: Probe, classifier: str) -> None:
+def _check_last_stage(
+    model: nn.Module, stages: list[StageInfo], last: str, probe: Probe, classifier: str
+) -> None:
     """Refuse stages found from the shapes when most of the model's parameters run after the
-    deepest of them: then the model's own stages have no resolution to find them by (a
-    Perceiver's latent array), and heads on what does would sit on its input processing."""
+    deepest of them at another or no resolution: then the model's own stages cannot be found by
+    their resolution (a Perceiver's latent array), and heads on what can would sit on its input
+    processing."""
     modules = dict(model.named_modules())
+    levels = {s.name: _level_of(s) for s in stages}
     start, end = probe.order.index(last), probe.order.index(classifier)
     later = {
-        n for n in probe.order[start + 1 : end] if not n.startswith(last + ".") and _spread_out(probe, n)
+        n
+        for n in probe.order[start + 1 : end]
+        if not n.startswith(last + ".") and _spread_out(probe, n) and levels.get(n) != levels[last]
     }
 
-    def own(names: object) -> int:
+    def own(names: Iterable[str]) -> int:
         return sum(p.numel() for n in names for p in modules[n].parameters(recurse=False))
 
     body = own(n for n in modules if n and n != classifier)
@@ -492,15 +498,21 @@ def _check_last_stage(model: nn.Module, last: str, probe: Probe, classifier: str
         )
 
 
+def _level_of(stage: StageInfo) -> int | None:
+    if stage.reduction is None or not stage.reduction > 0:
+        return None
+    return round(math.log2(stage.reduction))
+
+
 def _patch_grid(probe: Probe, name: str, width: int, tokens: int) -> int | None:
-    """Patches in a ``width``-channel feature map that ran before token stage ``name`` (a ViT's
-    patch-embedding convolution) in a probe of every module: of those that leave at most
+    """Patches in an ``(N, width, H, W)`` feature map that ran before token stage ``name`` (a
+    ViT's patch-embedding convolution) in a probe of every module: of those that leave at most
     ``_MAX_PREFIX`` of its ``tokens`` over, the largest (the fewest prefix tokens), or ``None``."""
     grids = []
     for other in probe.order[: probe.order.index(name)]:
         shape = probe.shapes[other]
-        if isinstance(shape, tuple) and len(shape) == 4 and width in (shape[1], shape[3]):
-            grids.append(shape[2] * shape[3] if shape[1] == width else shape[1] * shape[2])
+        if isinstance(shape, tuple) and len(shape) == 4 and shape[1] == width:
+            grids.append(shape[2] * shape[3])
     fitting = [grid for grid in grids if 0 <= tokens - grid <= _MAX_PREFIX]
     return max(fitting) if fitting else None
 
