@@ -586,13 +586,28 @@ def describe_outputs(
     stage_layout: Layout | None = None,
     num_prefix_tokens: int | None = None,
     example_input: torch.Tensor | None = None,
+    maps_only: bool = False,
 ) -> tuple[StageInfo, ...]:
     """A :class:`StageInfo` for each named module's output, decided as
-    :func:`describe_stages` decides them; the model needs no classifier."""
+    :func:`describe_stages` decides them; the model needs no classifier. ``maps_only`` refuses
+    3-D outputs (token or channels-first sequences) before anything is asked about them, for
+    callers that only handle feature maps (:func:`~gradual_sd.insert_after`)."""
     model = checked_model(model)
     names = _normalize_names(model, names)
     example = checked_example(model, example_input)
     probe = run_probe(model, names, (), example)
+    if maps_only:
+        batch = example.shape[0]
+        sequences = {}
+        for name in names:
+            shape = _select_element(name, probe.shapes.get(name), batch, None)[0]
+            if isinstance(shape, tuple) and len(shape) == 3:
+                sequences[name] = shape
+        if sequences:
+            raise ValueError(
+                f"{sequences} output token sequences (N, L, C) or (N, C, L) sequences; attention can "
+                "only follow stages that output feature maps (N, C, H, W) or (N, H, W, C)"
+            )
     return _stage_infos(model, names, probe, example, stage_layout, num_prefix_tokens)
 
 

@@ -645,3 +645,10 @@ def test_stem_and_next_stage_convolution_are_not_stages():
     convolution, which still runs at layer1's resolution."""
     model = torchvision.models.resnet50(num_classes=5)
     assert default_stage_names(model, torch.zeros(1, 3, 64, 64)) == ["layer1", "layer2", "layer3"]
+
+
+def test_insert_after_refuses_sequences_before_asking_about_them():
+    """insert_after takes no num_prefix_tokens: a sequence is refused for what it is."""
+    with pytest.raises(ValueError, match=r"\{'stage1': \(1, 24, 32\)\} output token sequences") as error:
+        insert_after(Conv1dNet(), "stage1", example_input=torch.zeros(1, 2, 128))
+    assert "num_prefix_tokens" not in str(error.value) and "stage_layout" not in str(error.value)
