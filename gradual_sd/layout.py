@@ -60,9 +60,9 @@ def resolve_layout(
         declared: The layout the model declares for its feature maps (timm ``output_fmt``).
         requested: The layout the user asked for; it must not contradict the evidence. A
             4-D layout applies to 4-D outputs only, a 3-D one to 3-D outputs only.
-        widths: For a 3-D output with no other evidence, channel counts it may have (the
-            patch embedding's, the classifier's input): the layouts whose channel axis has
-            one of them, when exactly one does.
+        widths: Where the other evidence leaves more than one layout, channel counts the
+            output may have (the patch embedding's, the classifier's input, the module's own
+            layers'): the layout whose channel axis has one of them, when exactly one does.
     """
     if len(shape) == 3:
         candidates = list(SEQUENCE_LAYOUTS)

@@ -300,8 +300,10 @@ def _layer_widths(module: nn.Module) -> set[int]:
             widths.add(layer.out_channels)
         elif isinstance(layer, nn.LayerNorm):
             widths.add(layer.normalized_shape[-1])
-        elif isinstance(layer, (nn.BatchNorm1d, nn.GroupNorm)):
-            widths.add(layer.num_features if isinstance(layer, nn.BatchNorm1d) else layer.num_channels)
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            widths.add(layer.num_features)
+        elif isinstance(layer, nn.GroupNorm):
+            widths.add(layer.num_channels)
     return widths
 
 
@@ -388,7 +390,9 @@ def _list_stages(
         if not isinstance(shape, tuple) or len(shape) not in (3, 4):
             continue
         grid, widths = (
-            _sequence_evidence(model, probe, name, shape, hidden) if len(shape) == 3 else (None, ())
+            _sequence_evidence(model, probe, name, shape, hidden)
+            if len(shape) == 3
+            else (None, tuple(sorted(_layer_widths(modules[name]))))
         )
         evidence = _Evidence(other.get(name), scaled, channels.get(name), None, grid, widths)
         try:
@@ -565,7 +569,7 @@ def _stage_infos(
             if second is None:
                 second = second_probe(model, names, example)
             other, scaled = second
-            widths: tuple[int, ...] = ()
+            widths = tuple(sorted(_layer_widths(find_module(model, name))))
             if tokens and isinstance(selected, tuple):
                 if everything is None:
                     everything = run_probe(model, module_names(model), (), example)

@@ -54,6 +54,17 @@ TINY_CONFIGS: dict[str, dict] = {
     "dinov2": dict(_VIT, mlp_ratio=2),
     "dinov2_with_registers": dict(_VIT, mlp_ratio=2, num_register_tokens=2),
     "donut-swin": dict(_SWIN),
+    # efficientformer, nat, van and vit_hybrid: in the mapping of transformers 4.x, deprecated since
+    "efficientformer": dict(
+        image_size=64,
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 2],
+        dim=32,
+        key_dim=8,
+        num_attention_heads=2,
+        resolution=2,
+        hidden_size=32,  # the teacher variant's distillation head reads it
+    ),
     "efficientnet": dict(
         image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320
     ),  # hidden_dim is the top convolution's width, round_filters(1280) at this width
@@ -101,6 +112,7 @@ TINY_CONFIGS: dict[str, dict] = {
         num_attention_heads=2,
     ),
     "mobilevitv2": dict(image_size=64, width_multiplier=0.25),
+    "nat": dict(patch_size=4, embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 4], kernel_size=3),
     "perceiver": dict(
         num_latents=16,
         d_latents=32,
@@ -132,7 +144,21 @@ TINY_CONFIGS: dict[str, dict] = {
     "swinv2": dict(_SWIN),
     "textnet": dict(image_size=[32, 32], stem_out_channels=8, hidden_sizes=[8, 8, 16, 24, 32]),
     "timm_wrapper": dict(architecture="resnet18"),
+    "van": dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "vit": dict(_VIT),
+    "vit_hybrid": dict(
+        _VIT,
+        patch_size=1,
+        backbone_config=dict(
+            embedding_size=8,
+            hidden_sizes=[8, 16, 24],
+            depths=[1, 1, 1],
+            layer_type="bottleneck",
+            num_groups=2,
+            out_features=["stage3"],
+        ),
+        backbone_featmap_shape=[1, 24, 2, 2],
+    ),
     "vit_msn": dict(_VIT),
 }
 
@@ -150,6 +176,9 @@ def build(model_type: str, class_name: str) -> torch.nn.Module:
     """A randomly initialised tiny ``class_name`` with ``NUM_LABELS`` labels, in train mode."""
     kwargs = dict(TINY_CONFIGS[model_type])
     vision = kwargs.pop("vision_config", None)
+    backbone = kwargs.pop("backbone_config", None)
+    if backbone is not None:  # ViT hybrid: a BiT backbone's config
+        kwargs["backbone_config"] = transformers.BitConfig(**backbone)
     config = transformers.AutoConfig.for_model(model_type, num_labels=NUM_LABELS, **kwargs)
     if vision is not None:
         for key, value in vision.items():
