@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["DEFAULT_MAX_HEADS", "choose_stages", "spread"]
+__all__ = ["DEFAULT_MAX_HEADS", "block_run", "choose_stages", "spread"]
 
 DEFAULT_MAX_HEADS = 3  # the paper's auxiliary classifiers: one after each of ResNet's first three stages
 
@@ -79,7 +79,7 @@ def _outermost_with_most_work(members: list[Listed]) -> tuple[str, int]:
     return [o for o in outermost if scores[o] == best][-1], best
 
 
-def _block_run(members: list[Listed]) -> list[str]:
+def block_run(members: list[Listed]) -> list[str]:
     """The longest run of numbered siblings with one output shape (``layers.0``, ``layers.1``...)."""
     shapes = {m.name: m.shape for m in members}
     runs: dict[str, list[tuple[int, str]]] = {}
@@ -120,7 +120,7 @@ def choose_stages(stages: Sequence[Listed], max_heads: int | None) -> list[str]:
     # resolution with a run of blocks is an isotropic model, whatever its stem did.
     containers = [c for c in chosen if c[1] >= 2]
     if len(containers) == 1 or len(levels) == 1:
-        blocks = _block_run(levels[(containers or chosen)[0][2]])
+        blocks = block_run(levels[(containers or chosen)[0][2]])
         if len(blocks) >= 2:
             return [*spread(blocks[:-1], max_heads), blocks[-1]]
     chosen = containers if len(containers) >= 2 else chosen

@@ -134,13 +134,16 @@ def count_prefix_tokens(
 
     Measured where possible: with ``other_tokens`` from an input ``scale`` times larger along
     each of its ``spatial_dims`` axes, the grid part grows ``scale**spatial_dims``-fold and the
-    prefix stays; with ``grid_tokens`` (the number of
+    prefix stays (where no token is added, the sequence is a latent array with no prefix); with
+    ``grid_tokens`` (the number of
     patches the stage's reduction implies), the prefix is what is left over. The model's own
     ``declared`` count is used only when nothing can be measured. ``requested`` must agree with
     a measurement.
     """
     measured = None
-    if other_tokens is not None:
+    if other_tokens == tokens:  # no token follows the input's size: a latent array, no prefix
+        measured = 0
+    elif other_tokens is not None:
         grid, remainder = divmod(other_tokens - tokens, scale**spatial_dims - 1)
         if remainder == 0 and 0 < grid <= tokens:
             measured = tokens - grid

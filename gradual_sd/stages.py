@@ -19,7 +19,7 @@ from torch import nn
 
 from ._lookup import find_module, module_names
 from .classifier import classifier_candidates, contributing_layers, out_features
-from .discovery import DEFAULT_MAX_HEADS, choose_stages, spread
+from .discovery import DEFAULT_MAX_HEADS, block_run, choose_stages, spread
 from .layout import CHANNEL_AXIS, LAYOUTS, SEQUENCE_LAYOUTS, Layout, count_prefix_tokens, resolve_layout
 from .probing import SCALE, Probe, checked_example, checked_model, default_example_input, main_logits
 from .probing import probe as run_probe
@@ -49,7 +49,8 @@ class StageInfo(NamedTuple):
             tell.
         channels: Width of the channel axis.
         reduction: Input size over the output's spatial size (tokens: over the patch grid),
-            per spatial axis of the input.
+            per spatial axis of the input; ``None`` for a sequence whose length does not follow
+            the input's size (a latent array).
         num_prefix_tokens: Class/register tokens before the patch tokens (``NLC`` only).
         element: For a stage that returns a tuple or list, the index of the tensor tapped.
     """
@@ -191,7 +192,9 @@ def _describe(
             f"num_prefix_tokens={num_prefix_tokens} but stage {name!r} outputs {shape}, a channels-first "
             "(N, C, L) sequence with no prefix tokens; leave num_prefix_tokens unset"
         )
-    reduction = _reduction(shape, layout, prefix, example)
+    axis = 3 - CHANNEL_AXIS[layout] if layout in SEQUENCE_LAYOUTS else None
+    latent = axis is not None and sized is not None and sized[axis] == shape[axis]
+    reduction = None if latent else _reduction(shape, layout, prefix, example)  # no resolution
     return StageInfo(name, shape, layout, int(shape[CHANNEL_AXIS[layout]]), reduction, prefix, element)
 
 
@@ -453,6 +456,22 @@ def _default_names(
     stages, probe, pooled, classifier = _list_stages(model, example, candidates)
     usable = [s for s in stages if s.layout is not None and s.name not in pooled]
     suggested = choose_stages(usable, max_heads)
+    share = _share_after(model, stages, suggested[-1], probe, classifier) if suggested else 0.0
+    if len(suggested) < 2 or share > 0.5:
+        # Most of the work runs after the deepest resolution, or none was found: the model's
+        # stages are the blocks that run there (a Perceiver's latent blocks), if it has a run.
+        order = [s.name for s in stages]
+        start = order.index(suggested[-1]) + 1 if suggested else 0
+        blocks = block_run([s for s in usable if order.index(s.name) >= start])
+        if len(blocks) >= 2:
+            return [*spread(blocks[:-1], max_heads), blocks[-1]], probe
+    if share > 0.5:
+        raise ValueError(
+            f"cannot find stages of {type(model).__name__} from the shapes: {share:.0%} of its "
+            f"parameters run after the deepest output with a resolution, {suggested[-1]!r}, at none "
+            "the input decides, and not in a run of blocks. Pass stage_names, shallow to deep "
+            "(gradual_sd.list_stages(model) lists every candidate)"
+        )
     if len(suggested) < 2:
         listed = {s.name for s in stages}
         outermost = [s for s in stages if not any(a in listed for a in _ancestors(s.name))]
@@ -462,7 +481,6 @@ def _default_names(
             f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
             f"are: {listing}"
         )
-    _check_last_stage(model, stages, suggested[-1], probe, classifier)
     return suggested, probe
 
 
@@ -472,13 +490,12 @@ def _spread_out(probe: Probe, name: str) -> bool:
     return isinstance(shape, tuple) and len(shape) in (3, 4) and sorted(shape[1:])[-2] > 1
 
 
-def _check_last_stage(
+def _share_after(
     model: nn.Module, stages: list[StageInfo], last: str, probe: Probe, classifier: str
-) -> None:
-    """Refuse stages found from the shapes when most of the model's parameters run after the
-    deepest of them at another or no resolution: then the model's own stages cannot be found by
-    their resolution (a Perceiver's latent array), and heads on what can would sit on its input
-    processing."""
+) -> float:
+    """The share of the model's parameters (the classifier's aside) in modules that run after
+    stage ``last`` with outputs of several positions at another or no resolution: a
+    Perceiver's latent blocks after its input processing."""
     modules = dict(model.named_modules())
     levels = {s.name: _level_of(s) for s in stages}
     start, end = probe.order.index(last), probe.order.index(classifier)
@@ -492,14 +509,7 @@ def _check_last_stage(
         return sum(p.numel() for n in names for p in modules[n].parameters(recurse=False))
 
     body = own(n for n in modules if n and n != classifier)
-    after = own(later)
-    if body and after > body / 2:
-        raise ValueError(
-            f"cannot find stages of {type(model).__name__} from the shapes: {after / body:.0%} of its "
-            f"parameters run after the deepest output with a resolution, {last!r}, at none the input "
-            "decides (as in a Perceiver's latent array). Pass stage_names, shallow to deep "
-            "(gradual_sd.list_stages(model) lists every candidate)"
-        )
+    return own(later) / body if body else 0.0
 
 
 def _level_of(stage: StageInfo) -> int | None:
