@@ -4,7 +4,9 @@ One dry run (two where the layout or the prefix tokens need a second input size)
 without gradients describes every tapped stage, in the spirit of timm's ``FeatureInfo``:
 :func:`describe_stages` is what :class:`~gradual_sd.GradualSelfDistiller` and
 :func:`~gradual_sd.insert_after` build on, and :func:`list_stages` shows the candidates of a
-model that timm does not describe (torchvision, hand-written models).
+model that timm does not describe (torchvision, hand-written models). The dry runs are
+:mod:`gradual_sd.probing`'s, one output's description :mod:`gradual_sd.outputs`', the choice of
+default stages :mod:`gradual_sd.discovery`'s; this module puts them together.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ from torch import nn
 from ._lookup import find_module, module_names
 from .classifier import classifier_candidates, contributing_layers, out_features
 from .discovery import DEFAULT_MAX_HEADS, block_run, choose_stages, spread
-from .layout import CHANNEL_AXIS, LAYOUTS, SEQUENCE_LAYOUTS, Layout, count_prefix_tokens, resolve_layout
-from .probing import SCALE, Probe, checked_example, checked_model, default_example_input, main_logits
+from .layout import LAYOUTS, Layout
+from .outputs import (
+    Evidence,
+    StageInfo,
+    describe_output,
+    is_pooled,
+    layer_widths,
+    select_element,
+    sequence_evidence,
+)
+from .probing import Probe, checked_example, checked_model, default_example_input, main_logits
 from .probing import probe as run_probe
 from .probing import second_probe
 
@@ -36,32 +47,6 @@ __all__ = [
     "describe_outputs",
     "main_logits",
 ]
-
-
-class StageInfo(NamedTuple):
-    """One stage output as seen at the example input.
-
-    Attributes:
-        name: The module's dotted name.
-        shape: Its output shape (for a tuple or list output, the tapped element's).
-        layout: ``"NCHW"``, ``"NHWC"``, ``"NLC"`` (tokens) or ``"NCL"`` (a channels-first
-            sequence, as 1-D convolutions give); ``None`` where :func:`list_stages` could not
-            tell.
-        channels: Width of the channel axis.
-        reduction: Input size over the output's spatial size (tokens: over the patch grid),
-            per spatial axis of the input; ``None`` for a sequence whose length does not follow
-            the input's size (a latent array).
-        num_prefix_tokens: Class/register tokens before the patch tokens (``NLC`` only).
-        element: For a stage that returns a tuple or list, the index of the tensor tapped.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    layout: Layout | None
-    channels: int | None
-    reduction: float | None
-    num_prefix_tokens: int = 0
-    element: int | None = None
 
 
 class ModelStages(NamedTuple):
@@ -88,114 +73,6 @@ def _feature_channels(model: nn.Module) -> dict[str, int]:
     return {
         e["module"]: int(e["num_chs"]) for e in entries if "num_chs" in e and names.count(e["module"]) == 1
     }
-
-
-def _select_element(name: str, shape: object, batch: int, channels: int | None) -> tuple[object, int | None]:
-    """The shape to tap and, for a tuple or list output, which element: the first feature
-    tensor with the input's batch size, preferring one with feature_info's channel count. A
-    tensor whose first axis is not the batch is described instead, as no stage."""
-    if isinstance(shape, tuple):
-        if shape and shape[0] == batch:
-            return shape, None
-        return f"a tensor of shape {shape} whose first axis is not the batch ({batch} images)", None
-    if not isinstance(shape, list):
-        return shape, None
-    features = [
-        (i, s) for i, s in enumerate(shape) if isinstance(s, tuple) and len(s) in (3, 4) and s[0] == batch
-    ]
-    fitting = [(i, s) for i, s in features if channels in (s[1], s[-1])]
-    for index, element in fitting or features:
-        return element, index
-    return f"a {type(shape).__name__} of {shape}", None
-
-
-def _reduction(shape: tuple[int, ...], layout: Layout, prefix: int, example: torch.Tensor) -> float:
-    spatial = example.shape[2:]
-    if layout in SEQUENCE_LAYOUTS:
-        grid = shape[CHANNEL_AXIS[layout] % 2 + 1] - prefix  # the axis that is not the channels
-        if grid <= 0:
-            return float("nan")
-        return (math.prod(spatial) / grid) ** (1 / len(spatial))
-    height = shape[2] if layout == "NCHW" else shape[1]
-    if len(spatial) == 2:
-        return spatial[0] / height
-    width = shape[3] if layout == "NCHW" else shape[2]
-    return (math.prod(spatial) / (height * width)) ** (1 / len(spatial))
-
-
-class _Evidence(NamedTuple):
-    """What is known about one output besides its shape."""
-
-    other: object = None  # its shape in the second probe
-    scaled: bool = False  # whether the second probe's input was larger
-    channels: int | None = None  # feature_info's channel count
-    declared_layout: str | None = None  # the model's output_fmt
-    grid_tokens: int | None = None  # patches its reduction or patch embedding implies
-    widths: tuple[int, ...] = ()  # channel counts a sequence may have
-
-
-def _describe(
-    model: nn.Module,
-    name: str,
-    shape: object,
-    example: torch.Tensor,
-    evidence: _Evidence,
-    *,
-    stage_layout: str | None = None,
-    num_prefix_tokens: int | None = None,
-) -> StageInfo:
-    """A :class:`StageInfo` for one tapped output, or a ``ValueError`` saying what to pass."""
-    shape, element = _select_element(name, shape, example.shape[0], evidence.channels)
-    other = evidence.other
-    if element is not None and isinstance(other, list) and len(other) > element:
-        other = other[element]
-    if not isinstance(shape, tuple):
-        raise ValueError(
-            f"stage {name!r} outputs {shape}, not a feature map or sequence; tap a module that "
-            f"outputs one (see gradual_sd.list_stages) and pass it in stage_names"
-        )
-    other_shape = other if isinstance(other, tuple) else None
-    if other_shape is not None and other_shape[0] != example.shape[0] + 1:
-        raise ValueError(
-            f"stage {name!r} outputs {shape} for {example.shape[0]} images but {other_shape} for "
-            f"{example.shape[0] + 1}: its first axis is not the batch (it folds patches or windows "
-            "into it). Tap the module whose output is the whole stage (see gradual_sd.list_stages)"
-        )
-    sized = other_shape if evidence.scaled else None
-    layout = resolve_layout(
-        name,
-        shape,
-        other_shape=sized,
-        channels=evidence.channels,
-        declared=evidence.declared_layout,
-        requested=stage_layout,
-        widths=evidence.widths,
-        scale=SCALE,
-    )
-    prefix = 0
-    if layout == "NLC":
-        grid = evidence.grid_tokens
-        if grid is None and sized is None:  # one input size only: read against the input's size
-            grid = _grid_from_input(shape[1], example.shape[2:])
-        prefix = count_prefix_tokens(
-            name,
-            shape[1],
-            other_tokens=sized[1] if sized is not None else None,
-            scale=SCALE,
-            spatial_dims=example.dim() - 2,
-            grid_tokens=grid,
-            declared=getattr(model, "num_prefix_tokens", None),
-            requested=num_prefix_tokens,
-        )
-    elif layout == "NCL" and num_prefix_tokens:
-        raise ValueError(
-            f"num_prefix_tokens={num_prefix_tokens} but stage {name!r} outputs {shape}, a channels-first "
-            "(N, C, L) sequence with no prefix tokens; leave num_prefix_tokens unset"
-        )
-    axis = 3 - CHANNEL_AXIS[layout] if layout in SEQUENCE_LAYOUTS else None
-    latent = axis is not None and sized is not None and sized[axis] == shape[axis]
-    reduction = None if latent else _reduction(shape, layout, prefix, example)  # no resolution
-    return StageInfo(name, shape, layout, int(shape[CHANNEL_AXIS[layout]]), reduction, prefix, element)
 
 
 def _is_output(value: object, logits: torch.Tensor) -> bool:
@@ -293,54 +170,6 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _layer_widths(module: nn.Module) -> set[int]:
-    """Channel widths a module's own layers produce: linear and convolution outputs, norm widths."""
-    widths = set()
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear):
-            widths.add(layer.out_features)
-        elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-            widths.add(layer.out_channels)
-        elif isinstance(layer, nn.LayerNorm):
-            widths.add(layer.normalized_shape[-1])
-        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
-            widths.add(layer.num_features)
-        elif isinstance(layer, nn.GroupNorm):
-            widths.add(layer.num_channels)
-    return widths
-
-
-def _sequence_evidence(
-    model: nn.Module, probe: Probe, name: str, shape: tuple[int, ...], hidden: int | None
-) -> tuple[int | None, tuple[int, ...]]:
-    """For a 3-D output: the patches of the map its sequence comes from and the widths its
-    channel axis may have: that map's channels where its positions match the sequence's, the
-    classifier's input width, or else the widths of the module's own layers."""
-    grid = _patch_grid(probe, name, shape[2], shape[1])  # a patch embedding's map as wide as the tokens
-    if grid is not None:
-        return grid, (shape[2],)
-    if hidden is not None and (shape[1] == hidden) != (shape[2] == hidden):
-        return None, (hidden,)
-    return None, tuple(sorted(_layer_widths(find_module(model, name))))
-
-
-_MAX_PREFIX = 16  # class, distillation and register tokens; more would be read as patches
-
-
-def _grid_from_input(tokens: int, spatial: Sequence[int]) -> int | None:
-    """The patch grid of a sequence of ``tokens`` read against the input size alone: the
-    largest grid of square patches that tiles the input and leaves at most ``_MAX_PREFIX``
-    tokens over (the fewest prefix tokens)."""
-    side = min(spatial)
-    grids = {
-        math.prod(s // patch for s in spatial)
-        for patch in range(1, side + 1)
-        if all(s % patch == 0 for s in spatial)
-    }
-    fitting = [g for g in grids if 0 <= tokens - g <= _MAX_PREFIX]
-    return max(fitting) if fitting else None
-
-
 def list_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> list[StageInfo]:
     """Every submodule that outputs a feature map or sequence before the classifier runs, in
     run order, with its shape, layout, channels and reduction at ``example_input``.
@@ -353,17 +182,6 @@ def list_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     model = checked_model(model)
     example = checked_example(model, example_input)
     return _list_stages(model, example, classifier_candidates(model))[0]
-
-
-def _pooled(stage: StageInfo, other: object, scaled: bool) -> bool:
-    """Whether an output is pooled: one position (a pooler's (N, C, 1, 1) or (N, C, 1)) that
-    does not grow with the input (where a larger input ran)."""
-    if len(stage.shape) == 3 and 1 in stage.shape[1:]:  # one position, whichever axis has it
-        return True
-    axes = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,)}[stage.layout]  # type: ignore[index]
-    if math.prod(stage.shape[a] for a in axes) - stage.num_prefix_tokens > 1:
-        return False
-    return not (scaled and isinstance(other, tuple) and other[1:] != stage.shape[1:])
 
 
 def _list_stages(
@@ -389,17 +207,17 @@ def _list_stages(
         if type(modules[name]).__module__ == nn.ZeroPad2d.__module__:  # padding: not a resolution
             continue
         raw = probe.shapes[name]
-        shape, element = _select_element(name, raw, example.shape[0], channels.get(name))
+        shape, element = select_element(name, raw, example.shape[0], channels.get(name))
         if not isinstance(shape, tuple) or len(shape) not in (3, 4):
             continue
         grid, widths = (
-            _sequence_evidence(model, probe, name, shape, hidden)
+            sequence_evidence(model, probe, name, shape, hidden)
             if len(shape) == 3
-            else (None, tuple(sorted(_layer_widths(modules[name]))))
+            else (None, tuple(sorted(layer_widths(modules[name]))))
         )
-        evidence = _Evidence(other.get(name), scaled, channels.get(name), None, grid, widths)
+        evidence = Evidence(other.get(name), scaled, channels.get(name), None, grid, widths)
         try:
-            stage = _describe(model, name, raw, example, evidence)
+            stage = describe_output(model, name, raw, example, evidence)
         except ValueError as error:  # listed all the same, with what could not be decided left None
             if "not the batch" in str(error):
                 continue
@@ -409,7 +227,7 @@ def _list_stages(
         second = other.get(name)
         if element is not None and isinstance(second, list) and len(second) > element:
             second = second[element]
-        if _pooled(stage, second, scaled):
+        if is_pooled(stage, second, scaled):
             pooled.add(name)
     return stages, probe, pooled, classifier
 
@@ -450,7 +268,7 @@ def _default_names(
     if len(names) >= 2 and all(n in existing for n in names):
         probe = run_probe(model, names, candidates, example)
         batch = example.shape[0]
-        if all(isinstance(_select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
+        if all(isinstance(select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
             names = sorted(names, key=probe.order.index)
             return [*spread(names[:-1], max_heads), names[-1]], probe
     stages, probe, pooled, classifier = _list_stages(model, example, candidates)
@@ -486,7 +304,7 @@ def _default_names(
 
 def _spread_out(probe: Probe, name: str) -> bool:
     """Whether a module's output has several positions (not a pooled head's (N, C, 1, 1))."""
-    shape, _ = _select_element(name, probe.shapes.get(name), probe.batch, None)
+    shape, _ = select_element(name, probe.shapes.get(name), probe.batch, None)
     return isinstance(shape, tuple) and len(shape) in (3, 4) and sorted(shape[1:])[-2] > 1
 
 
@@ -516,19 +334,6 @@ def _level_of(stage: StageInfo) -> int | None:
     if stage.reduction is None or not stage.reduction > 0:
         return None
     return round(math.log2(stage.reduction))
-
-
-def _patch_grid(probe: Probe, name: str, width: int, tokens: int) -> int | None:
-    """Patches in an ``(N, width, H, W)`` feature map that ran before token stage ``name`` (a
-    ViT's patch-embedding convolution) in a probe of every module: of those that leave at most
-    ``_MAX_PREFIX`` of its ``tokens`` over, the largest (the fewest prefix tokens), or ``None``."""
-    grids = []
-    for other in probe.order[: probe.order.index(name)]:
-        shape = probe.shapes[other]
-        if isinstance(shape, tuple) and len(shape) == 4 and shape[1] == width:
-            grids.append(shape[2] * shape[3])
-    fitting = [grid for grid in grids if 0 <= tokens - grid <= _MAX_PREFIX]
-    return max(fitting) if fitting else None
 
 
 def _stage_infos(
@@ -561,17 +366,17 @@ def _stage_infos(
     for name in names:
         shape = probe.shapes[name]
         known = name in channels
-        selected, _ = _select_element(name, shape, example.shape[0], channels.get(name))
+        selected, _ = select_element(name, shape, example.shape[0], channels.get(name))
         tokens = isinstance(selected, tuple) and len(selected) == 3
         grid = None
         if tokens and known and reductions.get(name):
             grid = math.prod(int(s // reductions[name]) for s in spatial)
-        evidence = _Evidence(None, False, channels.get(name), declared if known else None, grid)
+        evidence = Evidence(None, False, channels.get(name), declared if known else None, grid)
         options = dict(stage_layout=stage_layout, num_prefix_tokens=num_prefix_tokens)
         stage = None
         if known:  # timm's feature_info vouches for the module: one probe is enough
             with contextlib.suppress(ValueError):
-                stage = _describe(model, name, shape, example, evidence, **options)
+                stage = describe_output(model, name, shape, example, evidence, **options)
         # A second input size (and one more image) settles what one could not, counts prefix
         # tokens and shows the batch axis; a model that takes one size only has its sequences
         # read against the map they come from.
@@ -579,16 +384,16 @@ def _stage_infos(
             if second is None:
                 second = second_probe(model, names, example)
             other, scaled = second
-            widths = tuple(sorted(_layer_widths(find_module(model, name))))
+            widths = tuple(sorted(layer_widths(find_module(model, name))))
             if tokens and isinstance(selected, tuple):
                 if everything is None:
                     everything = run_probe(model, module_names(model), (), example)
-                from_map, widths = _sequence_evidence(model, everything, name, selected, hidden)
+                from_map, widths = sequence_evidence(model, everything, name, selected, hidden)
                 grid = grid if grid is not None else from_map
             evidence = evidence._replace(
                 other=other.get(name), scaled=scaled, grid_tokens=grid, widths=widths
             )
-            stage = _describe(model, name, shape, example, evidence, **options)
+            stage = describe_output(model, name, shape, example, evidence, **options)
         stages.append(stage)
     return tuple(stages)
 
@@ -614,7 +419,7 @@ def describe_outputs(
         batch = example.shape[0]
         sequences = {}
         for name in names:
-            shape = _select_element(name, probe.shapes.get(name), batch, None)[0]
+            shape = select_element(name, probe.shapes.get(name), batch, None)[0]
             if isinstance(shape, tuple) and len(shape) == 3:
                 sequences[name] = shape
         if sequences:
