@@ -11,7 +11,10 @@ model (no heads, no hooks) is exported and saved with ``save_pretrained``, so
     python examples/hf_trainer_gsd.py --pretrained google/vit-base-patch16-224 --img-size 224
 
 The data is scikit-learn's handwritten digits (the stand-in of ``train_gsdnet.py``), so the
-example runs with no download; any dataset whose items are ``(image tensor, label)`` works.
+example runs with no download; any dataset whose items are ``(image tensor, label)`` works. The
+Trainer's ``dataloader_drop_last`` would drop evaluation images too, so it is left off: choose a
+batch size that leaves no last training batch of one, which training-mode BatchNorm rejects once
+a stage's maps are 1x1.
 """
 
 from __future__ import annotations
@@ -165,7 +168,6 @@ def main(argv: list[str] | None = None) -> dict:
         report_to=[],
         remove_unused_columns=False,  # the batches are built by collate, not from dataset columns
         label_names=["labels"],
-        dataloader_drop_last=True,  # a batch of one fails in training-mode BatchNorm on 1x1 maps
         use_cpu=args.cpu,
         seed=args.seed,
     )
