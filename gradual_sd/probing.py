@@ -63,9 +63,10 @@ def _not_logits(model: nn.Module, output: object) -> str:
             return f"{name} returned {got} in eval mode, not (N, num_classes) logits: {_POOL_ADVICE}"
         if output.dim() >= 3:
             return (
-                f"{name} returned {got} in eval mode, an unpooled feature map, not (N, num_classes) "
-                "logits. A timm model created with global_pool='' keeps the map: create it with "
-                "global_pool='avg' (the default), or wrap it so it takes images and returns logits"
+                f"{name} returned {got} in eval mode, a feature map or token sequence, not "
+                "(N, num_classes) logits: it has no pooled classification head. For timm, create the "
+                "model with num_classes > 0 (a model with no classification head, such as a vision "
+                "encoder, needs one added), or wrap it so it takes images and returns logits"
             )
         return (
             f"{name} returned {got} in eval mode, not (N, num_classes) logits. The distiller needs a "

@@ -652,3 +652,20 @@ def test_insert_after_refuses_sequences_before_asking_about_them():
     with pytest.raises(ValueError, match=r"\{'stage1': \(1, 24, 32\)\} output token sequences") as error:
         insert_after(Conv1dNet(), "stage1", example_input=torch.zeros(1, 2, 128))
     assert "num_prefix_tokens" not in str(error.value) and "stage_layout" not in str(error.value)
+
+
+def test_per_token_logits_name_the_missing_head_not_global_pool():
+    """An encoder returning (N, L, K): no pooled head; global_pool is named only where it is set."""
+
+    class TokenLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, 4)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.embed(x).flatten(2).transpose(1, 2))
+
+    with pytest.raises(ValueError, match="no pooled classification head") as error:
+        GradualSelfDistiller(TokenLogits(), ["embed"], example_input=torch.zeros(1, 3, 16, 16))
+    assert "global_pool" not in str(error.value)
