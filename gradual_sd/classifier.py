@@ -4,17 +4,22 @@ Classifiers come in many shapes: one ``nn.Linear`` (ResNet), a 1x1 convolution (
 SqueezeNet), a wrapper around a linear layer (timm ``ClassifierHead``, ``NormLinear``, RepViT),
 a tuple of heads (distilled DeiT, LeViT, EfficientFormer) or a ``ModuleList`` of them (CrossViT,
 EfficientViM). This module lists every linear or 1x1-conv layer inside the classifier; which of
-them is *the* classifier is decided by a dry run (:mod:`gradual_sd.stages`): the last one to run
-that outputs ``num_classes``.
+them is *the* classifier is decided by a dry run (:mod:`gradual_sd.stages`): the layer whose
+output is the returned logits, else the layers the logits depend on (both heads of an averaged
+pair: the last to run), never an auxiliary head that runs beside them.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
 from torch import nn
 
 from ._lookup import find_module
+from .probing import main_logits
 
-__all__ = ["classifier_candidates", "is_classifier_layer", "out_features"]
+__all__ = ["classifier_candidates", "contributing_layers", "is_classifier_layer", "out_features"]
 
 _CONVENTIONAL_NAMES = ("fc", "classifier", "head")
 
@@ -89,3 +94,33 @@ def classifier_candidates(model: nn.Module, classifier_name: str | None = None) 
             "pass classifier_name"
         )
     return layers
+
+
+def contributing_layers(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    """Which of the layers ``names`` the model's returned logits depend on, from one eval-mode
+    forward with each layer's output made a leaf of the autograd graph: a layer is returned
+    when the logits have a gradient with respect to its output. An auxiliary head that runs
+    beside the classifier has none; both heads of an averaged pair have one."""
+    leaves: dict[str, torch.Tensor] = {}
+
+    def make_leaf(name: str, module: nn.Module, args: tuple, output: object) -> object:
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            leaves[name] = output.detach().requires_grad_()
+            return leaves[name].clone()  # not the leaf itself: the model may work on it in place
+        return output
+
+    handles = [find_module(model, n).register_forward_hook(partial(make_leaf, n)) for n in names]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.enable_grad():
+            logits = main_logits(model(example))
+            ran = [n for n in names if n in leaves]
+            if logits is None or not logits.requires_grad or not ran:
+                return []
+            grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in ran], allow_unused=True)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return [n for n, g in zip(ran, grads) if g is not None]

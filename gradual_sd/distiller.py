@@ -21,6 +21,8 @@ from .heads import BottleneckHead, HeadFactory
 from .inputs import checked_forward
 from .layout import Layout
 from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
+from .discovery import DEFAULT_MAX_HEADS
+from .probing import checked_model
 from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
 from .taps import StageTaps, tapped_by, to_feature_map
 
@@ -63,11 +65,16 @@ class GradualSelfDistiller(nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
     Args:
-        model: Any ``nn.Module`` that maps images to logits through a final linear or 1x1-conv
-            classifier. It must not carry another wrapper's hooks.
+        model: Any ``nn.Module`` that maps images (or ``(N, C, L)`` sequences) to logits
+            through a final linear or 1x1-conv classifier: a tensor, a Hugging Face output's
+            ``logits`` or a tuple's first element. It must not carry another wrapper's hooks,
+            nor be a ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``
+            wrapper: wrap the inner model, then compile or parallelise the distiller.
         stage_names: Submodules to tap, shallow to deep, one head each (a string is one
-            stage). Default: timm's ``feature_info`` stages without the stem and the last
-            stage, or, where timm gives none that can be tapped, stages found from the shapes
+            stage). Default: at most ``max_heads`` stages spread over the depth, from timm's
+            ``feature_info`` stages without the stem and the last stage, or, where timm gives
+            none that can be tapped, from the shapes: the module that finishes each
+            resolution, or for an isotropic model its blocks
             (:func:`~gradual_sd.default_stage_names`; :func:`~gradual_sd.list_stages` shows
             the candidates). A stage returning a tuple or list is tapped at one tensor (see
             :func:`~gradual_sd.describe_stages`).
@@ -80,17 +87,26 @@ class GradualSelfDistiller(nn.Module):
             outputs is the classifier, and its input is the pre-logits (an ``(N, D, H, W)``
             input is average-pooled to ``(N, D)``).
         num_classes: If given, checked against the classifier's output.
-        stage_layout: Layout of 4-D stage outputs, ``"NCHW"`` or ``"NHWC"``. By default it is
+        stage_layout: Layout of the stage outputs: ``"NCHW"`` or ``"NHWC"`` for 4-D outputs,
+            ``"NLC"`` (tokens) or ``"NCL"`` (channels-first sequences, as 1-D convolutions
+            give) for 3-D ones; a layout applies to outputs of its rank. By default it is
             decided from evidence: timm's ``feature_info`` channels, the declared
-            ``output_fmt`` and the shapes at two input sizes; an error asks for it where the
-            evidence does not settle it, and a value that contradicts the evidence is refused.
-            3-D outputs are always ``(N, L, C)`` tokens.
+            ``output_fmt``, the shapes at two input sizes and, for a sequence, the widths of
+            the map it comes from and of the classifier's input; an error asks for it where
+            the evidence does not settle it, and a value that contradicts the evidence is
+            refused.
         num_prefix_tokens: Class/register tokens to drop from token outputs; by default
             counted from the shapes (at two input sizes, or against ``feature_info``'s
-            reduction), else the model's ``num_prefix_tokens``.
+            reduction or the patch embedding's grid), else the model's ``num_prefix_tokens``.
+            An ``(N, C, L)`` stage has none.
         example_input: A batch used in eval mode without gradients to find every stage's shape;
-            default one zero image at the model's configured size (a timm ``img_size``, else
-            ``pretrained_cfg``) with its first convolution's channels.
+            default one zero image at the model's configured size (a Hugging Face config's
+            ``image_size``, a timm ``img_size``, else ``pretrained_cfg``) with the config's
+            ``num_channels`` or its first convolution's channels. A model of ``(N, C, L)``
+            sequences needs one.
+        max_heads: With the default stages, at most this many heads before the model's own
+            classifier, spread evenly over the depth (the paper: three); ``None`` puts one
+            after every stage found. Ignored when ``stage_names`` is given.
         check_finite: Raise ``FloatingPointError`` naming the step and the non-finite loss
             terms, head logits and features. On the CPU the step that produced them raises;
             on CUDA the flags reach the host without stalling the GPU and a later step (or
@@ -126,10 +142,10 @@ class GradualSelfDistiller(nn.Module):
         example_input: torch.Tensor | None = None,
         check_finite: bool = True,
         checkpoint_heads: bool = False,
+        max_heads: int | None = DEFAULT_MAX_HEADS,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = checked_model(model)
         if getattr(model, "grad_checkpointing", False):
             raise ValueError(
                 "the model has gradient checkpointing enabled; its stages then run outside their "
@@ -152,6 +168,7 @@ class GradualSelfDistiller(nn.Module):
             stage_layout=stage_layout,
             num_prefix_tokens=num_prefix_tokens,
             example_input=example_input,
+            max_heads=max_heads,
         )
         if num_classes is not None and num_classes != described.num_classes:
             raise ValueError(
@@ -244,6 +261,8 @@ class GradualSelfDistiller(nn.Module):
         pre_logits = captured[self.classifier_name]
         if pre_logits.dim() == 4:  # a 1x1-conv classifier's input map, pooled as the conv is linear
             pre_logits = pre_logits.mean((2, 3))
+        elif pre_logits.dim() == 3:  # (N, 1, D): a decoder's one query (Perceiver)
+            pre_logits = pre_logits[:, 0]
 
         head_logits, head_features = [], []
         for head, output, stage in zip(self.heads, stage_outputs, self.stages):

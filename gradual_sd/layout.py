@@ -1,31 +1,42 @@
 """Decide which axis of a stage output holds the channels, from evidence rather than a guess.
 
-Three kinds of evidence, each optional: the channel count timm's ``feature_info`` gives for the
-module, the layout the model declares (timm's ``output_fmt``), and the shapes of two dry runs at
-different input sizes (spatial axes and token counts change with the input, channels do not).
-Every layout that some evidence rules out is dropped; exactly one must remain. A layout the
-user asks for is checked against the same evidence.
+Four kinds of evidence, each optional: the channel count timm's ``feature_info`` gives for the
+module, the layout the model declares (timm's ``output_fmt``), the shapes of two dry runs at
+different input sizes (spatial axes and token counts change with the input, channels do not),
+and, for 3-D outputs, the widths a sequence can have (the patch embedding's channels, the
+classifier's input width). Every layout that some evidence rules out is dropped; exactly one
+must remain. A layout the user asks for is checked against the same evidence.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["Layout", "LAYOUTS", "resolve_layout", "count_prefix_tokens"]
+__all__ = ["Layout", "LAYOUTS", "CHANNEL_AXIS", "resolve_layout", "count_prefix_tokens"]
 
-Layout = Literal["NCHW", "NHWC", "NLC"]
-LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC")
-_CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3, "NLC": 2}
-_SPATIAL_AXES = {"NCHW": {2, 3}, "NHWC": {1, 2}, "NLC": {1}}
+Layout = Literal["NCHW", "NHWC", "NLC", "NCL"]
+LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NCL")
+MAP_LAYOUTS = ("NCHW", "NHWC")  # 4-D outputs
+SEQUENCE_LAYOUTS = ("NLC", "NCL")  # 3-D outputs: tokens, or channels-first sequences
+CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3, "NLC": 2, "NCL": 1}
+_SPATIAL_AXES = {"NCHW": {2, 3}, "NHWC": {1, 2}, "NLC": {1}, "NCL": {2}}
 
 
-def _consistent_with_sizes(layout: str, shape: tuple[int, ...], other: tuple[int, ...]) -> bool | None:
-    """Whether the axes that changed between two input sizes are the layout's spatial axes;
-    ``None`` when nothing changed (a pooled output says nothing)."""
+def _consistent_with_sizes(
+    layout: str, shape: tuple[int, ...], other: tuple[int, ...], scale: int
+) -> bool | None:
+    """Whether the axes that changed between two input sizes are the layout's spatial axes and,
+    for a map, whether both grew as the sides of the input did (``scale`` times, give or take a
+    padded pixel; an attention map over tokens grows ``scale**2`` times, unfolded patches along
+    one axis only); ``None`` when nothing changed (a pooled output says nothing)."""
     changed = {axis for axis in range(1, len(shape)) if shape[axis] != other[axis]}
     if not changed:
         return None
-    return changed <= _SPATIAL_AXES[layout] and _CHANNEL_AXIS[layout] not in changed
+    if layout in MAP_LAYOUTS:
+        spatial = _SPATIAL_AXES[layout]
+        grown = changed == spatial and all(other[a] <= shape[a] * scale + 2 for a in spatial)
+        return grown and CHANNEL_AXIS[layout] not in changed
+    return changed <= _SPATIAL_AXES[layout] and CHANNEL_AXIS[layout] not in changed
 
 
 def resolve_layout(
@@ -36,41 +47,59 @@ def resolve_layout(
     channels: int | None = None,
     declared: str | None = None,
     requested: str | None = None,
+    widths: tuple[int, ...] = (),
+    scale: int = 2,
 ) -> Layout:
     """The layout of stage ``name``'s output, or a ``ValueError`` that names ``stage_layout``.
 
     Args:
         shape: The output's shape at the example input.
-        other_shape: Its shape at a second input size, when the model accepted one.
+        other_shape: Its shape at an input ``scale`` times larger along each spatial axis,
+            when the model accepted one.
         channels: The channel count the model documents for this module (timm feature_info).
         declared: The layout the model declares for its feature maps (timm ``output_fmt``).
-        requested: The layout the user asked for; it must not contradict the evidence.
+        requested: The layout the user asked for; it must not contradict the evidence. A
+            4-D layout applies to 4-D outputs only, a 3-D one to 3-D outputs only.
+        widths: Where the other evidence leaves more than one layout, channel counts the
+            output may have (the patch embedding's, the classifier's input, the module's own
+            layers'): the layout whose channel axis has one of them, when exactly one does.
     """
     if len(shape) == 3:
-        candidates = ["NLC"]
+        candidates = list(SEQUENCE_LAYOUTS)
     elif len(shape) == 4:
-        candidates = ["NCHW", "NHWC"]
+        candidates = list(MAP_LAYOUTS)
     else:
         raise ValueError(
             f"stage {name!r} outputs a tensor of shape {shape}; expected a feature map "
-            "(N, C, H, W), (N, H, W, C) or a token sequence (N, L, C)"
+            "(N, C, H, W), (N, H, W, C) or a sequence (N, L, C) or (N, C, L)"
         )
-    if requested is not None and requested not in LAYOUTS[:2]:
-        raise ValueError(f"stage_layout must be one of {LAYOUTS[:2]} or None, got {requested!r}")
+    if requested is not None and requested not in LAYOUTS:
+        raise ValueError(f"stage_layout must be one of {LAYOUTS} or None, got {requested!r}")
+    if requested not in candidates:
+        requested = None  # a layout for the other rank of output
     evidence: list[str] = []
     if other_shape is not None and len(other_shape) == len(shape):
-        verdicts = {layout: _consistent_with_sizes(layout, shape, other_shape) for layout in candidates}
+        verdicts = {
+            layout: _consistent_with_sizes(layout, shape, other_shape, scale) for layout in candidates
+        }
         if all(v is not None for v in verdicts.values()):
             candidates = [layout for layout in candidates if verdicts[layout]]
             evidence.append(f"its shape changes from {shape} to {other_shape} with the input size")
     if channels is not None:
-        candidates = [layout for layout in candidates if shape[_CHANNEL_AXIS[layout]] == channels]
+        candidates = [layout for layout in candidates if shape[CHANNEL_AXIS[layout]] == channels]
         evidence.append(f"the model's feature_info gives it {channels} channels")
-    if declared in LAYOUTS[:2] and len(shape) == 4:
+    if declared in MAP_LAYOUTS and len(shape) == 4:
         candidates = [layout for layout in candidates if layout == declared]
         evidence.append(f"the model declares output_fmt={declared!r}")
+    if len(candidates) > 1 and widths:
+        fitting = [layout for layout in candidates if shape[CHANNEL_AXIS[layout]] in widths]
+        if len(fitting) == 1:
+            candidates = fitting
+            evidence.append(
+                f"only its {fitting[0]} channel axis has a width the model uses {sorted(set(widths))}"
+            )
     said = "; ".join(evidence) if evidence else "there is no other evidence"
-    if requested is not None and len(shape) == 4:
+    if requested is not None:
         if requested not in candidates:
             raise ValueError(
                 f"stage_layout={requested!r} does not fit stage {name!r}: it outputs {shape} and {said}"
@@ -83,9 +112,10 @@ def resolve_layout(
             f"the evidence about stage {name!r} disagrees: it outputs {shape} and {said}. "
             "Tap another module, or check the model; stage_layout cannot override contradicting evidence"
         )
+    first, second = candidates
     raise ValueError(
-        f"cannot tell whether stage {name!r}, with output shape {shape}, is NCHW or NHWC: {said}. "
-        "Pass stage_layout='NCHW' or 'NHWC'"
+        f"cannot tell whether stage {name!r}, with output shape {shape}, is {first} or {second}: {said}. "
+        f"Pass stage_layout={first!r} or {second!r}"
     )
 
 
@@ -95,21 +125,26 @@ def count_prefix_tokens(
     *,
     other_tokens: int | None = None,
     scale: int = 2,
+    spatial_dims: int = 2,
     grid_tokens: int | None = None,
     declared: int | None = None,
     requested: int | None = None,
 ) -> int:
     """How many leading tokens of a ``(N, L, C)`` stage output are class/register tokens.
 
-    Measured where possible: with ``other_tokens`` from an input ``scale`` times larger, the
-    grid part grows ``scale**2``-fold and the prefix stays; with ``grid_tokens`` (the number of
+    Measured where possible: with ``other_tokens`` from an input ``scale`` times larger along
+    each of its ``spatial_dims`` axes, the grid part grows ``scale**spatial_dims``-fold and the
+    prefix stays (where no token is added, the sequence is a latent array with no prefix); with
+    ``grid_tokens`` (the number of
     patches the stage's reduction implies), the prefix is what is left over. The model's own
     ``declared`` count is used only when nothing can be measured. ``requested`` must agree with
     a measurement.
     """
     measured = None
-    if other_tokens is not None:
-        grid, remainder = divmod(other_tokens - tokens, scale * scale - 1)
+    if other_tokens == tokens:  # no token follows the input's size: a latent array, no prefix
+        measured = 0
+    elif other_tokens is not None:
+        grid, remainder = divmod(other_tokens - tokens, scale**spatial_dims - 1)
         if remainder == 0 and 0 < grid <= tokens:
             measured = tokens - grid
     if measured is None and grid_tokens is not None and 0 < grid_tokens <= tokens:

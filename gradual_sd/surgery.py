@@ -72,7 +72,7 @@ def insert_after(
     Each output's channels and layout are decided as the distiller decides them (see
     :func:`~gradual_sd.describe_stages`), from dry runs of ``example_input`` (default: one zero
     image at the model's configured size) in eval mode without gradients. On an NHWC output the
-    attention is wrapped in :class:`ChannelsLast`; token sequences are refused. An
+    attention is wrapped in :class:`ChannelsLast`; sequences (tokens, 1-D maps) are refused. An
     ``nn.Sequential`` target gets the module appended, so the keys of its existing weights do
     not change (``layer4.3`` is added after ResNet's three ``layer4`` blocks); any other target
     is replaced by ``nn.Sequential(target, attention)``, whose weights then live under
@@ -84,13 +84,9 @@ def insert_after(
         names = [names]
     if not list(names):
         raise ValueError("names is empty; name at least one submodule to insert after")
-    outputs = describe_outputs(model, names, stage_layout=stage_layout, example_input=example_input)
-    tokens = [stage.name for stage in outputs if stage.layout == "NLC"]
-    if tokens:
-        raise ValueError(
-            f"{tokens} output token sequences (N, L, C); attention can only follow stages that "
-            "output feature maps (N, C, H, W) or (N, H, W, C)"
-        )
+    outputs = describe_outputs(
+        model, names, stage_layout=stage_layout, example_input=example_input, maps_only=True
+    )
     inserted: dict[str, nn.Module] = {}
     for stage in outputs:
         target = find_module(model, stage.name)

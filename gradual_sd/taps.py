@@ -120,13 +120,16 @@ class StageTaps:
 def to_feature_map(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) -> torch.Tensor:
     """View a stage output as ``(N, C, H, W)``.
 
-    Token sequences become ``(N, C, L, 1)`` after dropping prefix (class/register) tokens: the
-    heads only use per-position and globally pooled operations, so the grid shape is irrelevant.
+    Token sequences become ``(N, C, L, 1)`` after dropping prefix (class/register) tokens, and
+    channels-first sequences (1-D convolutions) ``(N, C, L, 1)`` as they are: the heads only use
+    per-position and globally pooled operations, so the grid shape is irrelevant.
     """
     if layout == "NCHW":
         return x
     if layout == "NHWC":
         return rearrange(x, "n h w c -> n c h w")
+    if layout == "NCL":
+        return rearrange(x[..., num_prefix_tokens:], "n c l -> n c l 1")
     return rearrange(x[:, num_prefix_tokens:], "n l c -> n c l 1")
 
 
@@ -135,18 +138,23 @@ def probe_outputs(
     names: Sequence[str],
     example_input: torch.Tensor,
     input_names: Sequence[str] = (),
-) -> tuple[dict[str, object], object, Counter[str]]:
+) -> tuple[dict[str, object], dict[str, object], object, Counter[str]]:
     """Run ``model`` once in eval mode without gradients; return what each tap saw, in the
-    order the taps first fired, the model's output, and how often each output tap fired.
+    order the taps first fired (outputs of ``names``, first inputs of ``input_names``), the
+    outputs of ``input_names``, the model's output, and how often each output tap fired.
     The train/eval state is restored."""
     taps = StageTaps(model, names, input_names)
+    outputs = StageTaps(model, input_names)
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), taps.capture(example_input.device) as captured:
+        device = example_input.device
+        with torch.no_grad(), taps.capture(device) as captured, outputs.capture(device) as produced:
             output = model(example_input)
             seen: dict[str, object] = dict(captured)
+            made: dict[str, object] = dict(produced)
     finally:
         model.train(was_training)
         taps.remove()
-    return seen, output, taps.calls
+        outputs.remove()
+    return seen, made, output, taps.calls

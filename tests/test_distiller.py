@@ -366,7 +366,12 @@ class TupleStage(nn.Module):
             ValueError,
             "num_classes=7 but the model's classifier 'fc' outputs 5",
         ),
-        (["layer1"], {"stage_layout": "NWHC"}, ValueError, r"stage_layout must be one of \('NCHW', 'NHWC'\)"),
+        (
+            ["layer1"],
+            {"stage_layout": "NWHC"},
+            ValueError,
+            r"stage_layout must be one of \('NCHW', 'NHWC', 'NLC', 'NCL'\)",
+        ),
         (["layer1"], {"feature_dim": 0}, ValueError, "feature_dim must be a positive int"),
     ],
 )
@@ -378,10 +383,11 @@ def test_bad_configuration_is_refused_at_construction(stages, kwargs, error, mat
 
 
 def test_models_without_feature_info_get_stages_from_shapes():
-    """Per reduction of 4 or more, the shallowest module to finish last; the deepest feeds the
-    classifier, the stem (reduction 2) and the pooled 1x1 map are left out."""
+    """Per resolution, the module that finishes it; the deepest feeds the classifier. With only
+    one deeper resolution before it, the stem (reduction 2) gets a head too: a plain CNN of
+    three resolutions gets two heads, not one."""
     distiller = GradualSelfDistiller(TinyCNN(), example_input=torch.zeros(1, 3, 32, 32))
-    assert distiller.stage_names == ("block1",)
+    assert distiller.stage_names == ("stem", "block1")
 
 
 def test_classifier_must_exist():

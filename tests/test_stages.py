@@ -12,14 +12,17 @@ from torch import nn
 from gradual_sd import (
     ACAM,
     GradualSelfDistiller,
+    default_stage_names,
     describe_stages,
     find_classifier_name,
     insert_after,
     list_stages,
 )
+from gradual_sd.discovery import spread
 from gradual_sd.layout import count_prefix_tokens, resolve_layout
 from gradual_sd.stages import default_example_input
 from gradual_sd.surgery import ChannelsLast
+from gradual_sd.taps import tapped_by
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +65,7 @@ def test_layout_evidence_that_disagrees_is_refused():
     with pytest.raises(ValueError, match="stage_layout='NHWC' does not fit"):
         resolve_layout("s", (1, 96, 8, 8), other_shape=(1, 96, 16, 16), requested="NHWC")
     with pytest.raises(ValueError, match="stage_layout must be one of"):
-        resolve_layout("s", (1, 96, 8, 8), requested="NLC")
+        resolve_layout("s", (1, 96, 8, 8), requested="NWHC")
 
 
 @given(prefix=st.integers(0, 8), grid=st.integers(1, 64))
@@ -349,3 +352,320 @@ def test_modules_that_run_twice_are_refused_and_not_listed():
     with pytest.raises(ValueError, match=r"\{'block': 2\} run more than once"):
         GradualSelfDistiller(model, ["block"], example_input=example)
     assert "block" not in {s.name for s in list_stages(model, example)}
+
+
+# --- classifier choice follows the returned logits --------------------------------------------
+
+
+class AuxHeadNet(nn.Module):
+    """An auxiliary K-way head that runs after the main one and is not part of the logits."""
+
+    def __init__(self, aux_first: bool = False):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
+        self.main = nn.Linear(16, 5)
+        self.aux = nn.Linear(8, 5)
+        self.aux_first = aux_first
+
+    def forward(self, x):
+        early = self.features[1](self.features[0](x))
+        if self.aux_first:
+            self.aux_logits = self.aux(early.mean((2, 3)))
+        logits = self.main(self.features[2](early).mean((2, 3)))
+        if not self.aux_first:
+            self.aux_logits = self.aux(early.mean((2, 3)))
+        return logits
+
+
+@pytest.mark.parametrize("aux_first", [False, True])
+def test_an_auxiliary_head_is_never_the_classifier(aux_first):
+    model = AuxHeadNet(aux_first)
+    example = torch.zeros(1, 3, 16, 16)
+    assert find_classifier_name(model, example_input=example) == "main"
+    distiller = GradualSelfDistiller(model, ["features.1"], example_input=example)
+    assert distiller.hidden_size == 16  # the main head's input, not the auxiliary's 8
+
+
+class AdapterOfDict(nn.Module):
+    """A dict-returning model behind a small adapter, with an auxiliary head running last."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1))
+        self.classifier = nn.Linear(16, 4)
+        self.aux_classifier = nn.Linear(16, 4)
+
+    def forward(self, x):
+        pooled = self.body(x).mean((2, 3))
+        out = {"logits": self.classifier(pooled), "aux": self.aux_classifier(pooled.detach())}
+        return out["logits"] * 2.0  # the logits are computed from the classifier's output
+
+
+def test_logits_computed_from_a_head_pick_that_head():
+    model = AdapterOfDict()
+    assert find_classifier_name(model, example_input=torch.zeros(1, 3, 16, 16)) == "classifier"
+
+
+class TwoUnusedHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head_a = nn.Linear(4, 3)
+        self.head_b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        pooled = self.conv(x).mean((2, 3))
+        self.head_a(pooled), self.head_b(pooled)
+        return torch.zeros(x.shape[0], 3) + pooled.sum(1, keepdim=True)  # from neither head
+
+
+def test_logits_from_no_head_list_the_candidates():
+    with pytest.raises(ValueError, match=r"\['head_a', 'head_b'\].*pass classifier_name"):
+        find_classifier_name(TwoUnusedHeads(), example_input=torch.zeros(1, 3, 8, 8))
+
+
+def test_returned_feature_map_names_global_pool():
+    model = timm.create_model("resnet18", num_classes=5, global_pool="")
+    with pytest.raises(ValueError, match="global_pool=''"):
+        GradualSelfDistiller(model, example_input=torch.zeros(1, 3, 32, 32))
+
+
+def test_dict_output_says_wrap_it():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"scores": self.fc(self.conv(x).mean((2, 3)))}
+
+    with pytest.raises(ValueError, match="a dict with no .*Wrap it so it takes images and returns logits"):
+        GradualSelfDistiller(DictOut(), ["conv"], example_input=torch.zeros(1, 3, 8, 8))
+
+
+def test_two_input_model_says_wrap_it():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, images, mask):
+            return self.fc(self.conv(images * mask).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"needs \['images', 'mask'\]: wrap it"):
+        GradualSelfDistiller(TwoInputs(), ["conv"], example_input=torch.zeros(1, 3, 8, 8))
+
+
+def test_model_built_for_another_size_names_img_size():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, depth=2)
+    with pytest.raises(ValueError, match=r"built for \(224, 224\).*img_size="):
+        GradualSelfDistiller(model, example_input=torch.zeros(1, 3, 64, 64))
+
+
+# --- wrapped models ------------------------------------------------------------------------------
+
+
+def test_compiled_model_is_refused_with_the_order_to_wrap_in():
+    model = torch.compile(timm.create_model("resnet18", num_classes=5), backend="eager")
+    with pytest.raises(TypeError, match=r"model\._orig_mod.*compile after wrapping"):
+        GradualSelfDistiller(model)
+    assert tapped_by(model._orig_mod) == []
+
+
+@pytest.mark.parametrize(
+    "name,stages",
+    [
+        ("resnet18", ("layer1", "layer2", "layer3")),
+        ("swin_tiny_patch4_window7_224", ("layers.0", "layers.1", "layers.2")),
+    ],
+)
+def test_data_parallel_model_is_refused_and_its_module_wraps(name, stages):
+    """The issue's DataParallel Swin got heads on a block's MLP branch; the wrapper is refused and
+    its module gets the stage outputs."""
+    kwargs = {"img_size": 64} if name.startswith("swin") else {}
+    model = timm.create_model(name, num_classes=5, **kwargs)
+    example = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"model\.module.*DataParallel\(GradualSelfDistiller"):
+        GradualSelfDistiller(nn.DataParallel(model), example_input=example)
+    with pytest.raises(TypeError, match="DataParallel"):
+        list_stages(nn.DataParallel(model), example)
+    distiller = GradualSelfDistiller(nn.DataParallel(model).module, example_input=example)
+    assert distiller.stage_names == stages
+
+
+# --- (N, C, L) sequences -----------------------------------------------------------------------
+
+
+class Conv1dNet(nn.Module):
+    """A 1-D CNN over (N, C, L) sequences, as for audio or time series."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(2, 16, 5, 2, 2)
+        self.stage1 = nn.Sequential(nn.Conv1d(16, 24, 3, 2, 1), nn.BatchNorm1d(24), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv1d(24, 32, 3, 2, 1), nn.BatchNorm1d(32), nn.ReLU())
+        self.stage3 = nn.Sequential(nn.Conv1d(32, 40, 3, 2, 1), nn.BatchNorm1d(40), nn.ReLU())
+        self.fc = nn.Linear(40, 3)
+
+    def forward(self, x):
+        return self.fc(self.stage3(self.stage2(self.stage1(self.stem(x)))).mean(2))
+
+
+def test_channels_first_sequences_get_heads_over_their_channels():
+    model = Conv1dNet()
+    example = torch.zeros(1, 2, 128)
+    distiller = GradualSelfDistiller(model, example_input=example)
+    assert distiller.stage_names == ("stage1", "stage2")
+    assert distiller.layouts == ("NCL", "NCL")
+    assert [h.conv.in_channels for h in distiller.heads] == [24, 32]  # channels, not the 32 and 16 steps
+    assert [s.reduction for s in distiller.stages] == [4, 8]
+    seen = []
+    distiller.heads[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    out = distiller.train()(torch.randn(3, 2, 96), torch.tensor([0, 1, 2]))  # another length
+    out.loss.backward()
+    assert seen == [(3, 24, 24, 1)]
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+
+
+def test_a_layout_against_the_evidence_is_refused():
+    model, example = Conv1dNet(), torch.zeros(1, 2, 128)
+    with pytest.raises(ValueError, match="stage_layout='NLC' does not fit stage 'stage1'"):
+        GradualSelfDistiller(model, ["stage1"], stage_layout="NLC", example_input=example)
+    with pytest.raises(ValueError, match="num_prefix_tokens=1 but stage 'stage1'.*channels-first"):
+        GradualSelfDistiller(model, ["stage1"], num_prefix_tokens=1, example_input=example)
+    assert resolve_layout("s", (1, 24, 32), other_shape=(1, 24, 64)) == "NCL"
+    assert resolve_layout("s", (1, 32, 24), other_shape=(1, 64, 24)) == "NLC"
+
+
+def test_sequence_models_need_an_example():
+    with pytest.raises(ValueError, match="Conv1d.*pass example_input"):
+        GradualSelfDistiller(Conv1dNet())
+
+
+class FixedLengthCRNN(nn.Module):
+    """Convolutions to (N, 128, 1, W), squeezed to (N, 128, W) frames; takes one size only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 128, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 16)))
+        self.frames = nn.Conv1d(128, 128, 3, 1, 1)
+        self.fc = nn.Linear(128 * 16, 4)
+
+    def forward(self, x):
+        if x.shape[-2:] != (32, 64):
+            raise ValueError("this model takes 32x64 inputs")
+        frames = self.frames(self.conv(x).squeeze(2))
+        return self.fc(frames.flatten(1))
+
+
+def test_fixed_size_sequence_reads_its_layout_from_its_layers():
+    """One input size only: the channel axis is the one the module's own layers produce (the
+    issue's CRNN got heads over its 16 frames)."""
+    distiller = GradualSelfDistiller(FixedLengthCRNN(), ["frames"], example_input=torch.zeros(1, 1, 32, 64))
+    assert distiller.layouts == ("NCL",) and distiller.stages[0].channels == 128
+
+
+# --- default taps a user can afford --------------------------------------------------------------
+
+
+@given(intermediate=st.integers(0, 40), max_heads=st.integers(1, 6))
+@settings(max_examples=60, deadline=None)
+def test_spread_picks_evenly_spaced_stages(intermediate, max_heads):
+    names = [f"blocks.{i}" for i in range(intermediate)]
+    picked = spread(names, max_heads)
+    assert len(picked) == min(intermediate, max_heads)
+    assert picked == sorted(picked, key=names.index) and len(set(picked)) == len(picked)
+    assert spread(names, None) == names
+
+
+def test_isotropic_models_get_three_evenly_spaced_blocks():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32)
+
+    def stages(**kwargs):
+        with GradualSelfDistiller(model, **kwargs) as distiller:
+            return distiller.stage_names
+
+    assert stages() == ("blocks.2", "blocks.5", "blocks.8")  # after 3, 6 and 9 of 12 blocks
+    assert stages(max_heads=1) == ("blocks.5",)
+    assert stages(max_heads=None) == tuple(f"blocks.{i}" for i in range(11))
+    with pytest.raises(ValueError, match="max_heads must be a positive int"):
+        GradualSelfDistiller(model, max_heads=0)
+
+
+class Blocks(nn.Module):
+    """An isotropic model without feature_info: a patch embedding, then numbered blocks."""
+
+    def __init__(self, depth=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, 4)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU()) for _ in range(depth)
+        )
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_isotropic_blocks_from_the_shapes():
+    distiller = GradualSelfDistiller(Blocks(8), example_input=torch.zeros(1, 3, 32, 32))
+    assert distiller.stage_names == ("blocks.1", "blocks.3", "blocks.5")
+
+
+class FourBlockCNN(nn.Module):
+    """A hand-written CNN: four blocks, the first at the input's resolution."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 8, 16, 24, 32]
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv2d(a, b, 3, 1 if i == 0 else 2, 1), nn.BatchNorm2d(b), nn.ReLU())
+                for i, (a, b) in enumerate(zip(widths, widths[1:]))
+            )
+        )
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def test_a_plain_cnn_with_several_resolutions_gets_several_heads():
+    distiller = GradualSelfDistiller(FourBlockCNN(), example_input=torch.zeros(1, 3, 32, 32))
+    assert distiller.stage_names == ("blocks.0", "blocks.1", "blocks.2")
+
+
+def test_stem_and_next_stage_convolution_are_not_stages():
+    """torchvision ResNet: layer1..3, not the stem at reduction 2 nor layer2's first
+    convolution, which still runs at layer1's resolution."""
+    model = torchvision.models.resnet50(num_classes=5)
+    assert default_stage_names(model, torch.zeros(1, 3, 64, 64)) == ["layer1", "layer2", "layer3"]
+
+
+def test_insert_after_refuses_sequences_before_asking_about_them():
+    """insert_after takes no num_prefix_tokens: a sequence is refused for what it is."""
+    with pytest.raises(ValueError, match=r"\{'stage1': \(1, 24, 32\)\} output token sequences") as error:
+        insert_after(Conv1dNet(), "stage1", example_input=torch.zeros(1, 2, 128))
+    assert "num_prefix_tokens" not in str(error.value) and "stage_layout" not in str(error.value)
+
+
+def test_per_token_logits_name_the_missing_head_not_global_pool():
+    """An encoder returning (N, L, K): no pooled head; global_pool is named only where it is set."""
+
+    class TokenLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 4, 4)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.embed(x).flatten(2).transpose(1, 2))
+
+    with pytest.raises(ValueError, match="no pooled classification head") as error:
+        GradualSelfDistiller(TokenLogits(), ["embed"], example_input=torch.zeros(1, 3, 16, 16))
+    assert "global_pool" not in str(error.value)

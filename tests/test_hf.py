@@ -1,0 +1,133 @@
+"""Hugging Face vision models with the distiller's defaults, one per kind of structure; the
+whole auto-mapping runs in test_hf_zoo.py (slow). CI installs the ``hf`` extra."""
+
+import pytest
+import torch
+from torch import nn
+
+from gradual_sd import GradualSelfDistiller, insert_after
+from gradual_sd.stages import default_example_input
+
+transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny(config_class, model_class, **kwargs):
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(getattr(transformers, config_class)(num_labels=5, **kwargs))
+
+
+def vit(**kwargs):
+    return tiny(
+        "ViTConfig",
+        "ViTForImageClassification",
+        **dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=12,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_channels=1,
+        )
+        | kwargs,
+    )
+
+
+def layers(model, kind):
+    """Names of the modules of class ``kind`` (module paths differ across transformers versions)."""
+    return [name for name, module in model.named_modules() if type(module).__name__ == kind]
+
+
+def train_step(distiller, example):
+    images = torch.randn(2, *example.shape[1:])
+    out = distiller.train()(images, torch.tensor([0, 4]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+    distiller.eval()
+    with torch.no_grad():
+        assert torch.equal(distiller(images).logits, distiller.model(images).logits)
+
+
+def test_vit_reads_its_config_and_gets_three_evenly_spaced_blocks():
+    model = vit()
+    example = default_example_input(model)
+    assert example.shape == (1, 1, 48, 48)  # config.image_size and config.num_channels
+    distiller = GradualSelfDistiller(model)
+    blocks = layers(model, "ViTLayer")
+    assert distiller.stage_names == (blocks[2], blocks[5], blocks[8])  # after 3, 6, 9 of 12 blocks
+    assert distiller.num_prefix_tokens == (1, 1, 1)  # the class token, counted from the patch grid
+    assert distiller.classifier_name == "classifier"
+    train_step(distiller, example)
+
+
+def test_resnet_stage_zero_is_its_first_stage_not_the_stem():
+    model = tiny(
+        "ResNetConfig",
+        "ResNetForImageClassification",
+        embedding_size=8,
+        hidden_sizes=[8, 16, 24, 32],
+        depths=[1, 1, 1, 1],
+    )
+    distiller = GradualSelfDistiller(model, example_input=torch.zeros(1, 3, 64, 64))
+    assert distiller.stage_names == tuple(layers(model, "ResNetStage")[:3])
+    assert [s.reduction for s in distiller.stages] == [4, 8, 16]
+
+
+def test_swin_heads_go_on_blocks_not_windows_or_branches():
+    model = tiny(
+        "SwinConfig",
+        "SwinForImageClassification",
+        image_size=128,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 4],
+        window_size=4,
+    )
+    distiller = GradualSelfDistiller(model)
+    assert distiller.stage_names == tuple(layers(model, "SwinLayer")[:3])  # one block per stage
+    assert distiller.layouts == ("NLC",) * 3 and [s.channels for s in distiller.stages] == [16, 32, 64]
+    train_step(distiller, default_example_input(model))
+    with pytest.raises(TypeError, match="model.module"):
+        GradualSelfDistiller(nn.DataParallel(distiller.export()))
+
+
+def test_mobilevit_batch_folded_patches_are_not_tapped():
+    """MobileViT folds 2x2 patches into the batch axis: (N*4, P, C) is no stage (the issue's
+    raw error when training)."""
+    model = tiny(
+        "MobileViTConfig",
+        "MobileViTForImageClassification",
+        image_size=64,
+        hidden_sizes=[16, 24, 32],
+        neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+        num_attention_heads=2,
+    )
+    distiller = GradualSelfDistiller(model)
+    assert all(s.layout == "NCHW" for s in distiller.stages)
+    train_step(distiller, default_example_input(model))
+
+
+def test_deit_with_teacher_averages_two_heads_and_taps_either():
+    model = tiny(
+        "DeiTConfig",
+        "DeiTForImageClassificationWithTeacher",
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    distiller = GradualSelfDistiller(model)
+    assert distiller.classifier_name in ("cls_classifier", "distillation_classifier")
+    assert distiller.num_prefix_tokens == (2, 2, 2)  # class and distillation tokens
+    train_step(distiller, default_example_input(model))
+
+
+def test_insert_after_a_token_stage_says_why_not():
+    with pytest.raises(ValueError, match="token sequences"):
+        model = vit(num_hidden_layers=2)
+        insert_after(model, layers(model, "ViTLayer")[0])
