@@ -20,6 +20,7 @@ from gradual_sd.taps import tapped_by
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
 from hf_zoo import NUM_LABELS, TINY_CONFIGS, build, image_classifiers  # noqa: E402
+from zoo import train_two_steps  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -96,17 +97,7 @@ def test_class(model_type: str, class_name: str, tmp_path) -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, *example.shape[1:], generator=gen)
     targets = torch.tensor([0, NUM_LABELS - 1])
-    optimizer = torch.optim.SGD(distiller.parameters(), lr=1e-3)
-    distiller.train()
-    for step in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        out = distiller(images, targets)
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
-        if step == 0:
-            missing = [n for n, p in distiller.heads.named_parameters() if p.grad is None]
-            assert not missing, f"head parameters without a gradient: {missing}"
-        optimizer.step()
+    train_two_steps(distiller, images, targets)
 
     distiller.eval()
     with torch.no_grad():

@@ -18,7 +18,7 @@ from gradual_sd import GradualSelfDistiller, default_stage_names, list_stages
 from gradual_sd.stages import default_example_input
 from gradual_sd.taps import tapped_by
 
-from zoo import smallest_per_family
+from zoo import smallest_per_family, train_two_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,17 +115,7 @@ def test_family(family: str, model_name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, size, size, generator=gen)
     targets = torch.tensor([0, NUM_CLASSES - 1])
-    optimizer = torch.optim.SGD(distiller.parameters(), lr=1e-3)
-    distiller.train()
-    for step in range(2):
-        optimizer.zero_grad(set_to_none=True)
-        out = distiller(images, targets)
-        assert torch.isfinite(out.loss)
-        out.loss.backward()
-        if step == 0:
-            missing = [n for n, p in distiller.heads.named_parameters() if p.grad is None]
-            assert not missing, f"head parameters without a gradient: {missing}"
-        optimizer.step()
+    train_two_steps(distiller, images, targets)
 
     distiller.eval()
     with torch.no_grad():

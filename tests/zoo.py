@@ -45,3 +45,19 @@ def smallest_per_family() -> dict[str, str]:
         if names:
             chosen[family] = min(names, key=lambda n: (parameter_count(n), n))
     return chosen
+
+
+def train_two_steps(distiller, images: torch.Tensor, targets: torch.Tensor) -> None:
+    """Two SGD steps of a zoo model's distiller: finite losses, and after the first backward
+    every head parameter has a gradient (a head off the graph would not)."""
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=1e-3)
+    distiller.train()
+    for step in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        out = distiller(images, targets)
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        if step == 0:
+            missing = [n for n, p in distiller.heads.named_parameters() if p.grad is None]
+            assert not missing, f"head parameters without a gradient: {missing}"
+        optimizer.step()
