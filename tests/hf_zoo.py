@@ -23,21 +23,13 @@ _VIT = dict(
     intermediate_size=64,
 )
 _SWIN = dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 4], window_size=4)
-_TEXT_TOWER = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-)
 _HIERARCHICAL = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])
 
 # model_type -> keyword arguments for its config (``vision_config`` for two-tower models).
 TINY_CONFIGS: dict[str, dict] = {
     "beit": dict(_VIT, use_mean_pooling=True),
     "bit": dict(_HIERARCHICAL, embedding_size=8, layer_type="bottleneck", num_groups=2),
-    "clip": dict(vision_config=_TEXT_TOWER),
+    "clip": dict(vision_config=_VIT),
     "convnext": dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "convnextv2": dict(image_size=32, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "cvt": dict(embed_dim=[16, 24, 32], num_heads=[1, 2, 2], depth=[1, 2, 3]),
@@ -102,7 +94,7 @@ TINY_CONFIGS: dict[str, dict] = {
         mlp_ratio=[2, 2, 2],
         attention_ratio=[2, 2, 2],
     ),
-    "metaclip_2": dict(vision_config=_TEXT_TOWER),
+    "metaclip_2": dict(vision_config=_VIT),
     "mobilenet_v1": dict(image_size=32, depth_multiplier=0.25),
     "mobilenet_v2": dict(image_size=32, depth_multiplier=0.25),
     "mobilevit": dict(
@@ -137,8 +129,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "segformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2]),
     "shieldgemma2": dict(),
-    "siglip": dict(vision_config=_TEXT_TOWER),
-    "siglip2": dict(vision_config=dict(_TEXT_TOWER, num_patches=16)),
+    "siglip": dict(vision_config=_VIT),
+    "siglip2": dict(vision_config=dict(_VIT, num_patches=16)),
     "swiftformer": dict(image_size=32, depths=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32]),
     "swin": dict(_SWIN),
     "swinv2": dict(_SWIN),
