@@ -113,8 +113,8 @@ class ACAM(nn.Module):
         if torch.compiler.is_compiling():
             # Inductor fuses these into the same map passes as SE (see pooled_gate).
             gate = self.gate_from_pooled(avg_max_pool(x))
-        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return FusedPooledGate.apply(x, partial(self._gate_as, x.dtype), *self.parameters())
+        elif torch.is_grad_enabled() and _differentiable(x, params := tuple(self.parameters())):
+            return FusedPooledGate.apply(x, partial(self._gate_as, x.dtype), *params)
         else:
             gate = self.gate_from_pooled(_avg_and_max(x))
         # CUDA autocast runs sum in float32; without the cast the product would promote the
@@ -126,6 +126,10 @@ class ACAM(nn.Module):
             f"channels={self.channels}, rd_channels={self.rd_channels}, "
             f"normalize_weights={self.normalize_weights}"
         )
+
+
+def _differentiable(x: torch.Tensor, params: tuple[nn.Parameter, ...]) -> bool:
+    return x.requires_grad or any(p.requires_grad for p in params)
 
 
 def _avg_and_max(x: torch.Tensor) -> torch.Tensor:
