@@ -86,15 +86,17 @@ class ACAM(nn.Module):
     def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
         """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
         # The grouped 1x1 convolutions as one batched matmul per layer (group k reads branch k):
-        # the same parameters, without the CPU's slow grouped-convolution path.
+        # the same parameters, without the CPU's slow grouped-convolution path. Written as
+        # ``weight @ input`` so that each weight's gradient comes out in the weight's own layout
+        # (``input @ weight.T`` would leave it transposed, and accumulating it would copy it).
         c = pooled.shape[-1]
         rd = self.rd_channels
-        by_branch = pooled.transpose(0, 1)  # (2, N, C)
-        hidden = _batched_linear(by_branch, self.weight_fc1.weight.view(2, rd, c), self.weight_fc1.bias, rd)
-        weights = _batched_linear(
-            self.weight_act(hidden), self.weight_fc2.weight.view(2, 1, rd), self.weight_fc2.bias, 1
+        by_branch = pooled.permute(1, 2, 0)  # (2, C, N)
+        hidden = _grouped_linear(self.weight_fc1.weight.view(2, rd, c), by_branch, self.weight_fc1.bias)
+        weights = _grouped_linear(
+            self.weight_fc2.weight.view(2, 1, rd), self.weight_act(hidden), self.weight_fc2.bias
         )
-        weights = weights.transpose(0, 1)  # (N, 2, 1)
+        weights = weights.permute(2, 0, 1)  # (N, 2, 1)
         return weights.softmax(dim=1) if self.normalize_weights else weights
 
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -137,13 +139,11 @@ def _avg_and_max(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)
 
 
-def _batched_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: int
-) -> torch.Tensor:
-    """``x @ weight[k].T + bias[k]`` for each group ``k``: x ``(G, N, in)``, weight ``(G, out, in)``."""
+def _grouped_linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``weight[k] @ x[k] + bias[k]`` for each group ``k``: weight ``(G, out, in)``, x ``(G, in, N)``."""
     if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.view(-1, 1, out), x, weight.transpose(1, 2))
+        return torch.bmm(weight, x)
+    return torch.baddbmm(bias.view(weight.shape[0], -1, 1), weight, x)
 
 
 class NormalizedACAM(ACAM):

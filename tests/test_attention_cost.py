@@ -64,6 +64,35 @@ def test_acam_touches_the_map_at_most_twice_more_than_se(cls, channels_last):
     assert "zero_" not in acam and "zeros_like" not in acam, acam
 
 
+class Copies(TorchDispatchMode):
+    """Records the shapes of every tensor copied (``copy_``, ``clone``, dtype or layout changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("copy_", "clone", "_to_copy"):
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls", [ACAM, NormalizedACAM])
+def test_acam_backward_copies_no_weight(cls):
+    # A weight gradient computed in a transposed layout is copied again when it is accumulated
+    # into ``.grad``; at C = 2048 that copy of the branch-weight MLP cost as much as the map's
+    # gating multiply on the CPU.
+    module = cls(SHAPE[1])
+    x = torch.randn(SHAPE, requires_grad=True)
+    module(x).sum().backward()  # warm-up
+    module.zero_grad(set_to_none=True)
+    loss = module(x).sum()
+    with Copies() as mode:
+        loss.backward()
+    weight = module.channels * module.rd_channels  # each C x C/r matrix; the rest are smaller
+    assert all(torch.Size(s).numel() < weight for s in mode.shapes), mode.shapes
+
+
 def saved_full_size(module: torch.nn.Module) -> int:
     """Full-size tensors that autograd keeps between forward and backward (distinct storages)."""
     x = torch.randn(SHAPE, requires_grad=True)
