@@ -86,17 +86,15 @@ class ACAM(nn.Module):
     def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
         """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
         # The grouped 1x1 convolutions as one batched matmul per layer (group k reads branch k):
-        # the same parameters, without the CPU's slow grouped-convolution path. Written as
-        # ``weight @ input`` so that each weight's gradient comes out in the weight's own layout
-        # (``input @ weight.T`` would leave it transposed, and accumulating it would copy it).
+        # the same parameters, without the CPU's slow grouped-convolution path.
         c = pooled.shape[-1]
         rd = self.rd_channels
-        by_branch = pooled.permute(1, 2, 0)  # (2, C, N)
-        hidden = _grouped_linear(self.weight_fc1.weight.view(2, rd, c), by_branch, self.weight_fc1.bias)
-        weights = _grouped_linear(
-            self.weight_fc2.weight.view(2, 1, rd), self.weight_act(hidden), self.weight_fc2.bias
+        by_branch = pooled.transpose(0, 1)  # (2, N, C)
+        hidden = _GroupedLinear.apply(by_branch, self.weight_fc1.weight.view(2, rd, c), self.weight_fc1.bias)
+        weights = _GroupedLinear.apply(
+            self.weight_act(hidden), self.weight_fc2.weight.view(2, 1, rd), self.weight_fc2.bias
         )
-        weights = weights.permute(2, 0, 1)  # (N, 2, 1)
+        weights = weights.transpose(0, 1)  # (N, 2, 1)
         return weights.softmax(dim=1) if self.normalize_weights else weights
 
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -139,11 +137,34 @@ def _avg_and_max(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)
 
 
-def _grouped_linear(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``weight[k] @ x[k] + bias[k]`` for each group ``k``: weight ``(G, out, in)``, x ``(G, in, N)``."""
-    if bias is None:
-        return torch.bmm(weight, x)
-    return torch.baddbmm(bias.view(weight.shape[0], -1, 1), weight, x)
+class _GroupedLinear(torch.autograd.Function):
+    """``x[k] @ weight[k].T + bias[k]`` for each group ``k``: x ``(G, N, in)``, weight ``(G, out, in)``.
+
+    Autograd's own ``bmm(x, weight.transpose(1, 2))`` returns the weight's gradient transposed,
+    and reshaping it back to the parameter's shape copies it (at C = 2048 on the CPU the copy cost
+    as much as the gate's multiply of a 7x7 map); here it is computed in the weight's layout.
+    The backward is made of differentiable operations, so double backward still works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.view(weight.shape[0], 1, -1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        # Under autocast the forward's products ran in ``grad``'s dtype; the engine casts each
+        # gradient back to its input's dtype.
+        x, weight = x.to(grad.dtype), weight.to(grad.dtype)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, weight) if needs_x else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if needs_weight else None
+        grad_bias = grad.sum(1).reshape(-1) if ctx.has_bias and needs_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 class NormalizedACAM(ACAM):

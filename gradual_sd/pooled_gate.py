@@ -141,8 +141,11 @@ class FusedPooledGate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, pooled, index, gate = ctx.saved_tensors
         needs_x, _, *needs_params = ctx.needs_input_grad
-        # d(loss)/d(gate): the gate is (N, C), so this reduces as soon as it multiplies.
-        gate_grad = (grad_out * x).sum((2, 3)).to(gate.dtype)
+        # d(loss)/d(gate): the gate is (N, C), so this reduces as soon as it multiplies. The
+        # product's buffer is reused for the map's gradient below: one fresh full-size
+        # allocation instead of two (on the CPU a fresh one is also page-faulted in).
+        scratch = grad_out * x
+        gate_grad = scratch.sum((2, 3)).to(gate.dtype)
         dtype = ctx.autocast_dtype
         autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
         # Re-run rather than keep the forward's graph: a graph built inside this forward would
@@ -155,23 +158,24 @@ class FusedPooledGate(torch.autograd.Function):
         grad_x = None
         if needs_x:
             pooled_grad = grads.pop(0)
-            grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], x.shape)
+            grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], scratch)
             grad_x = _add_at_argmax(grad_x, index, pooled_grad[:, 1])
         param_grads = iter(grads)
         return (grad_x, None, *(next(param_grads) if need else None for need in needs_params))
 
 
 def _gated_grad_plus_spread_average(
-    grad_out: torch.Tensor, gate: torch.Tensor, avg_grad: torch.Tensor, shape: torch.Size
+    grad_out: torch.Tensor, gate: torch.Tensor, avg_grad: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    """``grad_out * gate + d_avg / (H*W)`` in one pass where the device broadcasts well.
+    """``grad_out * gate + d_avg / (H*W)`` written into ``out`` (a full-size buffer of
+    ``grad_out``'s shape and dtype), in one pass where the device broadcasts well.
 
     On CUDA ``addcmul`` is one kernel; on the CPU, kernels with two broadcast operands leave
     their vector path, and a multiply then an in-place add is about twice as fast.
     """
-    n, c, h, w = shape
+    n, c, h, w = out.shape
     gate4 = gate.view(n, c, 1, 1)
     spread = (avg_grad / (h * w)).to(grad_out.dtype).view(n, c, 1, 1)
     if grad_out.device.type == "cpu":
-        return (grad_out * gate4).add_(spread)
-    return torch.addcmul(spread, grad_out, gate4)
+        return torch.mul(grad_out, gate4, out=out).add_(spread)
+    return torch.addcmul(spread, grad_out, gate4, out=out)

@@ -170,6 +170,43 @@ def test_cpu_bfloat16_autocast_keeps_the_dtype_and_the_gradients(channels_last):
         assert cosine > 0.99, (name, cosine)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_gate_network_has_first_and_second_order_gradients(bias):
+    """The (N, C) gate network on its own (used by the compile path and by ``gate_from_pooled``)
+    differentiates twice: only the map-sized fused function is first-order."""
+    module = NormalizedACAM(6, rd_channels=3, mlp_bias=bias).double()
+    randomize(module, 6)
+    pooled = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    params = tuple(module.parameters())
+
+    def gate(pooled, *_params):  # gradcheck perturbs the parameters themselves in place
+        return module.gate_from_pooled(pooled)
+
+    assert torch.autograd.gradcheck(gate, (pooled, *params))
+    assert torch.autograd.gradgradcheck(gate, (pooled, *params))
+
+
+def test_gate_network_under_autocast_differentiates_outside_it():
+    """Backward runs after the autocast region has closed: its gradients come back in each
+    input's dtype, close to float32's."""
+    module = ACAM(32)
+    pooled = torch.randn(4, 2, 32, requires_grad=True)
+    module.gate_from_pooled(pooled).sum().backward()
+    expected = {name: p.grad.clone() for name, p in module.named_parameters()}
+    expected_pooled, pooled.grad = pooled.grad, None
+    module.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gate = module.gate_from_pooled(pooled)
+    assert gate.dtype == torch.bfloat16
+    gate.float().sum().backward()
+    assert pooled.grad.dtype == torch.float32
+    torch.testing.assert_close(pooled.grad, expected_pooled, rtol=0.05, atol=0.02)
+    for name, param in module.named_parameters():
+        assert param.grad.dtype == torch.float32, name
+        cosine = F.cosine_similarity(param.grad.flatten(), expected[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_acam_matches_eager_in_one_graph(backend):
     torch._dynamo.reset()
