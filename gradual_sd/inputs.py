@@ -14,6 +14,8 @@ import functools
 import torch
 from torch import nn
 
+from .probing import is_token_ids, takes_token_ids
+
 __all__ = ["check_images", "checked_forward"]
 
 BATCHNORM_MESSAGE = "Expected more than 1 value per channel when training"
@@ -21,21 +23,30 @@ BATCHNORM_MESSAGE = "Expected more than 1 value per channel when training"
 
 def check_images(images: torch.Tensor, model: nn.Module) -> None:
     """Raise ``TypeError``/``ValueError`` for a batch ``model`` cannot take: an integer dtype,
-    float64 for a model of another precision, or an empty batch. Inputs that are not tensors
-    are left to the model."""
+    float64 for a model of another precision, or an empty batch; for a model whose main input
+    is token ids, anything but an ``(N, L)`` integer batch. Inputs that are not tensors are
+    left to the model."""
     if not isinstance(images, torch.Tensor) or torch.compiler.is_compiling():
         return
-    if not images.is_floating_point():
+    if takes_token_ids(model):
+        if not is_token_ids(images):
+            raise TypeError(
+                f"the model takes (N, L) integer token ids, got a {images.dtype} batch of shape "
+                f"{tuple(images.shape)}: pass the ids its processor makes (ImageGPT: "
+                "ImageGPTImageProcessor turns images into ids of colour clusters)"
+            )
+    elif not images.is_floating_point():
         raise TypeError(
             f"images are {images.dtype}, but the model takes floating-point images: convert them "
             "with images.float() (divide uint8 pixels by 255 and normalise as the model expects)"
         )
-    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if images.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
-        raise TypeError(
-            f"images are {images.dtype} but the model's weights are {weight.dtype}: pass images.to("
-            f"{weight.dtype}) (or convert the model with model.double())"
-        )
+    else:
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if images.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {weight.dtype}: pass images.to("
+                f"{weight.dtype}) (or convert the model with model.double())"
+            )
     if images.dim() == 0 or images.shape[0] == 0:
         raise ValueError(
             f"empty batch (images of shape {tuple(images.shape)}): pass at least one image; "

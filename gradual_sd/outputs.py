@@ -17,7 +17,7 @@ from torch import nn
 
 from ._lookup import find_module
 from .layout import CHANNEL_AXIS, SEQUENCE_LAYOUTS, Layout, count_prefix_tokens, resolve_layout
-from .probing import SCALE, Probe
+from .probing import SCALE, Probe, input_positions
 
 __all__ = [
     "StageInfo",
@@ -87,7 +87,7 @@ def select_element(name: str, shape: object, batch: int, channels: int | None) -
 
 
 def _reduction(shape: tuple[int, ...], layout: Layout, prefix: int, example: torch.Tensor) -> float:
-    spatial = example.shape[2:]
+    spatial = input_positions(example)
     if layout in SEQUENCE_LAYOUTS:
         grid = shape[CHANNEL_AXIS[layout] % 2 + 1] - prefix  # the axis that is not the channels
         if grid <= 0:
@@ -142,13 +142,13 @@ def describe_output(
     if layout == "NLC":
         grid = evidence.grid_tokens
         if grid is None and sized is None:  # one input size only: read against the input's size
-            grid = _grid_from_input(shape[1], example.shape[2:])
+            grid = _grid_from_input(shape[1], input_positions(example))
         prefix = count_prefix_tokens(
             name,
             shape[1],
             other_tokens=sized[1] if sized is not None else None,
             scale=SCALE,
-            spatial_dims=example.dim() - 2,
+            spatial_dims=len(input_positions(example)),
             grid_tokens=grid,
             declared=getattr(model, "num_prefix_tokens", None),
             requested=num_prefix_tokens,

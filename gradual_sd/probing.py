@@ -19,7 +19,18 @@ from torch import nn
 
 from .taps import probe_outputs
 
-__all__ = ["Probe", "SCALE", "checked_model", "default_example_input", "main_logits", "probe", "second_probe"]
+__all__ = [
+    "Probe",
+    "SCALE",
+    "checked_model",
+    "default_example_input",
+    "input_positions",
+    "is_token_ids",
+    "main_logits",
+    "probe",
+    "second_probe",
+    "takes_token_ids",
+]
 
 SCALE = 2  # the second dry run's input is this many times larger along each spatial axis
 
@@ -139,8 +150,40 @@ def _configs(model: nn.Module) -> list[object]:
     return [config] + ([vision] if vision is not None else [])
 
 
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model a wrapper holds as ``.model``) is a Hugging Face model
+    whose main input is token ids (ImageGPT reads an image as ids of colour clusters)."""
+    inner = getattr(model, "model", None)
+    return any(
+        getattr(m, "main_input_name", None) == "input_ids" for m in (model, inner) if isinstance(m, nn.Module)
+    )
+
+
+def is_token_ids(example: torch.Tensor) -> bool:
+    """An ``(N, L)`` batch of integer token ids (not an image or a float sequence)."""
+    return example.dim() == 2 and not example.is_floating_point() and not example.is_complex()
+
+
+def input_positions(example: torch.Tensor) -> tuple[int, ...]:
+    """The input's sizes along the axes that grow with it: ``(H, W)`` of an image, ``L`` of a
+    sequence or of a batch of token ids."""
+    return tuple(example.shape[1:] if is_token_ids(example) else example.shape[2:])
+
+
+def _token_length(model: nn.Module) -> int | None:
+    for config in _configs(model):
+        for key in ("n_positions", "max_position_embeddings"):
+            length = getattr(config, key, None)
+            if isinstance(length, int) and length > 0:
+                return length
+    return None
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A one-image zero batch at the size the model was built for.
+
+    A Hugging Face model whose main input is token ids (ImageGPT) gets one sequence of token 0
+    as long as its config's ``n_positions`` (``max_position_embeddings``): a whole image.
 
     The size is a Hugging Face ``config.image_size`` (or its ``vision_config``'s), else a
     configured ``img_size``/``image_size`` of a submodule (timm ViT and Swin patch embeddings,
@@ -148,6 +191,11 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     are the config's ``num_channels``, else the first convolution's input channels, else 3. A
     model whose first convolution is 1-D has no default: pass an ``(N, C, L)`` example_input.
     """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    length = _token_length(model) if takes_token_ids(model) else None
+    if length is not None:
+        return torch.zeros(1, length, dtype=torch.long, device=device)
     first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
     if isinstance(first_conv, (nn.Conv1d, nn.Conv3d)):
         kind = type(first_conv).__name__
@@ -169,24 +217,27 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     height, width = size or (224, 224)
     if not isinstance(channels, int) or channels < 1:
         channels = first_conv.in_channels if first_conv is not None else 3
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
     dtype = param.dtype if param is not None and param.is_floating_point() else None
     return torch.zeros(1, channels, height, width, device=device, dtype=dtype)
 
 
 def checked_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """``example_input``, or the default one; an ``(N, C, L)`` or ``(N, C, H, W)`` batch."""
+    """``example_input``, or the default one; an ``(N, C, L)`` or ``(N, C, H, W)`` batch, or
+    ``(N, L)`` token ids for a model that takes them."""
     if example_input is None:
         return default_example_input(model)
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() not in (3, 4):
+    tokens = (
+        isinstance(example_input, torch.Tensor) and is_token_ids(example_input) and takes_token_ids(model)
+    )
+    if not tokens and (not isinstance(example_input, torch.Tensor) or example_input.dim() not in (3, 4)):
         got = (
             tuple(example_input.shape)
             if isinstance(example_input, torch.Tensor)
             else type(example_input).__name__
         )
         raise ValueError(
-            f"example_input must be an (N, C, H, W) image batch or an (N, C, L) sequence batch, got {got}"
+            "example_input must be an (N, C, H, W) image batch or an (N, C, L) sequence batch (or "
+            f"(N, L) token ids for a model whose main input they are), got {got}"
         )
     return example_input
 
@@ -264,7 +315,9 @@ def second_probe(
     larger size ran; a model that takes one size only is probed at its own size with one more
     image (evidence for the batch axis alone). ``{}`` where neither runs."""
     batch = example.shape[0] + 1
-    bigger = (batch, example.shape[1], *(s * SCALE for s in example.shape[2:]))
+    positions = input_positions(example)
+    channels = example.shape[1 : example.dim() - len(positions)]  # none for token ids
+    bigger = (batch, *channels, *(s * SCALE for s in positions))
     for shape, scaled in ((bigger, True), ((batch, *example.shape[1:]), False)):
         other = torch.zeros(shape, device=example.device, dtype=example.dtype)
         try:

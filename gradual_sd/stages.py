@@ -32,7 +32,14 @@ from .outputs import (
     select_element,
     sequence_evidence,
 )
-from .probing import Probe, checked_example, checked_model, default_example_input, main_logits
+from .probing import (
+    Probe,
+    checked_example,
+    checked_model,
+    default_example_input,
+    input_positions,
+    main_logits,
+)
 from .probing import probe as run_probe
 from .probing import second_probe
 
@@ -359,7 +366,7 @@ def _stage_infos(
     channels = _feature_channels(model)
     reductions = {e["module"]: e.get("reduction") for e in _feature_entries(model)}
     declared = getattr(model, "output_fmt", None)
-    spatial = example.shape[2:]
+    spatial = input_positions(example)
     second: tuple[dict[str, object], bool] | None = None
     everything: Probe | None = None
     stages = []

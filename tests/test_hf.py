@@ -131,3 +131,32 @@ def test_insert_after_a_token_stage_says_why_not():
     with pytest.raises(ValueError, match="token sequences"):
         model = vit(num_hidden_layers=2)
         insert_after(model, layers(model, "ViTLayer")[0])
+
+
+def test_imagegpt_takes_token_ids_from_its_config():
+    """ImageGPT reads an image as ids of colour clusters: the example is one sequence of
+    ``n_positions`` ids, its blocks are (N, L, C) stages, and images are refused by name."""
+    model = tiny(
+        "ImageGPTConfig", "ImageGPTForImageClassification", n_embd=32, n_layer=8, n_head=2, n_positions=64
+    )
+    example = default_example_input(model)
+    assert example.shape == (1, 64) and example.dtype == torch.long
+    distiller = GradualSelfDistiller(model)
+    blocks = layers(model, "ImageGPTBlock")
+    assert distiller.stage_names == (blocks[1], blocks[3], blocks[5])  # after 2, 4, 6 of 8 blocks
+    assert [s.layout for s in distiller.stages] == ["NLC"] * 3
+    assert distiller.num_prefix_tokens == (0, 0, 0)
+    ids = torch.randint(0, 16, (2, 64))
+    out = distiller.train()(ids, torch.tensor([0, 4]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+    distiller.eval()
+    with torch.no_grad():
+        assert torch.equal(distiller(ids).logits, model(ids).logits)
+    with pytest.raises(TypeError, match=r"\(N, L\) integer token ids.*ImageGPTImageProcessor"):
+        distiller(torch.randn(2, 3, 8, 8))
+
+
+def test_token_ids_are_an_example_only_for_a_model_that_takes_them():
+    with pytest.raises(ValueError, match=r"example_input must be .*got \(1, 48\)"):
+        GradualSelfDistiller(vit(), example_input=torch.zeros(1, 48, dtype=torch.long))

@@ -27,8 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 # Classes the distiller refuses with defaults, and what the error tells the user. A class here
 # that starts training fails the test, so the list stays true.
 REFUSED = {
-    # Text-and-image models whose forward takes token ids.
-    "ImageGPTForImageClassification": "input_ids",
+    # A text-and-image model: its forward takes token ids and images.
     "ShieldGemma2ForImageClassification": "input_ids",
     # Takes patchified pixels with an attention mask and the patch grid's shape.
     "Siglip2ForImageClassification": "wrap it so it takes images and returns logits",
@@ -95,7 +94,10 @@ def test_class(model_type: str, class_name: str, tmp_path) -> None:
     check_stages(distiller)
     example = default_example_input(model)
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(2, *example.shape[1:], generator=gen)
+    if example.is_floating_point():
+        images = torch.randn(2, *example.shape[1:], generator=gen)
+    else:  # token ids (ImageGPT's colour clusters)
+        images = torch.randint(0, 16, (2, *example.shape[1:]), generator=gen)
     targets = torch.tensor([0, NUM_LABELS - 1])
     train_two_steps(distiller, images, targets)
 
