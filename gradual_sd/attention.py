@@ -12,6 +12,7 @@ takes ``attn_layer=`` or ``se_layer=``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ from einops import rearrange
 from timm.layers import create_act_layer, make_divisible
 from torch import nn
 
-from .pooled_gate import FusedPooledGate, avg_max_pool
+from .pooled_gate import avg_max_pool, pooled_gate
 
 __all__ = ["ACAM", "NormalizedACAM"]
 
@@ -113,8 +114,8 @@ class ACAM(nn.Module):
         if torch.compiler.is_compiling():
             # Inductor fuses these into the same map passes as SE (see pooled_gate).
             gate = self.gate_from_pooled(avg_max_pool(x))
-        elif torch.is_grad_enabled() and _differentiable(x, params := tuple(self.parameters())):
-            return FusedPooledGate.apply(x, partial(self._gate_as, x.dtype), *params)
+        elif torch.is_grad_enabled() and _differentiable(x, self.parameters()):
+            return pooled_gate(x, partial(self._gate_as, x.dtype))
         else:
             gate = self.gate_from_pooled(_avg_and_max(x))
         # CUDA autocast runs sum in float32; without the cast the product would promote the
@@ -128,7 +129,7 @@ class ACAM(nn.Module):
         )
 
 
-def _differentiable(x: torch.Tensor, params: tuple[nn.Parameter, ...]) -> bool:
+def _differentiable(x: torch.Tensor, params: Iterable[nn.Parameter]) -> bool:
     return x.requires_grad or any(p.requires_grad for p in params)
 
 

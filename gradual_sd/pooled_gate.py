@@ -10,11 +10,11 @@ timm's SE has, plus the max's read and a scatter of ``N x C`` values:
 - :func:`avg_max_pool` pools with one mean and one max-with-argmax reduction and has a pointwise
   backward. It is the form for ``torch.compile``: inductor reads the map once for both
   reductions and folds the backward into the gate's, the same passes as SE.
-- :class:`FusedPooledGate` is the whole gate as one autograd function: its backward computes
-  ``grad_x = grad_out * gate + d_avg / (H*W)`` and adds ``d_max`` at each argmax, so nothing
-  full-size is summed afterwards. The small gate network is re-run under ordinary autograd
-  inside the backward (a few ``N x C`` operations) to get ``d_avg``, ``d_max`` and its
-  parameters' gradients.
+- :func:`pooled_gate` is the whole gate for eager training, as two autograd functions around
+  the gate network, which stays in the ordinary graph. The gating multiply's backward computes
+  the gate's gradient and leaves ``grad_out`` for the pooling's backward, which autograd runs
+  after the gate network's; that one writes ``grad_x = grad_out * gate + d_avg / (H*W)`` and
+  adds ``d_max`` at each argmax, so nothing full-size is summed afterwards.
 
 The gradient of the max goes to the first maximal position in row-major order, as with
 ``adaptive_max_pool2d``; ties (a channel that is all zero after a ReLU, say) are common in
@@ -24,13 +24,11 @@ networks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-__all__ = ["avg_max_pool", "FusedPooledGate", "spatial_max"]
+__all__ = ["avg_max_pool", "pooled_gate", "spatial_max"]
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -100,68 +98,83 @@ def avg_max_pool(x: torch.Tensor) -> torch.Tensor:
     return _AvgMaxPool.apply(x)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, or None when autocast is off."""
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type) if enabled else None
-    except (TypeError, AttributeError):  # torch < 2.4 has per-device functions
-        if device_type == "cpu":
-            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-        else:
-            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
-    except RuntimeError:  # a device type autocast does not know (meta, ...)
-        return None
-    return dtype if enabled else None
-
-
 GateFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class FusedPooledGate(torch.autograd.Function):
-    """``x * gate_fn(avg_max(x))`` with one backward for the map (first-order gradients).
+class _Handoff:
+    """What the gating multiply's backward leaves for the pooling's backward: ``grad_out``, the
+    gate and a full-size buffer to write the map's gradient into."""
 
-    ``gate_fn`` maps the ``(N, 2, C)`` descriptors to an ``(N, C)`` gate in ``x``'s dtype using
-    only ``params``, which are passed so that their gradients come back through this function
-    (and DDP's hooks see them as usual).
-    """
+    __slots__ = ("grad_out", "gate", "buffer")
+
+    def __init__(self) -> None:
+        self.grad_out = self.gate = self.buffer = None
+
+
+class _PoolForGate(torch.autograd.Function):
+    """``(N, C, H, W) -> (N, 2, C)`` average and max; its backward returns the map's whole
+    gradient, the gating multiply's part included (left in the handoff by :class:`_Gate`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gate_fn: GateFn, *params: nn.Parameter) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, handoff: _Handoff) -> torch.Tensor:
         peak, index = spatial_max(x)
-        pooled = torch.stack((x.mean((2, 3)), peak), dim=1)
-        gate = gate_fn(pooled)
-        ctx.gate_fn, ctx.params = gate_fn, params
-        ctx.autocast_dtype = _autocast_dtype(x.device.type)
-        ctx.save_for_backward(x, pooled, index, gate)
+        ctx.save_for_backward(index)
+        ctx.handoff = handoff
+        return torch.stack((x.mean((2, 3)), peak), dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, pooled_grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        handoff = ctx.handoff
+        if handoff.grad_out is None:  # the gate's backward always runs first: the gate reads the pool
+            raise RuntimeError("ACAM's pooling was differentiated without its gating multiply")
+        grad_out, gate, buffer = handoff.grad_out, handoff.gate, handoff.buffer
+        handoff.grad_out = handoff.gate = handoff.buffer = None
+        grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], buffer)
+        return _add_at_argmax(grad_x, index, pooled_grad[:, 1]), None
+
+
+class _Gate(torch.autograd.Function):
+    """``x * gate``; the gradient for ``x`` is left to :class:`_PoolForGate`, which adds the
+    pooling's part to it in the same pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, handoff: _Handoff) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        ctx.handoff = handoff
         return x * gate[:, :, None, None]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, pooled, index, gate = ctx.saved_tensors
-        needs_x, _, *needs_params = ctx.needs_input_grad
-        # d(loss)/d(gate): the gate is (N, C), so this reduces as soon as it multiplies. The
-        # product's buffer is reused for the map's gradient below: one fresh full-size
-        # allocation instead of two (on the CPU a fresh one is also page-faulted in).
-        scratch = grad_out * x
-        gate_grad = scratch.sum((2, 3)).to(gate.dtype)
-        dtype = ctx.autocast_dtype
-        autocast = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        # Re-run rather than keep the forward's graph: a graph built inside this forward would
-        # have its tensors packed by the caller's saved-tensor hooks (non-reentrant checkpoint
-        # among them), which then recompute the region a second time when it is differentiated.
-        with torch.enable_grad(), autocast:
-            descriptors = pooled.detach().requires_grad_(needs_x)
-            wanted = [descriptors] * needs_x + [p for p, need in zip(ctx.params, needs_params) if need]
-            grads = list(torch.autograd.grad(ctx.gate_fn(descriptors), wanted, gate_grad, allow_unused=True))
-        grad_x = None
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
+        x, gate = ctx.saved_tensors
+        needs_x, needs_gate, _ = ctx.needs_input_grad
+        # d(loss)/d(gate) reduces as soon as it multiplies; its full-size product becomes the
+        # buffer of the map's gradient (one fresh allocation instead of two: on the CPU a fresh
+        # one is also page-faulted in).
+        if not needs_gate:  # nothing reaches the pooling (a gate_fn that detaches): x's gradient is here
+            return grad_out * gate[:, :, None, None] if needs_x else None, None, None
+        buffer = grad_out * x
+        gate_grad = buffer.sum((2, 3)).to(gate.dtype)
         if needs_x:
-            pooled_grad = grads.pop(0)
-            grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], scratch)
-            grad_x = _add_at_argmax(grad_x, index, pooled_grad[:, 1])
-        param_grads = iter(grads)
-        return (grad_x, None, *(next(param_grads) if need else None for need in needs_params))
+            ctx.handoff.grad_out, ctx.handoff.gate, ctx.handoff.buffer = grad_out, gate, buffer
+        return None, gate_grad, None
+
+
+def pooled_gate(x: torch.Tensor, gate_fn: GateFn) -> torch.Tensor:
+    """``x * gate_fn(avg_max(x))[:, :, None, None]`` with one backward pass for the map
+    (first-order gradients only).
+
+    ``gate_fn`` maps the ``(N, 2, C)`` average and max descriptors to an ``(N, C)`` gate in
+    ``x``'s dtype; it runs under ordinary autograd in the same graph, so its parameters, autocast
+    and checkpointing behave as anywhere else. The map's gradient, ``grad_out * gate + d_avg /
+    (H*W)`` plus ``d_max`` at each argmax, is written once by the pooling's backward, which
+    autograd runs after the gate's backward and the gate network's.
+    """
+    handoff = _Handoff()
+    gate = gate_fn(_PoolForGate.apply(x, handoff))
+    return _Gate.apply(x, gate, handoff)
 
 
 def _gated_grad_plus_spread_average(

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradual_sd import ACAM, NormalizedACAM
-from gradual_sd.pooled_gate import FusedPooledGate, avg_max_pool, spatial_max
+from gradual_sd.pooled_gate import avg_max_pool, pooled_gate, spatial_max
 
 
 def plain_acam(module: ACAM, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_the_fused_function_runs_in_training():
     """Guard against the dispatch silently falling back to plain ops."""
     module = ACAM(8)
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
-    assert type(module(x).grad_fn).__name__ == "FusedPooledGateBackward"
+    assert type(module(x).grad_fn).__name__ == "_GateBackward"
     with torch.no_grad():
         assert module(x).grad_fn is None
 
@@ -117,11 +117,33 @@ def test_gradcheck_fused_function_and_pool():
     x = torch.randn(2, 12, 3, 4, dtype=torch.float64, requires_grad=True)
     params = tuple(module.parameters())
 
-    def fused(x, *params):
-        return FusedPooledGate.apply(x, module.gate_from_pooled, *params)
+    def fused(x, *_params):  # gradcheck perturbs the parameters themselves in place
+        return pooled_gate(x, module.gate_from_pooled)
 
     assert torch.autograd.gradcheck(fused, (x, *params))
     assert torch.autograd.gradcheck(avg_max_pool, (x,))
+
+
+def test_partial_gradients_and_a_detached_gate():
+    """autograd.grad for the input alone or the parameters alone gives the plain formulation's
+    values; a gate network that detaches leaves the input the gating multiply's gradient."""
+    module = ACAM(16, rd_ratio=0.25).double()
+    randomize(module, 7)
+    x = make_input((2, 16, 5, 3), "relu", False, 8).requires_grad_()
+    grad_out = torch.randn_like(x)
+    params = list(module.parameters())
+    expected = torch.autograd.grad(plain_acam(module, x), [x, *params], grad_out)
+    (x_grad,) = torch.autograd.grad(module(x), [x], grad_out)
+    torch.testing.assert_close(x_grad, expected[0], rtol=1e-12, atol=1e-13)
+    for got, want in zip(torch.autograd.grad(module(x), params, grad_out), expected[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+    def detached(pooled):
+        return module.gate_from_pooled(pooled).detach()
+
+    (x_grad,) = torch.autograd.grad(pooled_gate(x, detached), [x], grad_out)
+    gate = module.gate_from_pooled(torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1))
+    torch.testing.assert_close(x_grad, grad_out * gate[:, :, None, None].detach())
 
 
 def test_frozen_parameters_or_frozen_input_get_the_right_gradients():
