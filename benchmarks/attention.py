@@ -72,13 +72,17 @@ def main(argv: list[str]) -> None:
     print(f"`{command_line()}`\n\n{machine_line(device, clock)}\n", flush=True)
     rows = []
     for channels in args.channels:
-        modules = {name: cls(channels).to(device) for name, cls in MODULES.items()}
-        params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
-        if args.compile:
-            modules = {name: torch.compile(m, dynamic=False) for name, m in modules.items()}
+        eager = {name: cls(channels).to(device) for name, cls in MODULES.items()}
+        params = {name: sum(p.numel() for p in m.parameters()) for name, m in eager.items()}
         for size in args.sizes:
             if channels * size * size > args.max_elements:
                 continue
+            modules = eager
+            if args.compile:
+                # Dynamo's cache is per forward function, shared by every instance of a class:
+                # past its recompile limit (8 shapes) it would run the rest eagerly.
+                torch._dynamo.reset()
+                modules = {name: torch.compile(m, dynamic=False) for name, m in eager.items()}
             torch.manual_seed(0)
             x = torch.randn(args.batch, channels, size, size, device=device, requires_grad=True)
             grad = torch.randn_like(x)

@@ -55,14 +55,30 @@ def _inside(name: str, outer: str) -> bool:
 
 def _main_path(stages: list[Listed]) -> list[Listed]:
     """Drop outputs the main path does not continue from: those followed by a finer resolution
-    in a module that does not contain them."""
+    in a module that does not contain them, and the steps of a convolutional patch embedding
+    (maps inside a module that outputs tokens at a coarser resolution, as LeViT's stem)."""
     kept = []
     for i, stage in enumerate(stages):
         finer = stage.reduction / _FINER  # type: ignore[operator]
         later = stages[i + 1 :]
-        if not any(o.reduction < finer and not _inside(stage.name, o.name) for o in later):  # type: ignore[operator]
-            kept.append(stage)
+        if any(o.reduction < finer and not _inside(stage.name, o.name) for o in later):  # type: ignore[operator]
+            continue
+        if any(_embeds(o, stage) for o in later):
+            continue
+        kept.append(stage)
     return kept
+
+
+def _embeds(outer: Listed, stage: Listed) -> bool:
+    """Whether ``outer`` contains ``stage`` and turns it into another kind of output (a map
+    into tokens) at a coarser resolution: ``stage`` is a step of an embedding, not a stage."""
+    coarser = outer.reduction > stage.reduction * _FINER  # type: ignore[operator]
+    return (
+        coarser
+        and _inside(stage.name, outer.name)
+        and stage.name != outer.name
+        and len(outer.shape) != len(stage.shape)
+    )
 
 
 # A resolution counts as finer from this factor on, so that a convolution's padding (a map a
