@@ -160,3 +160,24 @@ def test_imagegpt_takes_token_ids_from_its_config():
 def test_token_ids_are_an_example_only_for_a_model_that_takes_them():
     with pytest.raises(ValueError, match=r"example_input must be .*got \(1, 48\)"):
         GradualSelfDistiller(vit(), example_input=torch.zeros(1, 48, dtype=torch.long))
+
+
+def test_levit_heads_skip_the_convolutional_stem():
+    """LeViT's patch embedding is four strided convolutions that end in tokens at reduction 16:
+    its convolutions are steps of the embedding, not stages (one head per later resolution)."""
+    model = tiny(
+        "LevitConfig",
+        "LevitForImageClassification",
+        image_size=128,
+        patch_size=16,
+        hidden_sizes=[24, 32, 48],
+        num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+        mlp_ratio=[2, 2, 2],
+        attention_ratio=[2, 2, 2],
+    )
+    distiller = GradualSelfDistiller(model)
+    assert not [name for name in distiller.stage_names if "patch_embeddings" in name], distiller.stage_names
+    assert [s.reduction for s in distiller.stages] == [16.0, 32.0]
+    train_step(distiller, default_example_input(model))
