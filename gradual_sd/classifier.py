@@ -4,7 +4,7 @@ Classifiers come in many shapes: one ``nn.Linear`` (ResNet), a 1x1 convolution (
 SqueezeNet), a wrapper around a linear layer (timm ``ClassifierHead``, ``NormLinear``, RepViT),
 a tuple of heads (distilled DeiT, LeViT, EfficientFormer) or a ``ModuleList`` of them (CrossViT,
 EfficientViM). This module lists every linear or 1x1-conv layer inside the classifier; which of
-them is *the* classifier is decided by a dry run (:mod:`gradual_sd.stages`): the layer whose
+them is *the* classifier is decided by a dry run: the layer whose
 output is the returned logits, else the layers the logits depend on (both heads of an averaged
 pair: the last to run), never an auxiliary head that runs beside them.
 """
@@ -17,9 +17,18 @@ import torch
 from torch import nn
 
 from ._lookup import find_module
-from .probing import main_logits
+from .probing import Probe, checked_example, checked_model, main_logits
+from .probing import probe as run_probe
 
-__all__ = ["classifier_candidates", "contributing_layers", "is_classifier_layer", "out_features"]
+__all__ = [
+    "choose_classifier",
+    "classifier_candidates",
+    "contributing_layers",
+    "find_classifier_name",
+    "is_classifier_layer",
+    "out_features",
+    "pre_logits_width",
+]
 
 _CONVENTIONAL_NAMES = ("fc", "classifier", "head")
 
@@ -124,3 +133,72 @@ def contributing_layers(model: nn.Module, names: list[str], example: torch.Tenso
         for handle in handles:
             handle.remove()
     return [n for n, g in zip(ran, grads) if g is not None]
+
+
+def _is_output(value: object, logits: torch.Tensor) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.numel() == logits.numel()
+        and torch.equal(value.reshape(logits.shape), logits)
+    )
+
+
+def choose_classifier(
+    model: nn.Module, candidates: list[str], probe: Probe, classifier_name: str | None, example: torch.Tensor
+) -> str:
+    """The classifier layer, from a dry run's ``probe``: of the candidates that ran with
+    ``num_classes`` outputs, the one whose output is the returned logits; else those the logits
+    depend on (an averaged pair of heads), the last to run; with ``classifier_name``, the last
+    to run."""
+    logits = probe.logits(model)
+    classes = int(logits.shape[-1])
+    modules = dict(model.named_modules())
+    fitting = [n for n in probe.order if n in candidates and out_features(modules[n]) == classes]
+    if not fitting:
+        widths = {n: out_features(modules[n]) for n in candidates}
+        where = f"classifier_name={classifier_name!r}" if classifier_name else "the model's classifier"
+        raise ValueError(
+            f"none of the layers in {where} ran with {classes} outputs (the model's logits); "
+            f"layers and widths: {widths}. Pass classifier_name, the layer that outputs the logits"
+        )
+    exact = [n for n in fitting if _is_output(probe.classifier_outputs.get(n), logits)]
+    if exact:
+        return exact[-1]
+    if classifier_name is not None:
+        return fitting[-1]
+    contributing = contributing_layers(model, fitting, example)
+    if contributing:
+        return contributing[-1]
+    raise ValueError(
+        f"the model's logits are neither the output of nor computed from any of the layers {fitting} "
+        f"that ran with {classes} outputs (each may be an auxiliary head); pass classifier_name, the "
+        "layer that outputs the logits"
+    )
+
+
+def find_classifier_name(
+    model: nn.Module, classifier_name: str | None = None, example_input: torch.Tensor | None = None
+) -> str:
+    """Name of the layer that outputs the model's logits: among the linear and 1x1-conv layers
+    of its classifier (:func:`~gradual_sd.classifier.classifier_candidates`) that ran with
+    ``num_classes`` outputs in one dry run, the one whose output is the returned logits; else
+    the last to run of those the logits are computed from (both heads of an averaged pair). An
+    auxiliary head the logits do not depend on is never chosen; where none is left, the error
+    lists the candidates."""
+    model = checked_model(model)
+    candidates = classifier_candidates(model, classifier_name)
+    example = checked_example(model, example_input)
+    probe = run_probe(model, (), candidates, example)
+    return choose_classifier(model, candidates, probe, classifier_name, example)
+
+
+def pre_logits_width(name: str, shape: object) -> int:
+    """The classifier's input width from the shape its input had in a dry run."""
+    if isinstance(shape, tuple) and len(shape) in (2, 4):
+        return int(shape[1])
+    if isinstance(shape, tuple) and len(shape) == 3 and shape[1] == 1:  # Perceiver's one query
+        return int(shape[2])
+    raise ValueError(
+        f"classifier {name!r} must take (N, D) or (N, 1, D) pre-logits or an (N, D, H, W) map, got {shape}; "
+        "pass classifier_name, the layer that outputs the logits"
+    )

@@ -6,7 +6,8 @@ without gradients describes every tapped stage, in the spirit of timm's ``Featur
 :func:`~gradual_sd.insert_after` build on, and :func:`list_stages` shows the candidates of a
 model that timm does not describe (torchvision, hand-written models). The dry runs are
 :mod:`gradual_sd.probing`'s, one output's description :mod:`gradual_sd.outputs`', the choice of
-default stages :mod:`gradual_sd.discovery`'s; this module puts them together.
+default stages :mod:`gradual_sd.discovery`'s, the classifier's :mod:`gradual_sd.classifier`'s;
+this module puts them together.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ._lookup import find_module, module_names
-from .classifier import classifier_candidates, contributing_layers, out_features
+from .classifier import choose_classifier, classifier_candidates, find_classifier_name, pre_logits_width
 from .discovery import DEFAULT_MAX_HEADS, block_run, choose_stages, spread
 from .layout import LAYOUTS, Layout
 from .outputs import (
@@ -82,73 +83,6 @@ def _feature_channels(model: nn.Module) -> dict[str, int]:
     }
 
 
-def _is_output(value: object, logits: torch.Tensor) -> bool:
-    return (
-        isinstance(value, torch.Tensor)
-        and value.numel() == logits.numel()
-        and torch.equal(value.reshape(logits.shape), logits)
-    )
-
-
-def _choose_classifier(
-    model: nn.Module, candidates: list[str], probe: Probe, classifier_name: str | None, example: torch.Tensor
-) -> str:
-    """The classifier layer: of the candidates that ran with ``num_classes`` outputs, the one
-    whose output is the returned logits; else those the logits depend on (an averaged pair of
-    heads), the last to run; with ``classifier_name``, the last to run."""
-    logits = probe.logits(model)
-    classes = int(logits.shape[-1])
-    modules = dict(model.named_modules())
-    fitting = [n for n in probe.order if n in candidates and out_features(modules[n]) == classes]
-    if not fitting:
-        widths = {n: out_features(modules[n]) for n in candidates}
-        where = f"classifier_name={classifier_name!r}" if classifier_name else "the model's classifier"
-        raise ValueError(
-            f"none of the layers in {where} ran with {classes} outputs (the model's logits); "
-            f"layers and widths: {widths}. Pass classifier_name, the layer that outputs the logits"
-        )
-    exact = [n for n in fitting if _is_output(probe.classifier_outputs.get(n), logits)]
-    if exact:
-        return exact[-1]
-    if classifier_name is not None:
-        return fitting[-1]
-    contributing = contributing_layers(model, fitting, example)
-    if contributing:
-        return contributing[-1]
-    raise ValueError(
-        f"the model's logits are neither the output of nor computed from any of the layers {fitting} "
-        f"that ran with {classes} outputs (each may be an auxiliary head); pass classifier_name, the "
-        "layer that outputs the logits"
-    )
-
-
-def find_classifier_name(
-    model: nn.Module, classifier_name: str | None = None, example_input: torch.Tensor | None = None
-) -> str:
-    """Name of the layer that outputs the model's logits: among the linear and 1x1-conv layers
-    of its classifier (:func:`~gradual_sd.classifier.classifier_candidates`) that ran with
-    ``num_classes`` outputs in one dry run, the one whose output is the returned logits; else
-    the last to run of those the logits are computed from (both heads of an averaged pair). An
-    auxiliary head the logits do not depend on is never chosen; where none is left, the error
-    lists the candidates."""
-    model = checked_model(model)
-    candidates = classifier_candidates(model, classifier_name)
-    example = checked_example(model, example_input)
-    probe = run_probe(model, (), candidates, example)
-    return _choose_classifier(model, candidates, probe, classifier_name, example)
-
-
-def _pre_logits_width(name: str, shape: object) -> int:
-    if isinstance(shape, tuple) and len(shape) in (2, 4):
-        return int(shape[1])
-    if isinstance(shape, tuple) and len(shape) == 3 and shape[1] == 1:  # Perceiver's one query
-        return int(shape[2])
-    raise ValueError(
-        f"classifier {name!r} must take (N, D) or (N, 1, D) pre-logits or an (N, D, H, W) map, got {shape}; "
-        "pass classifier_name, the layer that outputs the logits"
-    )
-
-
 def _normalize_names(model: nn.Module, stage_names: str | Sequence[str]) -> list[str]:
     names = [stage_names] if isinstance(stage_names, str) else list(stage_names)
     if not names:
@@ -201,8 +135,8 @@ def _list_stages(
     names = [n for n in module_names(model) if n not in candidates]
     probe = run_probe(model, names, candidates, example)
     other, scaled = second_probe(model, names, example)
-    classifier = _choose_classifier(model, candidates, probe, None, example)
-    hidden = _pre_logits_width(classifier, probe.shapes[classifier])
+    classifier = choose_classifier(model, candidates, probe, None, example)
+    hidden = pre_logits_width(classifier, probe.shapes[classifier])
     before_classifier = probe.order[: probe.order.index(classifier)]
     channels = _feature_channels(model)
     modules = dict(model.named_modules())
@@ -473,8 +407,8 @@ def describe_stages(
         )
     if probe is None:
         probe = run_probe(model, names, candidates, example)
-    classifier = _choose_classifier(model, candidates, probe, classifier_name, example)
-    hidden_size = _pre_logits_width(classifier, probe.shapes[classifier])
+    classifier = choose_classifier(model, candidates, probe, classifier_name, example)
+    hidden_size = pre_logits_width(classifier, probe.shapes[classifier])
     stages = _stage_infos(model, names, probe, example, stage_layout, num_prefix_tokens, hidden_size)
     order = [name for name in probe.order if name in names]
     if order != names:
