@@ -150,11 +150,11 @@ class _Gate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
         x, gate = ctx.saved_tensors
         needs_x, needs_gate, _ = ctx.needs_input_grad
+        if not needs_gate:  # nothing reaches the pooling (a gate_fn that detaches): x's gradient is here
+            return grad_out * gate[:, :, None, None] if needs_x else None, None, None
         # d(loss)/d(gate) reduces as soon as it multiplies; its full-size product becomes the
         # buffer of the map's gradient (one fresh allocation instead of two: on the CPU a fresh
         # one is also page-faulted in).
-        if not needs_gate:  # nothing reaches the pooling (a gate_fn that detaches): x's gradient is here
-            return grad_out * gate[:, :, None, None] if needs_x else None, None, None
         buffer = grad_out * x
         gate_grad = buffer.sum((2, 3)).to(gate.dtype)
         if needs_x:
