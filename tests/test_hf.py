@@ -10,6 +10,8 @@ from gradual_sd.stages import default_example_input
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
+from hf_zoo import build  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -165,18 +167,7 @@ def test_token_ids_are_an_example_only_for_a_model_that_takes_them():
 def test_levit_heads_skip_the_convolutional_stem():
     """LeViT's patch embedding is four strided convolutions that end in tokens at reduction 16:
     its convolutions are steps of the embedding, not stages (one head per later resolution)."""
-    model = tiny(
-        "LevitConfig",
-        "LevitForImageClassification",
-        image_size=128,
-        patch_size=16,
-        hidden_sizes=[24, 32, 48],
-        num_attention_heads=[1, 2, 2],
-        depths=[1, 1, 1],
-        key_dim=[8, 8, 8],
-        mlp_ratio=[2, 2, 2],
-        attention_ratio=[2, 2, 2],
-    )
+    model = build("levit", "LevitForImageClassification")  # the zoo's tiny LeViT, 128 px
     distiller = GradualSelfDistiller(model)
     assert not [name for name in distiller.stage_names if "patch_embeddings" in name], distiller.stage_names
     assert [s.reduction for s in distiller.stages] == [16.0, 32.0]
