@@ -251,11 +251,15 @@ def _required_inputs(model: nn.Module) -> list[str]:
     return [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
 
 
-def _first_input(model: nn.Module) -> str | None:
+def _inputs(model: nn.Module) -> list[str]:
     try:
-        return next(iter(inspect.signature(model.forward).parameters), None)
+        return list(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return None
+        return []
+
+
+def _first_input(model: nn.Module) -> str | None:
+    return next(iter(_inputs(model)), None)
 
 
 def _failure_advice(model: nn.Module, example: torch.Tensor) -> str:
@@ -264,9 +268,20 @@ def _failure_advice(model: nn.Module, example: torch.Tensor) -> str:
     if _global_pool_off(model):
         return f"It fails because {_POOL_ADVICE}"
     if _first_input(model) == "input_ids":
+        if "pixel_values" in _inputs(model):
+            return (
+                "Its forward takes input_ids (token ids) and pixel_values (images): wrap it so it "
+                "takes one batch and returns logits"
+            )
+        if is_token_ids(example) or len(required) > 1:
+            return (
+                f"Its forward needs {required or ['input_ids', '...']}, more than one batch of "
+                "token ids: wrap it so it takes one batch and returns logits"
+            )
         return (
-            "Its forward takes input_ids (token ids), not images: wrap it so it takes images and "
-            "returns logits, or use a model of images"
+            "Its forward takes input_ids (token ids), not images: pass example_input as an (N, L) "
+            "integer batch of the ids its processor makes, or wrap it so it takes images and "
+            "returns logits"
         )
     if len(required) > 1:
         return (

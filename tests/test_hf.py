@@ -159,6 +159,14 @@ def test_imagegpt_takes_token_ids_from_its_config():
         distiller(torch.randn(2, 3, 8, 8))
 
 
+def test_an_image_example_for_a_token_model_is_refused_with_the_fix():
+    model = tiny(
+        "ImageGPTConfig", "ImageGPTForImageClassification", n_embd=32, n_layer=2, n_head=2, n_positions=64
+    )
+    with pytest.raises(ValueError, match=r"takes input_ids.*\(N, L\) integer batch"):
+        GradualSelfDistiller(model, example_input=torch.zeros(1, 3, 8, 8))
+
+
 def test_token_ids_are_an_example_only_for_a_model_that_takes_them():
     with pytest.raises(ValueError, match=r"example_input must be .*got \(1, 48\)"):
         GradualSelfDistiller(vit(), example_input=torch.zeros(1, 48, dtype=torch.long))

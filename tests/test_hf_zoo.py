@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 # that starts training fails the test, so the list stays true.
 REFUSED = {
     # A text-and-image model: its forward takes token ids and images.
-    "ShieldGemma2ForImageClassification": "input_ids",
+    "ShieldGemma2ForImageClassification": "takes input_ids (token ids) and pixel_values (images): wrap it",
     # Takes patchified pixels with an attention mask and the patch grid's shape.
     "Siglip2ForImageClassification": "wrap it so it takes images and returns logits",
 }
