@@ -40,9 +40,9 @@ def check_images(images: torch.Tensor, model: nn.Module) -> None:
             f"images are {images.dtype}, but the model takes floating-point images: convert them "
             "with images.float() (divide uint8 pixels by 255 and normalise as the model expects)"
         )
-    else:
+    elif images.dtype == torch.float64:  # the parameter walk only for the rare float64 batch
         weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-        if images.dtype == torch.float64 and weight is not None and weight.dtype != torch.float64:
+        if weight is not None and weight.dtype != torch.float64:
             raise TypeError(
                 f"images are {images.dtype} but the model's weights are {weight.dtype}: pass images.to("
                 f"{weight.dtype}) (or convert the model with model.double())"

@@ -68,15 +68,21 @@ def _add_at_argmax(dense: torch.Tensor, index: torch.Tensor, peak_grad: torch.Te
     return dense
 
 
+def _avg_max_with_index(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N, 2, C)`` average and max of each channel, and the max's flat index ``(N, C)``."""
+    peak, index = spatial_max(x)
+    return torch.stack((x.mean((2, 3)), peak), dim=1), index
+
+
 class _AvgMaxPool(torch.autograd.Function):
     """``(N, C, H, W) -> (N, 2, C)``: the average and the max of each channel."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        peak, index = spatial_max(x)
+        pooled, index = _avg_max_with_index(x)
         ctx.save_for_backward(index)
         ctx.shape = x.shape
-        return torch.stack((x.mean((2, 3)), peak), dim=1)
+        return pooled
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -117,10 +123,10 @@ class _PoolForGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, handoff: _Handoff) -> torch.Tensor:
-        peak, index = spatial_max(x)
+        pooled, index = _avg_max_with_index(x)
         ctx.save_for_backward(index)
         ctx.handoff = handoff
-        return torch.stack((x.mean((2, 3)), peak), dim=1)
+        return pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -10,7 +10,7 @@ from gradual_sd.stages import default_example_input
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
-from hf_zoo import build  # noqa: E402
+from hf_zoo import TINY_CONFIGS, build  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,16 +113,7 @@ def test_mobilevit_batch_folded_patches_are_not_tapped():
 
 
 def test_deit_with_teacher_averages_two_heads_and_taps_either():
-    model = tiny(
-        "DeiTConfig",
-        "DeiTForImageClassificationWithTeacher",
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    model = tiny("DeiTConfig", "DeiTForImageClassificationWithTeacher", **TINY_CONFIGS["deit"])
     distiller = GradualSelfDistiller(model)
     assert distiller.classifier_name in ("cls_classifier", "distillation_classifier")
     assert distiller.num_prefix_tokens == (2, 2, 2)  # class and distillation tokens
