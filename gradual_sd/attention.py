@@ -100,12 +100,16 @@ class ACAM(nn.Module):
 
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The gate ``(N, C)`` from the stacked ``(N, 2, C)`` average and max descriptors."""
-        branch_logits = F.linear(
-            self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias
-        )
-        # Weighted sum over the two branches as one (N, 1, 2) x (N, 2, C) product.
-        attn = torch.bmm(self.branch_weights(pooled).transpose(1, 2), branch_logits).squeeze(1)
-        return self.gate(attn)
+        hidden = self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias))  # (N, 2, rd)
+        weights = self.branch_weights(pooled)  # (N, 2, 1)
+        # fc2 is linear, so the weighted sum of its outputs on the two branches is fc2 of the
+        # weighted sum of their hidden activations, with the bias scaled by the weights' sum:
+        # one product of SE's size for the second layer instead of two.
+        mixed = torch.bmm(weights.transpose(1, 2), hidden).squeeze(1)  # (N, rd)
+        if self.fc2.bias is None:
+            return self.gate(F.linear(mixed, self.fc2.weight))
+        bias = weights.sum(1) * self.fc2.bias  # (N, C)
+        return self.gate(torch.addmm(bias, mixed, self.fc2.weight.t()))
 
     def _gate_as(self, dtype: torch.dtype, pooled: torch.Tensor) -> torch.Tensor:
         return self.gate_from_pooled(pooled).to(dtype)

@@ -1,6 +1,6 @@
 """What ACAM costs against timm's SE, counted rather than timed: the operations that read or
-write a full-size map in forward + backward, the full-size tensors kept for the backward, and
-the kernels inductor generates. Counts do not depend on the machine's load."""
+write a full-size map in forward + backward, the full-size tensors kept for the backward, the
+matrix products' FLOPs and the kernels inductor generates. Counts do not depend on the machine's load."""
 
 import re
 
@@ -91,6 +91,28 @@ def test_acam_backward_copies_no_weight(cls):
         loss.backward()
     weight = module.channels * module.rd_channels  # each C x C/r matrix; the rest are smaller
     assert all(torch.Size(s).numel() < weight for s in mode.shapes), mode.shapes
+
+
+def matmul_flops(module: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """FLOPs of the matrix products (linear layers, 1x1 convolutions, batched products) of one
+    forward + backward; the map-sized work is elementwise and not counted here."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(shape, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        module(x).backward(torch.randn(shape))
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("cls", [ACAM, NormalizedACAM])
+def test_acam_gate_network_does_two_and_a_half_times_ses_products(cls):
+    # SE: C -> C/r -> C. ACAM: the shared C -> C/r on both descriptors (2x), the two weight MLPs'
+    # C -> C/r (2x) and, since the branches are mixed before the second layer, one C/r -> C (1x),
+    # plus O(N * C/r) for the per-sample scalars: 2.5 + 2/C times SE's. Mixing after the second
+    # layer, as written in the paper, is 3x.
+    shape = (4, 256, 3, 3)
+    se, acam = matmul_flops(SEModule(shape[1]), shape), matmul_flops(cls(shape[1]), shape)
+    assert se > 0 and acam <= (2.5 + 2 / shape[1]) * se, (acam, se, acam / se)
 
 
 def saved_full_size(module: torch.nn.Module) -> int:
