@@ -2,6 +2,8 @@
 torch.compile, plain ops without gradients) against one plain-autograd formulation, in float64,
 with gradients, ties in the max, channels-last maps and 1x1 maps."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradual_sd import ACAM, NormalizedACAM
+from gradual_sd import pooled_gate as pooled_gate_module
 from gradual_sd.pooled_gate import avg_max_pool, pooled_gate, spatial_max
 
 
@@ -67,9 +70,21 @@ def gradients(module, x, forward, grad_out):
     normalize=st.booleans(),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    cpu_kernels=st.booleans(),
 )
 @settings(max_examples=60, deadline=None)
 def test_fused_and_compile_paths_equal_plain_autograd(
+    batch, channels, height, width, ties, channels_last, normalize, bias, seed, cpu_kernels
+):
+    # cpu_kernels=False runs the formulas chosen for CUDA (a max over a channels-last view, one
+    # addcmul) on the CPU, so they are checked where no GPU is lent.
+    with mock.patch.object(pooled_gate_module, "_cpu_kernels", lambda t: cpu_kernels):
+        check_paths_equal_plain_autograd(
+            batch, channels, height, width, ties, channels_last, normalize, bias, seed
+        )
+
+
+def check_paths_equal_plain_autograd(
     batch, channels, height, width, ties, channels_last, normalize, bias, seed
 ):
     module = ACAM(channels, rd_ratio=0.25, normalize_weights=normalize, mlp_bias=bias).double()
@@ -99,8 +114,10 @@ def test_the_fused_function_runs_in_training():
         assert module(x).grad_fn is None
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu-kernels", "cuda-kernels"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_spatial_max_index_is_the_first_maximum_in_row_major_order(channels_last):
+def test_spatial_max_index_is_the_first_maximum_in_row_major_order(channels_last, cpu_kernels, monkeypatch):
+    monkeypatch.setattr(pooled_gate_module, "_cpu_kernels", lambda t: cpu_kernels)
     x = torch.zeros(2, 3, 4, 5)
     x[0, 1, 2, 0] = x[0, 1, 0, 4] = 1.0  # (0, 4) comes first in row-major order
     x[1, 2, 3, 1] = x[1, 2, 1, 3] = 2.0  # (1, 3) comes first
