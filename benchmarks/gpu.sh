@@ -7,7 +7,8 @@
 #   2. benchmarks/cost.py: ResNet50 at 224 px, batch 32 and 64, float32 and bf16 autocast;
 #   3. benchmarks/early_exit.py: each head option's exit cost on ResNet50 and ResNet-18 at 224 px;
 #   4. benchmarks/attention.py: ACAM against SE and CBAM, eager and compiled, float32 and bf16;
-#   5. benchmarks/cost.py --compile: the attention variants in ResNet50, compiled.
+#   5. benchmarks/cost.py --compile: the attention variants in ResNet50, compiled;
+#   6. benchmarks/spatial_max.py: the kernels that could find ACAM's argmax, float32 and bf16.
 # Tables go to OUT_DIR, one file per step; the exit status is 1 if any step failed.
 #   bash benchmarks/gpu.sh [OUT_DIR]
 set -uo pipefail
@@ -44,6 +45,9 @@ for amp in none bf16; do
   step "attention-$amp-compiled" 240 "$python" benchmarks/attention.py --device cuda --amp "$amp" --compile --batch 32 --repeats 15 --min-ms 20
   step "cost224-$amp-compiled" 240 "$python" benchmarks/cost.py --device cuda --amp "$amp" --compile --img-size 224 \
     --batch-sizes 64 --variants plain acam-blocks se-blocks cbam-blocks --repeats 10 --warmup 3 --skip-inference
+done
+for dtype in float32 bfloat16; do
+  step "spatial-max-$dtype" 60 "$python" benchmarks/spatial_max.py --device cuda --dtype "$dtype"
 done
 if [ ${#failed[@]} != 0 ]; then
   echo "failed steps: ${failed[*]}"
