@@ -107,11 +107,11 @@ def matmul_flops(module: torch.nn.Module, shape: tuple[int, ...]) -> int:
 def test_acam_gate_network_does_two_and_a_half_times_ses_products(cls):
     # SE: C -> C/r -> C. ACAM: the shared C -> C/r on both descriptors (2x), the two weight MLPs'
     # C -> C/r (2x) and, since the branches are mixed before the second layer, one C/r -> C (1x),
-    # plus O(N * C/r) for the per-sample scalars: 2.5 + 2/C times SE's. Mixing after the second
-    # layer, as written in the paper, is 3x.
+    # plus O(N * C/r) for the per-sample scalars: 2.5 + 2/C times SE's (2.508 here). Mixing
+    # after the second layer, as written in the paper, is 3x (3.07 here).
     shape = (4, 256, 3, 3)
     se, acam = matmul_flops(SEModule(shape[1]), shape), matmul_flops(cls(shape[1]), shape)
-    assert se > 0 and acam <= (2.5 + 2 / shape[1]) * se, (acam, se, acam / se)
+    assert se > 0 and acam <= 2.55 * se, (acam, se, acam / se)
 
 
 def saved_full_size(module: torch.nn.Module) -> int:
