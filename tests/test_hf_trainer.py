@@ -42,6 +42,11 @@ def test_trainer_logs_every_term_and_saves_the_plain_model(model_type, tmp_path)
     model = result["model"].eval()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     reloaded = AutoModelForImageClassification.from_pretrained(result["path"]).eval()
+    loaded = reloaded.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(images).logits, model(images).logits)
+        # Within float32 kernel rounding: weights loaded from safetensors are not 64-byte
+        # aligned, which can change the CPU kernels' order of summation (tests/test_hf_zoo.py).
+        torch.testing.assert_close(reloaded(images).logits, model(images).logits, rtol=1e-4, atol=1e-4)
