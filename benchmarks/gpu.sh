@@ -10,10 +10,15 @@
 #   5. benchmarks/cost.py --compile: the attention variants in ResNet50, compiled;
 #   6. benchmarks/spatial_max.py: the kernels that could find ACAM's argmax, float32 and bf16.
 # Tables go to OUT_DIR, one file per step; the exit status is 1 if any step failed.
-#   bash benchmarks/gpu.sh [OUT_DIR]
+# The steps' time limits add up to about 30 minutes, more than one 10-minute device call: the
+# optional second argument, a bash regular expression, runs only the steps whose names match
+# (the names are printed as "== NAME"), so the work can be split across calls.
+#   bash benchmarks/gpu.sh [OUT_DIR] [STEPS]
+#   bash benchmarks/gpu.sh "$OUT" 'machine|cuda-tests|^attention|spatial-max'
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/benchmarks-gpu}}"
+only="${2:-}"
 mkdir -p "$out"
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,6 +27,9 @@ failed=()
 step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to OUT_DIR/NAME.md
   local name=$1 limit=$2
   shift 2
+  if [ -n "$only" ] && ! [[ $name =~ $only ]]; then
+    return
+  fi
   echo "== $name"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.md"
   local rc=${PIPESTATUS[0]}
