@@ -38,7 +38,6 @@ def _max_without_position(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str]) -> None:
-    global _floor_on
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--img-size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=8)

@@ -12,7 +12,6 @@ takes ``attn_layer=`` or ``se_layer=``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -118,7 +117,7 @@ class ACAM(nn.Module):
         if torch.compiler.is_compiling():
             # Inductor fuses these into the same map passes as SE (see pooled_gate).
             gate = self.gate_from_pooled(avg_max_pool(x))
-        elif torch.is_grad_enabled() and _differentiable(x, self.parameters()):
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return pooled_gate(x, partial(self._gate_as, x.dtype))
         else:
             gate = self.gate_from_pooled(_avg_and_max(x))
@@ -131,10 +130,6 @@ class ACAM(nn.Module):
             f"channels={self.channels}, rd_channels={self.rd_channels}, "
             f"normalize_weights={self.normalize_weights}"
         )
-
-
-def _differentiable(x: torch.Tensor, params: Iterable[nn.Parameter]) -> bool:
-    return x.requires_grad or any(p.requires_grad for p in params)
 
 
 def _avg_and_max(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import examples_path  # noqa: F401
 pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
 import hf_trainer_gsd  # noqa: E402
+from hf_zoo import assert_reloaded_equal  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,11 +43,4 @@ def test_trainer_logs_every_term_and_saves_the_plain_model(model_type, tmp_path)
     model = result["model"].eval()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     reloaded = AutoModelForImageClassification.from_pretrained(result["path"]).eval()
-    loaded = reloaded.state_dict()
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded[name], tensor), name
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        # Within float32 kernel rounding: weights loaded from safetensors are not 64-byte
-        # aligned, which can change the CPU kernels' order of summation (tests/test_hf_zoo.py).
-        torch.testing.assert_close(reloaded(images).logits, model(images).logits, rtol=1e-4, atol=1e-4)
+    assert_reloaded_equal(model, reloaded, torch.randn(2, 3, 32, 32))
