@@ -169,11 +169,20 @@ def make_step(
     return step
 
 
-def batch(size: int, img_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    size: int,
+    img_size: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(size, 3, img_size, img_size, generator=generator)
     y = torch.randint(0, NUM_CLASSES, (size,), generator=generator)
-    return x.to(device), y.to(device)
+    return x.to(device, memory_format=memory_format), y.to(device)
+
+
+def memory_format(args: argparse.Namespace) -> torch.memory_format:
+    return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
 def training_flops(variant: Variant, x: torch.Tensor, y: torch.Tensor, amp: str) -> int:
@@ -200,19 +209,19 @@ def measure_memory_child(args: argparse.Namespace) -> None:
     """Child-process entry: peak memory of one training step of one variant."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    x, y = batch(args.batch, args.img_size, device)
+    x, y = batch(args.batch, args.img_size, device, memory_format(args))
     variant = build(args.child_memory, x[:1])
-    variant.module.to(device)
+    variant.module.to(device, memory_format=memory_format(args))
     step = make_step(variant, x, y, args.amp, args.compile)
     print(json.dumps({"peak_mib": step_peak_mib(step, variant.module, device)}))
 
 
 def training_table(args: argparse.Namespace, batch_size: int, device: torch.device) -> str:
     torch.manual_seed(0)
-    x, y = batch(batch_size, args.img_size, device)
+    x, y = batch(batch_size, args.img_size, device, memory_format(args))
     variants = {name: build(name, x[:1].cpu()) for name in args.variants}  # built on the CPU
     for variant in variants.values():
-        variant.module.to(device)
+        variant.module.to(device, memory_format=memory_format(args))
     flops = {name: training_flops(v, x, y, args.amp) for name, v in variants.items()}
     steps = {name: make_step(v, x, y, args.amp, args.compile) for name, v in variants.items()}
     times = interleaved_times(steps, device, args.repeats, args.warmup, args.clock)
@@ -242,6 +251,7 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
                     "--amp",
                     args.amp,
                     *(["--compile"] if args.compile else []),
+                    *(["--channels-last"] if args.channels_last else []),
                 ]
             )["peak_mib"]
     rows = []
@@ -263,7 +273,8 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
         header += ["peak MiB", "memory ratio"]
     title = (
         f"Training step, {MODEL_NAME}, {args.img_size} px, batch {batch_size}, {args.device}, "
-        f"amp={args.amp}, {'compiled (inductor)' if args.compile else 'eager'}; "
+        f"amp={args.amp}, {'compiled (inductor)' if args.compile else 'eager'}"
+        f"{', channels-last' if args.channels_last else ''}; "
         f"{args.repeats} paired repetitions after {args.warmup} warm-up "
         f"(plain step median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
     )
@@ -276,6 +287,13 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
     if "gsd-paper-heads-no-checks" in ratios and "gsd-paper-heads" in ratios:
         check = paired_ratios(times, "gsd-paper-heads-no-checks")["gsd-paper-heads"]
         text += f"\n\nThe checks (finite check and target range / neither): {format_ratio(check)}"
+    if "se-blocks" in ratios:
+        # Issue 14's target is ACAM against SE; the per-repetition ratio is steadier than the
+        # quotient of the two medians above.
+        against_se = paired_ratios(times, "se-blocks")
+        for name in ("acam-blocks", "cbam-blocks"):
+            if name in against_se:
+                text += f"\n\n{name} / se-blocks, paired: {format_ratio(against_se[name])}"
     return text
 
 
@@ -316,6 +334,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--compile", action="store_true", help="torch.compile each training step's forward")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model and batch in channels-last memory format"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--clock", choices=CLOCKS, help="default: cpu for 1-thread CPU runs, else wall")

@@ -8,9 +8,11 @@
 #   3. benchmarks/early_exit.py: each head option's exit cost on ResNet50 and ResNet-18 at 224 px;
 #   4. benchmarks/attention.py: ACAM against SE and CBAM, eager and compiled, float32 and bf16;
 #   5. benchmarks/cost.py --compile: the attention variants in ResNet50, compiled;
-#   6. benchmarks/spatial_max.py: the kernels that could find ACAM's argmax, float32 and bf16.
+#   6. benchmarks/spatial_max.py: the kernels that could find ACAM's argmax, float32 and bf16;
+#   7. benchmarks/cost.py --channels-last: the attention variants in ResNet50, bf16 autocast,
+#      in the layout mixed-precision CNN training uses.
 # Tables go to OUT_DIR, one file per step; the exit status is 1 if any step failed.
-# The steps' time limits add up to about 30 minutes, more than one 10-minute device call: the
+# The steps' time limits add up to about 32 minutes, more than one 10-minute device call: the
 # optional second argument, a bash regular expression, runs only the steps whose names match
 # (the names are printed as "== NAME"), so the work can be split across calls.
 #   bash benchmarks/gpu.sh [OUT_DIR] [STEPS]
@@ -57,6 +59,9 @@ done
 for dtype in float32 bfloat16; do
   step "spatial-max-$dtype" 60 "$python" benchmarks/spatial_max.py --device cuda --dtype "$dtype"
 done
+step cost224-bf16-channels-last 120 "$python" benchmarks/cost.py --device cuda --amp bf16 --channels-last \
+  --img-size 224 --batch-sizes 64 --variants plain acam-blocks se-blocks cbam-blocks --repeats 10 --warmup 3 \
+  --skip-inference
 if [ ${#failed[@]} != 0 ]; then
   echo "failed steps: ${failed[*]}"
   exit 1
