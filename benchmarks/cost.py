@@ -300,8 +300,8 @@ def training_table(args: argparse.Namespace, batch_size: int, device: torch.devi
 def inference_table(args: argparse.Namespace, batch_size: int, device: torch.device) -> str:
     """Plain model vs the distiller in eval mode vs the exported model, same weights."""
     torch.manual_seed(0)
-    x, _ = batch(batch_size, args.img_size, device)
-    plain = backbone().to(device).eval()
+    x, _ = batch(batch_size, args.img_size, device, memory_format(args))
+    plain = backbone().to(device, memory_format=memory_format(args)).eval()
     wrapped = GradualSelfDistiller(copy.deepcopy(plain), example_input=x[:1]).eval()
     exported = GradualSelfDistiller(copy.deepcopy(plain), example_input=x[:1]).export().eval()
 
@@ -319,7 +319,8 @@ def inference_table(args: argparse.Namespace, batch_size: int, device: torch.dev
     rows = [[name, format_ratio(ratios[name])] for name in fns]
     title = (
         f"Inference, {MODEL_NAME}, {args.img_size} px, batch {batch_size}, {args.device}, "
-        f"amp={args.amp}, no_grad; {repeats} paired repetitions "
+        f"amp={args.amp}, no_grad{', channels-last' if args.channels_last else ''}; "
+        f"{repeats} paired repetitions "
         f"(plain median {ratios['plain']['median_s'] * 1e3:.0f} ms)"
     )
     return f"{title}\n\n{markdown_table(['model', 'time ratio: median [IQR] fastest'], rows)}"
