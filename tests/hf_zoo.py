@@ -130,7 +130,27 @@ TINY_CONFIGS: dict[str, dict] = {
     "regnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], groups_width=8),
     "resnet": dict(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1]),
     "segformer": dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2]),
-    "shieldgemma2": dict(),
+    # Its defaults build a Gemma 3 language model (262k-token vocabulary, 26 layers): 14 GB
+    # of RAM in the test. The special tokens' ids must fit the tiny vocabulary, and the 4x4
+    # patches pool to mm_tokens_per_image = 2x2 image tokens.
+    "shieldgemma2": dict(
+        vision_config=_VIT,
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=60,
+        eoi_token_index=61,
+        image_token_index=62,
+        yes_token_index=10,
+        no_token_index=11,
+    ),
     "siglip": dict(vision_config=_VIT),
     "siglip2": dict(vision_config=dict(_VIT, num_patches=16)),
     "swiftformer": dict(image_size=32, depths=[1, 1, 1, 1], embed_dims=[8, 16, 24, 32]),

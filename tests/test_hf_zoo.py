@@ -82,6 +82,9 @@ def test_class(model_type: str, class_name: str, tmp_path) -> None:
     if class_name in NEEDS:
         pytest.importorskip(NEEDS[class_name])
     model = build(model_type, class_name)
+    # A config left at its defaults can be a full-size model (ShieldGemma2's took 14 GB of RAM).
+    parameters = sum(p.numel() for p in model.parameters())
+    assert parameters <= 20_000_000, f"{class_name}: {parameters:,} parameters; shrink its tiny config"
     before = hooks(model)
     if class_name in REFUSED:
         with pytest.raises((ValueError, TypeError)) as refusal:
