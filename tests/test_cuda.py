@@ -234,7 +234,7 @@ def test_fused_acam_on_cuda_equals_the_cpu_with_ties(channels_last):
     grad_out = torch.randn_like(x)
     results = []
     for module, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xd = x.to(device).requires_grad_()
+        xd = x.detach().to(device).requires_grad_()  # a fresh leaf on each device
         out = module(xd)
         assert type(out.grad_fn).__name__ == "_GateBackward"
         out.backward(grad_out.to(device))
