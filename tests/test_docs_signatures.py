@@ -302,7 +302,7 @@ def defaults_equal(documented: Any, real: Any) -> bool:
         return isinstance(documented, (int, float)) and isinstance(real, (int, float)) and math.isclose(
             documented, real, rel_tol=1e-12
         )
-    return type(documented) is type(real) and documented == real or documented is real
+    return documented is real or (type(documented) is type(real) and documented == real)
 
 
 def calls_in(source: str) -> list[ast.Call]:
