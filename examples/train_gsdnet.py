@@ -17,8 +17,8 @@ facial-expression result.
 
 From Python, ``main(argv)`` returns the run's metrics dict; with several methods or seeds,
 ``{"runs": {method: [metrics per seed]}, "comparison": path of comparison.md}``. The flags are in
-``gsdnet/cli.py``; each run's steps (prepare data, build, train, select, report) in
-``gsdnet/runner.py``.
+``gsdnet/cli.py``, which turns them into a ``RunConfig`` (``gsdnet/config.py``); each run's steps
+(prepare data, build, train, select, report) are in ``gsdnet/runner.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = ["main", "parse_args"]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the command ``argv`` (default ``sys.argv[1:]``); return its metrics."""
     return run(parse_args(argv))
 
 

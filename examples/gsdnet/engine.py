@@ -32,13 +32,23 @@ from . import checkpoint
 from .divergence import check_loss, check_weights
 from .distributed import DistEnv, WeightedShardSampler, all_reduce, broadcast_buffers, shard_indices
 from .metrics import confusion_matrix, summarize
-from .models import plain_model
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training leaves: the model after the last epoch and the test results it kept."""
+
+    module: nn.Module  # the distiller (heads and hooks included) at the final epoch
+    final: dict  # test results of the final epoch
+    best: dict  # ... of the epoch with the best test accuracy (optimistic)
+    selected: dict | None  # {"epoch", "val", "test"} of the epoch picked on validation
+    selected_state: dict | None  # the distiller's weights at that epoch
 
 
 class RunMismatchError(ValueError):
@@ -120,7 +130,6 @@ class Trainer:
     best: dict | None = None  # test metrics of the epoch with the best test accuracy
     selected: dict | None = None  # {"epoch", "val", "test"} at the best validation accuracy
     selected_state: dict | None = None  # the module's weights (on the CPU) at the selected epoch
-    last: dict | None = None  # test metrics of the latest evaluated epoch
     first_step_loss: float | None = None  # the untrained model's loss, for the divergence rule
 
     def __post_init__(self) -> None:
@@ -141,7 +150,7 @@ class Trainer:
             self.runner = DistributedDataParallel(self.module, device_ids=ids)
 
     # --- checkpoints -------------------------------------------------------------------------
-    def state(self, epoch: int, run_info: dict) -> dict:
+    def state(self, epoch: int, identity: dict) -> dict:
         return {
             "epoch": epoch,
             "module": self.module.state_dict(),
@@ -153,12 +162,12 @@ class Trainer:
             "selected": self.selected,
             "selected_module": self.selected_state,
             "first_step_loss": self.first_step_loss,
-            "run": run_info,
+            "run": identity,
         }
 
-    def resume(self, path: Path, run_info: dict, epochs: int) -> None:
+    def resume(self, path: Path, identity: dict, epochs: int) -> None:
         state = checkpoint.load(path)
-        differ = differences(state["run"], run_info)
+        differ = differences(state["run"], identity)
         if differ:
             raise RunMismatchError(
                 f"--resume refused: {path} was written by a different run configuration ({differ}). "
@@ -272,14 +281,15 @@ class Trainer:
         classes: list[str],
         seed: int,
         output_dir: Path,
-        run_info: dict,
+        identity: dict,
         on_improved,
         on_epoch,
-    ) -> None:
+    ) -> Trained:
         """Train to ``epochs``; after each epoch evaluate ``evals`` (``test`` and optionally
         ``val``), keep the best and the selected epoch (with the selected epoch's weights, which
         the run's reports describe), checkpoint, log. ``on_improved(kind, module)`` runs when
         ``best`` or ``selected`` moves to this epoch."""
+        last = None
         for epoch in range(self.start_epoch, epochs + 1):
             started = time.time()
             seed_everything(seed, epoch, self.env.rank)
@@ -314,12 +324,10 @@ class Trainer:
                 }
                 if self.env.is_main:
                     on_improved("selected", self.module)
-            self.last = test
+            last = test
             if self.env.is_main:
-                checkpoint.save_checked(self.state(epoch, run_info), output_dir / "checkpoint.pt")
+                checkpoint.save_checked(self.state(epoch, identity), output_dir / "checkpoint.pt")
                 on_epoch(record)
-        if self.start_epoch > epochs:  # resumed a finished run: evaluate the restored weights
-            self.last = self.evaluate_all(evals, classes, epochs)["test"]
-
-    def plain_model(self) -> nn.Module:
-        return plain_model(self.module)
+        if last is None:  # resumed a finished run: evaluate the restored weights
+            last = self.evaluate_all(evals, classes, epochs)["test"]
+        return Trained(self.module, last, self.best, self.selected, self.selected_state)

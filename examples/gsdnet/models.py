@@ -59,7 +59,7 @@ PAPER_LOSS = {
 }
 
 
-class Built(NamedTuple):
+class BuiltModel(NamedTuple):
     """What :func:`build_gsdnet` returns: the module to train and how it was built."""
 
     module: nn.Module
@@ -109,7 +109,7 @@ def build_gsdnet(
     head_pool_size: int | None = None,
     as_shipped: bool = False,
     **loss_options: object,
-) -> Built:
+) -> BuiltModel:
     """The plain model (``baseline``) or a distiller (``gsd``, ``gsd-acam``), and its config.
 
     ``weights``: ``None`` (random), ``"timm"`` (timm's pretrained weights) or a ``.pkl`` /
@@ -193,20 +193,16 @@ def build_gsdnet(
         as_shipped=as_shipped,
         weights=report.record() if report is not None else {"file": weights},
     )
-    return Built(module, config)
-
-
-def plain_model(module: nn.Module) -> nn.Module:
-    """The classifier itself (every configuration keeps it as ``.model``)."""
-    return module.model
+    return BuiltModel(module, config)
 
 
 def export_payload(module: nn.Module, config: dict, classes: list[str], mean, std) -> dict:
-    """What ``model_*.pt`` holds: the plain model's weights and how to rebuild it."""
+    """What ``model_*.pt`` holds: the plain model's weights (``module.model``, every
+    configuration's classifier) and how to rebuild it."""
     keep = ("model_name", "num_classes", "caffe_resnet", "acam_after", "img_size")
     rebuild = {k: config[k] for k in keep}
     rebuild.update(classes=list(classes), mean=list(mean), std=list(std))
-    state = {k: v.detach().cpu() for k, v in plain_model(module).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
     return {"config": rebuild, "state_dict": state}
 
 
