@@ -3,6 +3,13 @@
 Every model configuration is called the same way (``module(images, targets)`` returns a
 ``DistillerOutput``), so the trainer does not care which one it trains.
 
+NaN/inf: every configuration checks its own training steps (``module.finite_check``, read at
+once on the CPU, at a later step or at the epoch's end on CUDA, so no step waits for the GPU).
+The trainer flushes it at the end of every epoch, before anything is evaluated or saved. Under
+torchrun the process that saw the bad step stops; the others fail in their next collective
+(or torchrun stops them), at the latest in the epoch's end checks, so the main process never
+saves that epoch.
+
 Model selection: ``best`` is the epoch with the best test accuracy (the reference code's
 choice, optimistic); with a validation split, ``selected`` is the epoch with the best
 validation accuracy, and the test set is scored at that epoch.
@@ -22,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
+
+from gradual_sd import DistillerOutput
 
 from . import checkpoint
 from .divergence import check_loss, check_weights
@@ -192,22 +200,18 @@ class Trainer:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
 
-    def step_loss(self, images: torch.Tensor, targets: torch.Tensor):
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> DistillerOutput:
+        """One optimiser step on a batch; returns the forward's output (logits, loss, terms)."""
         with self.autocast():
             out = self.runner(images, targets)
-        return out.logits, out.loss, out.losses
-
-    def check_finite(self, loss: torch.Tensor, losses: dict, epoch: int, step: int) -> None:
-        """Stop every process together (before backward, where DDP would wait) on NaN/inf."""
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        all_reduce(finite, self.env, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {step} (terms {bad or 'on another process'} "
-                f"on rank {self.env.rank}); stopping. The last good checkpoint is kept: lower --lr "
-                "or check the data, then --resume"
-            )
+        if self.first_step_loss is None:  # once per run: the reference of the divergence rule
+            loss = all_reduce(out.loss.detach().float().clone(), self.env)
+            self.first_step_loss = float(loss) / self.env.world_size
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out
 
     def train_epoch(self, loader: DataLoader, epoch: int) -> dict:
         self.runner.train()
@@ -218,24 +222,16 @@ class Trainer:
         bar = tqdm(
             loader, desc=f"epoch {epoch} train", leave=False, disable=None if self.env.is_main else True
         )
-        for step, (images, targets) in enumerate(bar):
+        for images, targets in bar:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            logits, loss, losses = self.step_loss(images, targets)
-            self.check_finite(loss, losses, epoch, step)
-            if self.first_step_loss is None:  # once per run: the reference of the divergence rule
-                self.first_step_loss = float(all_reduce(loss.detach().float().clone(), self.env)) / (
-                    self.env.world_size
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            out = self.train_step(images, targets)
             n = images.shape[0]
-            for key, value in {"loss": loss, **losses}.items():
+            for key, value in {"loss": out.loss, **out.losses}.items():
                 sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float() * n
-            correct += (logits.argmax(1) == targets).sum()
+            correct += (out.logits.argmax(1) == targets).sum()
             seen += n
+        self.module.finite_check.flush()  # the steps still in flight, before anything is saved
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         keys = sorted(sums)
@@ -294,12 +290,16 @@ class Trainer:
             started = time.time()
             seed_everything(seed, epoch, self.env.rank)
             train.sampler.set_epoch(epoch)
-            record = {"epoch": epoch, **self.train_epoch(train, epoch)}
             kept = (
                 f"The checkpoint of epoch {epoch - 1} is kept: lower --lr, then --resume"
                 if epoch > 1
                 else "No epoch was saved: lower --lr and start again"
             )
+            try:
+                record = {"epoch": epoch, **self.train_epoch(train, epoch)}
+            except FloatingPointError as error:  # the module's finite check
+                where = f" on process {self.env.rank}" if self.env.distributed else ""
+                raise NonFiniteLossError(f"{error}, in epoch {epoch}{where}; stopping. {kept}") from error
             check_weights(self.module, self.env, epoch, kept)
             check_loss(record["losses"]["loss"], self.first_step_loss, epoch, kept)
             results = self.evaluate_all(evals, classes, epoch)
