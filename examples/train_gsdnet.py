@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     return run(parse_args(argv))
 
 
-# Errors a user can act on (data, checkpoint, settings, divergence, a stalled process): one message,
-# the traceback only with --debug.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, ImportError)
+# Errors a user can act on (data, checkpoint, settings, divergence, a stalled process: a
+# TimeoutError): one message, the traceback only with --debug. Not RuntimeError: out of memory, a
+# CUDA failure or a bug keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 if __name__ == "__main__":
     try:

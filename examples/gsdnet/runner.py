@@ -16,7 +16,7 @@ from . import checkpoint
 from .build import build_run
 from .config import RunConfig, RunSpec
 from .console import Progress, close_logging, keep_log, setup_logging
-from .distributed import DistEnv, init_distributed, shutdown, stall_error
+from .distributed import DistEnv, init_distributed, peer_error, shutdown
 from .prepare import PreparedData, RunData, prepare_data, run_data
 from .report import report, stand_in_note, summary
 from .runs import finished_metrics, has_state
@@ -101,9 +101,9 @@ def run(config: RunConfig) -> dict:
         return {"runs": runs, "comparison": str(path)}
     except BaseException as error:
         failed = True
-        stalled = stall_error(error, env, config.dist_timeout)
-        if stalled is not None:
-            raise stalled from error
+        explained = peer_error(error, env, config.dist_timeout)
+        if explained is not None:
+            raise explained from error
         raise
     finally:
         close_logging(handlers)
