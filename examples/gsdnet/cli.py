@@ -19,10 +19,9 @@ from .models import HEADS, METHODS, PAPER_LOSS
 DESCRIPTION = "Train GSDNet (or the Table 2 ablation variants) on a facial-expression dataset."
 
 # The reference recipe, and the preset of the shipped stand-in: small and trained from scratch
-# (so a larger learning rate), sized to compare all three methods over two seeds in a few
-# minutes on 2 cores. One thread: its convolutions are too small to gain from more, and a second
-# thread on a busy CPU made epochs several times slower in our measurements. Its models are not
-# worth keeping, so none are saved unless --save asks.
+# (so a larger learning rate), sized to compare all three methods over two seeds in minutes on a
+# small CPU, one thread (docs/reproducing.md says why). Its models are not worth keeping, so none
+# are saved unless --save asks.
 PAPER = dict(
     model="resnet50",
     img_size=224,
