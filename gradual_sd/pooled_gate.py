@@ -59,11 +59,11 @@ class CompiledPath(PlainPath):
 
 
 class FusedPath(PlainPath):
-    """Eager training: two autograd functions around the gate network, one forward's worth.
+    """Eager training: two autograd functions around the gate network; one path per forward.
 
-    The multiply's backward leaves ``grad_out``, the gate and a full-size buffer here; the pool's
-    backward, which autograd runs after the gate network's, writes the map's whole gradient
-    ``grad_out * gate + d_avg / (H*W)`` (plus ``d_max`` at each argmax) into that buffer.
+    In a first-order backward the multiply's leaves ``grad_out``, the gate and a full-size buffer
+    here; the pool's, which autograd runs after the gate network's, writes the map's whole
+    gradient ``grad_out * gate + d_avg / (H*W)`` (plus ``d_max`` at each argmax) into that buffer.
     """
 
     def __init__(self) -> None:
