@@ -1,6 +1,7 @@
 """The library on a CUDA device: float32 equal to the CPU, float16 and bfloat16 autocast (with a
 gradient scaler for float16), the deferred finite check, no host synchronisation in a training
-step, channels-last inputs, inductor, and early exit.
+step, channels-last inputs, inductor, early exit, and ACAM's fused path against the CPU's (first and
+second order).
 
 CI has no GPU, so these are skipped there, and pytest says so. On a GPU machine:
 ``python -m pytest tests/test_cuda.py -v -rs`` (``benchmarks/gpu.sh`` runs it).
