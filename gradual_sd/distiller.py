@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .classifier import pre_logits
 from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
-from .inputs import checked_forward
+from .inputs import checked_example, checked_forward
 from .layout import Layout
 from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
-from .discovery import DEFAULT_MAX_HEADS
 from .probing import checked_model
-from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
+from .stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
 from .taps import StageTaps, tapped_by, to_feature_map
+from .tuning import DEFAULT_MAX_HEADS
 
 __all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names", "find_classifier_name"]
 
@@ -39,6 +40,8 @@ class DistillerOutput(NamedTuple):
         head_logits: Logits of every head, shallow to deep, ending with ``logits``; empty when
             the heads were not run.
         head_features: The matching distillation features; empty when the heads were not run.
+        pre_logits: The model's ``(N, D)`` pre-logits, the input of its classifier (pooled for a
+            1x1-conv classifier); ``None`` when the heads were not run.
     """
 
     logits: torch.Tensor
@@ -46,6 +49,7 @@ class DistillerOutput(NamedTuple):
     losses: dict[str, torch.Tensor]
     head_logits: tuple[torch.Tensor, ...]
     head_features: tuple[torch.Tensor, ...]
+    pre_logits: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -161,13 +165,14 @@ class GradualSelfDistiller(nn.Module):
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
 
+        example = checked_example(model, example_input)
         described = describe_stages(
             model,
             stage_names,
             classifier_name=classifier_name,
             stage_layout=stage_layout,
             num_prefix_tokens=num_prefix_tokens,
-            example_input=example_input,
+            example_input=example,
             max_heads=max_heads,
         )
         if num_classes is not None and num_classes != described.num_classes:
@@ -178,17 +183,12 @@ class GradualSelfDistiller(nn.Module):
 
         self.model = model
         self.loss = loss if loss is not None else GradualDistillationLoss()
-        self.stages = described.stages
-        self.stage_names: tuple[str, ...] = tuple(stage.name for stage in described.stages)
-        self.layouts: tuple[Layout, ...] = tuple(stage.layout for stage in described.stages)  # type: ignore[misc]
-        self.num_prefix_tokens: tuple[int, ...] = tuple(s.num_prefix_tokens for s in described.stages)
+        self.stages: tuple[StageInfo, ...] = described.stages
         self.classifier_name = described.classifier_name
-        # Every head in head_logits order: the stages, then the model's own classifier.
-        self.head_names: tuple[str, ...] = (*self.stage_names, self.classifier_name)
         self.num_classes = described.num_classes
         self.hidden_size = described.hidden_size
+        self.finite_check: FiniteCheck | None = None
         self.check_finite = check_finite
-        self.finite_check = FiniteCheck() if check_finite else None
         self.checkpoint_heads = checkpoint_heads
         self.heads = nn.ModuleList(
             head_factory(
@@ -197,7 +197,7 @@ class GradualSelfDistiller(nn.Module):
                 num_classes=self.num_classes,
                 feature_dim=feature_dim,
             )
-            for stage in described.stages
+            for stage in self.stages
         )
         reference = next(model.parameters(), None)
         dd: dict[str, Any] = {}
@@ -212,8 +212,41 @@ class GradualSelfDistiller(nn.Module):
         projection = nn.Linear(self.hidden_size, feature_dim, **dd)
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())
-        elements = {s.name: s.element for s in described.stages if s.element is not None}
-        self.taps = StageTaps(model, self.stage_names, input_names=[self.classifier_name], elements=elements)
+        self.taps = StageTaps(model, self.stages, input_names=[self.classifier_name])
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The tapped stages, shallow to deep."""
+        return tuple(stage.name for stage in self.stages)
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """Each stage output's layout."""
+        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
+
+    @property
+    def num_prefix_tokens(self) -> tuple[int, ...]:
+        """The class/register tokens each stage's head drops."""
+        return tuple(stage.num_prefix_tokens for stage in self.stages)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Every head in ``head_logits`` order: the stages, then the model's own classifier."""
+        return (*self.stage_names, self.classifier_name)
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether training steps check their values (see the class's ``check_finite``);
+        setting it takes effect at the next step, and turning it off checks the pending steps."""
+        return self.finite_check is not None
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        if value and self.finite_check is None:
+            self.finite_check = FiniteCheck()
+        elif not value and self.finite_check is not None:
+            self.finite_check.flush()
+            self.finite_check = None
 
     @property
     def attached(self) -> bool:
@@ -241,14 +274,30 @@ class GradualSelfDistiller(nn.Module):
         if run_heads is None:
             run_heads = self.training and targets is not None
         if not run_heads:
-            logits = main_logits(self.model(images))
-            if targets is None:
-                return DistillerOutput(logits, None, {}, (), ())
-            if targets.device.type != "cpu":  # the loss checks CPU targets; here one sync is cheap
-                check_targets(targets, logits.shape[0], logits.shape[1], check_range=True)
-            ce = self.loss.cross_entropy(logits, targets)
-            return DistillerOutput(logits, ce, {"ce": ce}, (), ())
+            return self._classify(images, targets)
+        logits, stage_outputs, pre_logits = self._capture(images)
+        head_logits, head_features = self._run_heads(stage_outputs, logits, pre_logits)
+        if targets is None:
+            return DistillerOutput(logits, None, {}, head_logits, head_features, pre_logits)
+        checking = self.finite_check is not None and not torch.compiler.is_compiling()
+        targets, conditions = self._device_targets(targets, checking)
+        loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
+        if checking:
+            self._submit_finite(loss, losses, head_logits, head_features, targets, conditions)
+        return DistillerOutput(logits, loss, losses, head_logits, head_features, pre_logits)
 
+    def _classify(self, images: torch.Tensor, targets: torch.Tensor | None) -> DistillerOutput:
+        """The model alone, and the plain cross-entropy with ``targets``."""
+        logits = main_logits(self.model(images))
+        if targets is None:
+            return DistillerOutput(logits, None, {}, (), ())
+        if targets.device.type != "cpu":  # the loss checks CPU targets; here one sync is cheap
+            check_targets(targets, logits.shape[0], logits.shape[1], check_range=True)
+        ce = self.loss.cross_entropy(logits, targets)
+        return DistillerOutput(logits, ce, {"ce": ce}, (), ())
+
+    def _capture(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The model's logits, its stage outputs and its pooled pre-logits, from one forward."""
         device = str(images.device)
         captured = self.taps.start(device)
         try:
@@ -257,13 +306,14 @@ class GradualSelfDistiller(nn.Module):
             self.taps.stop(device)
         if not torch.compiler.is_compiling():
             self._check_captured(captured)
-        stage_outputs = [captured[name] for name in self.stage_names]
-        pre_logits = captured[self.classifier_name]
-        if pre_logits.dim() == 4:  # a 1x1-conv classifier's input map, pooled as the conv is linear
-            pre_logits = pre_logits.mean((2, 3))
-        elif pre_logits.dim() == 3:  # (N, 1, D): a decoder's one query (Perceiver)
-            pre_logits = pre_logits[:, 0]
+        stage_outputs = [captured[stage.name] for stage in self.stages]
+        return logits, stage_outputs, pre_logits(captured[self.classifier_name])
 
+    def _run_heads(
+        self, stage_outputs: list[torch.Tensor], logits: torch.Tensor, pre_logits: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Every head's logits and feature, shallow to deep; the model's own classifier last,
+        with the fixed projection of its pre-logits as its feature."""
         head_logits, head_features = [], []
         for head, output, stage in zip(self.heads, stage_outputs, self.stages):
             z, f = self._run_head(head, to_feature_map(output, stage.layout, stage.num_prefix_tokens))
@@ -273,30 +323,43 @@ class GradualSelfDistiller(nn.Module):
         head_features.append(
             F.linear(pre_logits, self.teacher_projection_weight, self.teacher_projection_bias)
         )
-        if targets is None:
-            return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
-        checking = self.finite_check is not None and not torch.compiler.is_compiling()
-        # Accelerator targets: the value check joins the deferred flags instead of syncing.
-        conditions = []
-        if checking and targets.device.type != "cpu":
-            conditions.append(targets_valid(targets, self.num_classes))
-            if targets.dtype in INDEX_DTYPES:
-                targets = targets.clamp(0, self.num_classes - 1)
-        loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
-        if checking:
-            terms, names, classes = tuple(losses), self.head_names, self.num_classes
-            self.finite_check.submit(
-                [loss, *losses.values(), *head_logits, *head_features],
-                lambda: [
-                    "loss",
-                    *(f"term {k}" for k in terms),
-                    *(f"logits of {n}" for n in names),
-                    *(f"features of {n}" for n in names),
-                    *([target_rule(targets, classes)] if conditions else []),
-                ],
-                conditions,
-            )
-        return DistillerOutput(logits, loss, losses, tuple(head_logits), tuple(head_features))
+        return tuple(head_logits), tuple(head_features)
+
+    def _device_targets(
+        self, targets: torch.Tensor, checking: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Accelerator targets, whose value check joins the deferred flags instead of syncing:
+        the flag, and class indices clamped into range for this step (an index out of range would
+        end in a device-side assert)."""
+        if not checking or targets.device.type == "cpu":
+            return targets, []
+        conditions = [targets_valid(targets, self.num_classes)]
+        if targets.dtype in INDEX_DTYPES:
+            targets = targets.clamp(0, self.num_classes - 1)
+        return targets, conditions
+
+    def _submit_finite(
+        self,
+        loss: torch.Tensor,
+        losses: dict[str, torch.Tensor],
+        head_logits: tuple[torch.Tensor, ...],
+        head_features: tuple[torch.Tensor, ...],
+        targets: torch.Tensor,
+        conditions: list[torch.Tensor],
+    ) -> None:
+        """Hand this step's values and conditions to the finiteness check, labelled."""
+        terms, names, classes = tuple(losses), self.head_names, self.num_classes
+        self.finite_check.submit(  # type: ignore[union-attr]
+            [loss, *losses.values(), *head_logits, *head_features],
+            lambda: [
+                "loss",
+                *(f"term {k}" for k in terms),
+                *(f"logits of {n}" for n in names),
+                *(f"features of {n}" for n in names),
+                *([target_rule(targets, classes)] if conditions else []),
+            ],
+            conditions,
+        )
 
     def _run_head(self, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.checkpoint_heads and torch.is_grad_enabled()):
