@@ -190,6 +190,7 @@ class GradualSelfDistiller(nn.Module):
         self.finite_check: FiniteCheck | None = None
         self.check_finite = check_finite
         self.checkpoint_heads = checkpoint_heads
+        self._example_shape = tuple(example.shape)  # what a batch that fails is compared with
         self.heads = nn.ModuleList(
             head_factory(
                 in_channels=stage.channels,

@@ -3,9 +3,9 @@ a wrapper's ``forward`` gets, so that a wrong batch gets an error naming the inp
 instead of a kernel's message from deep inside the backbone.
 
 The checks read shapes, dtypes and module flags only, never a tensor's values, so they cost no
-device sync. BatchNorm's refusal of a single value per channel (a batch of one whose maps are
-1x1 at some layer, in training mode) depends on shapes inside the model, so that error is
-translated where it is raised instead of guessed beforehand.
+device sync. Errors that depend on shapes inside the model (BatchNorm's refusal of a single
+value per channel, a convolution's refusal of another channel count) are translated where they
+are raised instead of guessed beforehand.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "checked_example",
     "checked_forward",
     "default_example_input",
+    "explain_shape",
     "input_positions",
     "is_token_ids",
     "takes_token_ids",
@@ -170,17 +171,57 @@ def check_images(images: torch.Tensor, model: nn.Module) -> None:
         )
 
 
+def explain_shape(shape: tuple[int, ...], example: tuple[int, ...]) -> str | None:
+    """Why a batch of ``shape`` does not fit a model that ran on an ``example`` batch of that
+    shape (``(N, C, H, W)`` or ``(N, C, L)``), with the fix; ``None`` where it fits.
+
+    Args:
+        shape: The batch's shape.
+        example: The shape of the example the model was described with.
+    """
+    if len(example) not in (3, 4):  # token ids: any length is theirs
+        return None
+    channels, form = example[1], "(N, C, H, W)" if len(example) == 4 else "(N, C, L)"
+    expects = f"the model takes {form} batches with C = {channels} (it was described on {example})"
+    if len(shape) == len(example) - 1 and shape[0] == channels:
+        return f"{expects}, got one item of shape {shape} without a batch axis: add one with images[None]"
+    if len(shape) != len(example):
+        return f"{expects}, got a batch of shape {shape}"
+    if shape[1] == channels:
+        return None
+    if len(shape) == 4 and shape[3] == channels:
+        return (
+            f"{expects}, got {shape}, channels last (N, H, W, C): pass images.permute(0, 3, 1, 2) "
+            "(or a channels-first batch from the data pipeline)"
+        )
+    build = (
+        f"or build the model for {shape[1]} channels (timm: in_chans={shape[1]}; Hugging Face: num_channels=)"
+    )
+    if shape[1] == 1:
+        repeat = ", ".join(["-1", str(channels)] + ["-1"] * (len(shape) - 2))
+        return f"{expects}, got {shape[1]} channel: repeat it with images.expand({repeat}), {build}"
+    return f"{expects}, got {shape[1]} channels in {shape}: convert the batch, {build}"
+
+
 def checked_forward(forward):
-    """Decorate a wrapper's ``forward(self, images, ...)``: :func:`check_images` first, and
-    BatchNorm's single-value error explained."""
+    """Decorate a wrapper's ``forward(self, images, ...)``: :func:`check_images` first; a failure
+    inside the model on a batch whose shape does not fit the example's (``self._example_shape``)
+    explained by :func:`explain_shape`, and BatchNorm's single-value error explained."""
 
     @functools.wraps(forward)
     def checked(self, images, *args, **kwargs):
         check_images(images, self)
         try:
             return forward(self, images, *args, **kwargs)
-        except ValueError as error:
-            if BATCHNORM_MESSAGE not in str(error):
+        except Exception as error:
+            example = getattr(self, "_example_shape", None)
+            shaped = isinstance(images, torch.Tensor) and example is not None
+            reason = explain_shape(tuple(images.shape), example) if shaped else None
+            if reason is not None:
+                raise ValueError(
+                    f"{reason}. The model failed with {type(error).__name__}: {error}"
+                ) from error
+            if not (isinstance(error, ValueError) and BATCHNORM_MESSAGE in str(error)):
                 raise
             raise ValueError(
                 f"a batch of {images.shape[0]} image(s) in training mode left a BatchNorm layer one "

@@ -194,7 +194,7 @@ class DryRuns:
 
 def main_logits(output: object) -> torch.Tensor | None:
     """The main logits of a model's output: the tensor itself, a ``.logits`` field (Hugging
-    Face, torchvision GoogLeNet and Inception in training), the first field
+    Face, torchvision GoogLeNet and Inception in training) or ``"logits"`` key, the first field
     of a Hugging Face output without one where it is ``(N, K)``, or the first tensor of a tuple
     or list."""
     if isinstance(output, torch.Tensor):
@@ -202,7 +202,11 @@ def main_logits(output: object) -> torch.Tensor | None:
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
-    if isinstance(output, Mapping):  # a Hugging Face ModelOutput that names its logits otherwise
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        # A Hugging Face ModelOutput that names its logits otherwise
         first = next(iter(output.values()), None)
         is_logits = isinstance(first, torch.Tensor) and first.dim() == 2
         return first if is_logits and hasattr(output, "to_tuple") else None
@@ -246,7 +250,7 @@ def _not_logits(model: nn.Module, output: object) -> str:
     keys = f" among its keys {list(output)}" if isinstance(output, Mapping) else ""
     return (
         f"{name} returned a {type(output).__name__} with no (N, num_classes) logits tensor{keys} in "
-        "eval mode (a .logits field, the tensor itself or a tuple's first element). "
+        "eval mode (a 'logits' key or .logits field, the tensor itself or a tuple's first element). "
         "Wrap it so it takes images and returns logits, e.g. a module whose forward is "
         "`return model(images)[key]`"
     )

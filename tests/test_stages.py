@@ -719,6 +719,25 @@ def test_a_pooled_output_named_as_a_stage_is_refused_whatever_the_layout(layout)
     assert tapped_by(model) == []
 
 
+def test_a_dict_with_logits_is_read_like_a_logits_field():
+    class DictLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.fc(self.conv(x).mean((2, 3))), "aux": x.mean()}
+
+    torch.manual_seed(0)
+    model = DictLogits()
+    distiller = GradualSelfDistiller(model, ["conv"], example_input=torch.zeros(1, 3, 8, 8))
+    images = torch.randn(2, 3, 8, 8)
+    distiller.train()(images, torch.tensor([0, 1])).loss.backward()
+    distiller.eval()
+    assert torch.equal(distiller(images).logits, model(images)["logits"])
+
+
 def forwards_at_construction(model, **kwargs):
     """How many times the model runs while a distiller is built around it."""
     calls = []
