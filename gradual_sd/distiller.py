@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, NamedTuple
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,67 +65,62 @@ def keep_running_stats(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+def deferred_target_check(targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Accelerator targets for one step, checked without a sync: the targets (class indices
+    clamped into range, as an index out of range would end in a device-side assert) and the
+    0-dim flag that they were valid, for the deferred finiteness check to read."""
+    valid = targets_valid(targets, num_classes)
+    if targets.dtype in INDEX_DTYPES:
+        targets = targets.clamp(0, num_classes - 1)
+    return targets, [valid]
+
+
+def step_labels(
+    losses: dict[str, torch.Tensor], head_names: Sequence[str], target_rule: str | None
+) -> Callable[[], list[str]]:
+    """Names of a step's checked values, in the order the distiller submits them: the loss, its
+    terms, every head's logits and features, and the targets' rule where they were checked."""
+    terms = tuple(losses)
+    return lambda: [
+        "loss",
+        *(f"term {k}" for k in terms),
+        *(f"logits of {n}" for n in head_names),
+        *(f"features of {n}" for n in head_names),
+        *([target_rule] if target_rule is not None else []),
+    ]
+
+
 class GradualSelfDistiller(nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
+    Each argument's full rules are in docs/api.md.
+
     Args:
         model: Any ``nn.Module`` that maps images (or ``(N, C, L)`` sequences) to logits
-            through a final linear or 1x1-conv classifier: a tensor, a Hugging Face output's
-            ``logits`` or a tuple's first element. It must not carry another wrapper's hooks,
-            nor be a ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``
-            wrapper: wrap the inner model, then compile or parallelise the distiller.
+            through a final linear or 1x1-conv classifier. Not a ``torch.compile``,
+            ``DataParallel`` or ``DistributedDataParallel`` wrapper, nor hooked by another
+            distiller: wrap the inner model, then compile or parallelise the distiller.
         stage_names: Submodules to tap, shallow to deep, one head each (a string is one
-            stage). Default: at most ``max_heads`` stages spread over the depth, from timm's
-            ``feature_info`` stages without the stem and the last stage, or, where timm gives
-            none that can be tapped, from the shapes: the module that finishes each
-            resolution, or for an isotropic model its blocks
-            (:func:`~gradual_sd.default_stage_names`; :func:`~gradual_sd.list_stages` shows
-            the candidates). A stage returning a tuple or list is tapped at one tensor (see
-            :func:`~gradual_sd.describe_stages`).
+            stage). Default: :func:`~gradual_sd.default_stage_names`, at most ``max_heads``.
         loss: The objective; default :class:`GradualDistillationLoss` with the paper's values.
         head_factory: Builds each stage's head (see :class:`HeadFactory`).
         feature_dim: Width of the distillation features (paper: 128).
         classifier_name: The module holding the final classifier; default timm's
             ``get_classifier()``, else ``fc``/``classifier``/``head``, else the whole model.
-            Of the linear and 1x1-conv layers inside it, the last to run with ``num_classes``
-            outputs is the classifier, and its input is the pre-logits (an ``(N, D, H, W)``
-            input is average-pooled to ``(N, D)``).
         num_classes: If given, checked against the classifier's output.
-        stage_layout: Layout of the stage outputs: ``"NCHW"`` or ``"NHWC"`` for 4-D outputs,
-            ``"NLC"`` (tokens) or ``"NCL"`` (channels-first sequences, as 1-D convolutions
-            give) for 3-D ones; a layout applies to outputs of its rank. By default it is
-            decided from evidence: timm's ``feature_info`` channels, the declared
-            ``output_fmt``, the shapes at two input sizes and, for a sequence, the widths of
-            the map it comes from and of the classifier's input; an error asks for it where
-            the evidence does not settle it, and a value that contradicts the evidence is
-            refused.
+        stage_layout: ``"NCHW"``/``"NHWC"`` for 4-D stage outputs, ``"NLC"``/``"NCL"`` for
+            3-D ones; by default decided from evidence, and checked against it when given.
         num_prefix_tokens: Class/register tokens to drop from token outputs; by default
-            counted from the shapes (at two input sizes, or against ``feature_info``'s
-            reduction or the patch embedding's grid), else the model's ``num_prefix_tokens``.
-            An ``(N, C, L)`` stage has none.
-        example_input: A batch used in eval mode without gradients to find every stage's shape;
-            default one zero image at the model's configured size (a Hugging Face config's
-            ``image_size``, a timm ``img_size``, else ``pretrained_cfg``) with the config's
-            ``num_channels`` or its first convolution's channels. A model of ``(N, C, L)``
-            sequences needs one.
+            counted from the shapes.
+        example_input: A batch for the dry runs that describe the stages; default one zero
+            image at the model's configured size. A model of ``(N, C, L)`` sequences needs one.
         max_heads: With the default stages, at most this many heads before the model's own
-            classifier, spread evenly over the depth (the paper: three); ``None`` puts one
-            after every stage found. Ignored when ``stage_names`` is given.
-        check_finite: Raise ``FloatingPointError`` naming the step and the non-finite loss
-            terms, head logits and features. On the CPU the step that produced them raises;
-            on CUDA the flags reach the host without stalling the GPU and a later step (or
-            ``finite_check.flush()``) raises, so no step waits for the device. On an
-            accelerator, class-index targets outside ``[0, num_classes)`` are reported the same
-            deferred way (as ``ValueError``; that step trains on them clamped into range, as an
-            unchecked index would end in a device-side assert); with ``False`` they are checked
-            only if the loss's ``check_target_range`` is ``True``. Skipped under
-            ``torch.compile``.
-        checkpoint_heads: Recompute the heads during backward instead of saving their
-            activations in the forward pass, at the price of a second head forward. This frees
-            the heads' activations between forward and backward, but the backward recomputes
-            each head while the backbone's activations are still alive, so the peak still holds
-            the largest head's working set (docs/benchmarks.md). For a lower peak use a cheaper
-            head such as :class:`PooledHead`.
+            classifier (the paper: three); ``None`` puts one after every stage found.
+        check_finite: Raise ``FloatingPointError`` naming the training step and the
+            non-finite loss terms, head logits and features; on CUDA a later step does,
+            without stalling the GPU (``finite_check.flush()`` checks the last steps).
+        checkpoint_heads: Recompute the heads during backward instead of keeping their
+            activations (the peak still holds the largest head's working set).
     """
 
     teacher_projection_weight: torch.Tensor
@@ -281,10 +276,17 @@ class GradualSelfDistiller(nn.Module):
         if targets is None:
             return DistillerOutput(logits, None, {}, head_logits, head_features, pre_logits)
         checking = self.finite_check is not None and not torch.compiler.is_compiling()
-        targets, conditions = self._device_targets(targets, checking)
+        conditions = []
+        if checking and targets.device.type != "cpu":
+            targets, conditions = deferred_target_check(targets, self.num_classes)
         loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
         if checking:
-            self._submit_finite(loss, losses, head_logits, head_features, targets, conditions)
+            labels = step_labels(
+                losses, self.head_names, target_rule(targets, self.num_classes) if conditions else None
+            )
+            self.finite_check.submit(
+                [loss, *losses.values(), *head_logits, *head_features], labels, conditions
+            )
         return DistillerOutput(logits, loss, losses, head_logits, head_features, pre_logits)
 
     def _classify(self, images: torch.Tensor, targets: torch.Tensor | None) -> DistillerOutput:
@@ -325,42 +327,6 @@ class GradualSelfDistiller(nn.Module):
             F.linear(pre_logits, self.teacher_projection_weight, self.teacher_projection_bias)
         )
         return tuple(head_logits), tuple(head_features)
-
-    def _device_targets(
-        self, targets: torch.Tensor, checking: bool
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Accelerator targets, whose value check joins the deferred flags instead of syncing:
-        the flag, and class indices clamped into range for this step (an index out of range would
-        end in a device-side assert)."""
-        if not checking or targets.device.type == "cpu":
-            return targets, []
-        conditions = [targets_valid(targets, self.num_classes)]
-        if targets.dtype in INDEX_DTYPES:
-            targets = targets.clamp(0, self.num_classes - 1)
-        return targets, conditions
-
-    def _submit_finite(
-        self,
-        loss: torch.Tensor,
-        losses: dict[str, torch.Tensor],
-        head_logits: tuple[torch.Tensor, ...],
-        head_features: tuple[torch.Tensor, ...],
-        targets: torch.Tensor,
-        conditions: list[torch.Tensor],
-    ) -> None:
-        """Hand this step's values and conditions to the finiteness check, labelled."""
-        terms, names, classes = tuple(losses), self.head_names, self.num_classes
-        self.finite_check.submit(  # type: ignore[union-attr]
-            [loss, *losses.values(), *head_logits, *head_features],
-            lambda: [
-                "loss",
-                *(f"term {k}" for k in terms),
-                *(f"logits of {n}" for n in names),
-                *(f"features of {n}" for n in names),
-                *([target_rule(targets, classes)] if conditions else []),
-            ],
-            conditions,
-        )
 
     def _run_head(self, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.checkpoint_heads and torch.is_grad_enabled()):

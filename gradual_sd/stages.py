@@ -21,9 +21,10 @@ from torch import nn
 from ._lookup import find_module
 from .classifier import choose_classifier, classifier_candidates, find_classifier_name, pre_logits_width
 from .discovery import Ran, default_stages, spread
+from .evidence import FeatureInfo, observe
 from .inputs import checked_example, default_example_input
-from .layout import LAYOUTS, Layout, LayoutError
-from .outputs import FeatureInfo, NotAStage, Reason, StageInfo, describe, observe, select
+from .layout import Layout, LayoutError
+from .outputs import NotAStage, Reason, StageInfo, describe, select
 from .probing import DryRuns, checked_model, main_logits
 from .tuning import DEFAULT_MAX_HEADS, STEM_REDUCTION
 
@@ -238,11 +239,6 @@ def _stage_infos(
     return tuple(stages)
 
 
-def _checked_layout(stage_layout: str | None) -> None:
-    if stage_layout is not None and stage_layout not in LAYOUTS:
-        raise ValueError(f"stage_layout must be one of {LAYOUTS} or None, got {stage_layout!r}")
-
-
 def describe_outputs(
     model: nn.Module,
     names: str | Sequence[str],
@@ -258,7 +254,6 @@ def describe_outputs(
     callers that only handle feature maps (:func:`~gradual_sd.insert_after`)."""
     model = checked_model(model)
     names = _normalize_names(model, names)
-    _checked_layout(stage_layout)
     runs = DryRuns(model, checked_example(model, example_input))
     info = FeatureInfo.of(model)
     if maps_only:
@@ -298,7 +293,6 @@ def describe_stages(
     """
     model = checked_model(model)
     max_heads = _checked_max_heads(max_heads)
-    _checked_layout(stage_layout)
     names = None if stage_names is None else _normalize_names(model, stage_names)
     survey = _survey(model, example_input, classifier_name)
     if names is None:
