@@ -65,6 +65,25 @@ def keep_running_stats(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+def _wrappable(model: object) -> nn.Module:
+    """``model`` if hooks on its stages can train heads: a plain module (``checked_model``)
+    without gradient checkpointing and without another wrapper's hooks."""
+    model = checked_model(model)
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(
+            "the model has gradient checkpointing enabled; its stages then run outside their "
+            "modules' hooks (timm) or without gradients, so the heads cannot be trained. Call "
+            "model.set_grad_checkpointing(False) before wrapping"
+        )
+    already = tapped_by(model)
+    if already:
+        raise ValueError(
+            f"the model already carries another wrapper's hooks on {already}; export() or "
+            "remove() that wrapper first (wrapping twice would leave its hooks in the exported model)"
+        )
+    return model
+
+
 def deferred_target_check(targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Accelerator targets for one step, checked without a sync: the targets (class indices
     clamped into range, as an index out of range would end in a device-side assert) and the
@@ -144,22 +163,9 @@ class GradualSelfDistiller(nn.Module):
         max_heads: int | None = DEFAULT_MAX_HEADS,
     ) -> None:
         super().__init__()
-        model = checked_model(model)
-        if getattr(model, "grad_checkpointing", False):
-            raise ValueError(
-                "the model has gradient checkpointing enabled; its stages then run outside their "
-                "modules' hooks (timm) or without gradients, so the heads cannot be trained. Call "
-                "model.set_grad_checkpointing(False) before wrapping"
-            )
-        already = tapped_by(model)
-        if already:
-            raise ValueError(
-                f"the model already carries another wrapper's hooks on {already}; export() or "
-                "remove() that wrapper first (wrapping twice would leave its hooks in the exported model)"
-            )
+        model = _wrappable(model)
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
-
         example = checked_example(model, example_input)
         described = describe_stages(
             model,
