@@ -72,11 +72,11 @@ def layer_widths(module: nn.Module) -> tuple[int, ...]:
 
 def _flattened_from(probe: Probe, name: str, shape: Shape) -> tuple[bool, int | None]:
     """Whether a 4-D map that ran before ``name`` reads as its ``(N, L, C)`` tokens (as many
-    channels, as many positions give or take ``MAX_PREFIX``) and no map reads as an
-    ``(N, C, L)`` sequence flattened from it (``(N, C, H*W)`` or an audio model's
-    ``(N, C*H, W)``); and the largest patch grid of those maps."""
+    channels, as many positions give or take ``MAX_PREFIX``) and not also as its channels-first
+    reshape (``(N, C, H*W)``, or an audio model's ``(N, C*H, W)`` frames); and the largest
+    patch grid of the maps that read as its tokens."""
     length, width = shape[1], shape[2]
-    grids, channels_first = [], False
+    grids, tokens = [], False
     for other in probe.order[: probe.order.index(name)]:
         map_shape = probe.outputs[other].tensor
         if map_shape is None or len(map_shape) != 4:
@@ -84,9 +84,8 @@ def _flattened_from(probe: Probe, name: str, shape: Shape) -> tuple[bool, int | 
         _, c, h, w = map_shape
         if c == width and 0 <= length - h * w <= MAX_PREFIX:
             grids.append(h * w)
-        channels_first |= (c, h * w) == (length, width) or (c * h, w) == (length, width)
-    grid = max(grids) if grids else None
-    return grid is not None and not channels_first, grid
+            tokens |= (c, h * w) != (length, width) and (c * h, w) != (length, width)
+    return tokens, max(grids) if grids else None
 
 
 def observe(
