@@ -93,7 +93,7 @@ class Probe:
     positions: Shape
     scaled: bool = False
 
-    @property
+    @cached_property
     def order(self) -> list[str]:
         return list(self.outputs)
 
