@@ -11,14 +11,13 @@ pair: the last to run), never an auxiliary head that runs beside them.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from ._lookup import find_module
-from .probing import Probe, checked_example, checked_model, main_logits
-from .probing import probe as run_probe
+from .inputs import checked_example
+from .probing import Output, Probe, checked_model, main_logits, run_probe
+from .taps import Hooks
 
 __all__ = [
     "choose_classifier",
@@ -27,6 +26,7 @@ __all__ = [
     "find_classifier_name",
     "is_classifier_layer",
     "out_features",
+    "pre_logits",
     "pre_logits_width",
 ]
 
@@ -112,17 +112,18 @@ def contributing_layers(model: nn.Module, names: list[str], example: torch.Tenso
     beside the classifier has none; both heads of an averaged pair have one."""
     leaves: dict[str, torch.Tensor] = {}
 
-    def make_leaf(name: str, module: nn.Module, args: tuple, output: object) -> object:
+    def make_leaf(name: str, output: object) -> object:
         if isinstance(output, torch.Tensor) and output.is_floating_point():
             leaves[name] = output.detach().requires_grad_()
             return leaves[name].clone()  # not the leaf itself: the model may work on it in place
-        return output
+        return None
 
-    handles = [find_module(model, n).register_forward_hook(partial(make_leaf, n)) for n in names]
     was_training = model.training
     try:
-        model.eval()
-        with torch.enable_grad():
+        with Hooks(model) as hooks, torch.enable_grad():
+            for name in names:
+                hooks.on_output(name, make_leaf)
+            model.eval()
             logits = main_logits(model(example))
             ran = [n for n in names if n in leaves]
             if logits is None or not logits.requires_grad or not ran:
@@ -130,8 +131,6 @@ def contributing_layers(model: nn.Module, names: list[str], example: torch.Tenso
             grads = torch.autograd.grad(logits.sum(), [leaves[n] for n in ran], allow_unused=True)
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
     return [n for n, g in zip(ran, grads) if g is not None]
 
 
@@ -153,7 +152,7 @@ def choose_classifier(
     logits = probe.logits(model)
     classes = int(logits.shape[-1])
     modules = dict(model.named_modules())
-    fitting = [n for n in probe.order if n in candidates and out_features(modules[n]) == classes]
+    fitting = [n for n in probe.starts if n in candidates and out_features(modules[n]) == classes]
     if not fitting:
         widths = {n: out_features(modules[n]) for n in candidates}
         where = f"classifier_name={classifier_name!r}" if classifier_name else "the model's classifier"
@@ -161,7 +160,7 @@ def choose_classifier(
             f"none of the layers in {where} ran with {classes} outputs (the model's logits); "
             f"layers and widths: {widths}. Pass classifier_name, the layer that outputs the logits"
         )
-    exact = [n for n in fitting if _is_output(probe.classifier_outputs.get(n), logits)]
+    exact = [n for n in fitting if _is_output(probe.watched_outputs.get(n), logits)]
     if exact:
         return exact[-1]
     if classifier_name is not None:
@@ -188,17 +187,32 @@ def find_classifier_name(
     model = checked_model(model)
     candidates = classifier_candidates(model, classifier_name)
     example = checked_example(model, example_input)
-    probe = run_probe(model, (), candidates, example)
+    probe = run_probe(model, example, candidates)
     return choose_classifier(model, candidates, probe, classifier_name, example)
 
 
-def pre_logits_width(name: str, shape: object) -> int:
-    """The classifier's input width from the shape its input had in a dry run."""
-    if isinstance(shape, tuple) and len(shape) in (2, 4):
-        return int(shape[1])
-    if isinstance(shape, tuple) and len(shape) == 3 and shape[1] == 1:  # Perceiver's one query
-        return int(shape[2])
-    raise ValueError(
-        f"classifier {name!r} must take (N, D) or (N, 1, D) pre-logits or an (N, D, H, W) map, got {shape}; "
-        "pass classifier_name, the layer that outputs the logits"
-    )
+def pre_logits(x: torch.Tensor) -> torch.Tensor:
+    """The classifier's input as ``(N, D)`` pre-logits: an ``(N, D)`` vector itself, the
+    average of a 1x1-conv classifier's ``(N, D, H, W)`` map (the conv is linear, so this is the
+    vector it maps), or a decoder's one query ``(N, 1, D)`` (Perceiver)."""
+    if x.dim() == 4:
+        return x.mean((2, 3))
+    if x.dim() == 3 and x.shape[1] == 1:
+        return x[:, 0]
+    if x.dim() == 2:
+        return x
+    raise ValueError(f"pre-logits must be (N, D), (N, 1, D) or (N, D, H, W), got {tuple(x.shape)}")
+
+
+def pre_logits_width(name: str, seen: Output) -> int:
+    """The width of classifier ``name``'s pre-logits, from what its input was in a dry run."""
+    shape = seen.tensor
+    try:
+        if shape is None:
+            raise ValueError(f"pre-logits must be a tensor, got {seen}")
+        return int(pre_logits(torch.empty(shape, device="meta")).shape[1])
+    except ValueError as error:
+        raise ValueError(
+            f"classifier {name!r} must take (N, D) or (N, 1, D) pre-logits or an (N, D, H, W) map, "
+            f"got {seen}; pass classifier_name, the layer that outputs the logits"
+        ) from error

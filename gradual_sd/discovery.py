@@ -1,4 +1,4 @@
-"""Choose the default stages to tap from the modules a dry run listed.
+"""Choose the default stages to tap from the outputs a dry run listed: pure functions of records.
 
 A stage is a stage's output: the module that finishes a resolution on the model's main path.
 Per resolution, the outermost module holding the most of that resolution's work is chosen (a
@@ -6,29 +6,56 @@ stage container over the stem, the patch embedding, or the next stage's first co
 still runs at the old resolution), ties going to the one that finishes last. Outputs that the
 main path does not continue from are left out: a module followed by a finer resolution that
 does not contain it (a strided key/value projection inside attention, MobileViT's unfolded
-patches). Hierarchical models get one stage per resolution, the stem (reduction < 4) left out
-where at least two deeper resolutions precede the last; isotropic models, whose every block has
-one resolution, get blocks. Either way at most ``max_heads`` intermediate stages, spread evenly
-over the depth, as the paper's three auxiliary classifiers are.
+patches). Hierarchical models get one stage per resolution, the stem left out where enough
+deeper resolutions follow; isotropic models, whose every block has one resolution, get blocks;
+a model doing most of its work after its last resolution (a Perceiver's latent blocks) gets the
+blocks that run there. Either way at most ``max_heads`` intermediate stages, spread evenly over
+the depth, as the paper's three auxiliary classifiers are.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
-__all__ = ["DEFAULT_MAX_HEADS", "block_run", "choose_stages", "spread"]
+from .tuning import (
+    DEEP_RESOLUTIONS,
+    DEFAULT_MAX_HEADS,
+    FINER,
+    MAX_SHARE_AFTER,
+    MIN_BLOCKS,
+    MIN_CONTAINER,
+    STEM_REDUCTION,
+)
 
-DEFAULT_MAX_HEADS = 3  # the paper's auxiliary classifiers: one after each of ResNet's first three stages
+__all__ = [
+    "DEFAULT_MAX_HEADS",
+    "Listed",
+    "Ran",
+    "block_run",
+    "choose_stages",
+    "default_stages",
+    "share_after",
+    "spread",
+]
 
 
 class Listed(Protocol):
-    """What discovery reads of a listed stage (:class:`~gradual_sd.StageInfo`)."""
+    """What discovery reads of a listed output (:class:`~gradual_sd.StageInfo` is one)."""
 
     name: str
     shape: tuple[int, ...]
+    layout: str | None
     reduction: float | None
+
+
+class Ran(NamedTuple):
+    """A module that ran before the classifier, for :func:`share_after`."""
+
+    name: str
+    parameters: int  # its own, not its submodules'
+    spread_out: bool  # its output is a 3-D or 4-D batch-first tensor with several positions
 
 
 def spread(names: Sequence[str], max_heads: int | None) -> list[str]:
@@ -45,8 +72,15 @@ def spread(names: Sequence[str], max_heads: int | None) -> list[str]:
     return [names[i] for i in sorted(set(picked))]
 
 
-def _level(stage: Listed) -> int:
-    return round(math.log2(stage.reduction))  # type: ignore[arg-type]
+def _with_final(names: Sequence[str], max_heads: int | None) -> list[str]:
+    return [*spread(names[:-1], max_heads), names[-1]]
+
+
+def _level(stage: Listed) -> int | None:
+    """The stage's resolution as a power of two of its reduction; ``None`` without one."""
+    if stage.reduction is None or not stage.reduction > 0:
+        return None
+    return round(math.log2(stage.reduction))
 
 
 def _inside(name: str, outer: str) -> bool:
@@ -59,7 +93,7 @@ def _main_path(stages: list[Listed]) -> list[Listed]:
     (maps inside a module that outputs tokens at a coarser resolution, as LeViT's stem)."""
     kept = []
     for i, stage in enumerate(stages):
-        finer = stage.reduction / _FINER  # type: ignore[operator]
+        finer = stage.reduction / FINER  # type: ignore[operator]
         later = stages[i + 1 :]
         if any(o.reduction < finer and not _inside(stage.name, o.name) for o in later):  # type: ignore[operator]
             continue
@@ -72,18 +106,13 @@ def _main_path(stages: list[Listed]) -> list[Listed]:
 def _embeds(outer: Listed, stage: Listed) -> bool:
     """Whether ``outer`` contains ``stage`` and turns it into another kind of output (a map
     into tokens) at a coarser resolution: ``stage`` is a step of an embedding, not a stage."""
-    coarser = outer.reduction > stage.reduction * _FINER  # type: ignore[operator]
+    coarser = outer.reduction > stage.reduction * FINER  # type: ignore[operator]
     return (
         coarser
         and _inside(stage.name, outer.name)
         and stage.name != outer.name
         and len(outer.shape) != len(stage.shape)
     )
-
-
-# A resolution counts as finer from this factor on, so that a convolution's padding (a map a
-# pixel or two larger) is no finer resolution.
-_FINER = 1.5
 
 
 def _outermost_with_most_work(members: list[Listed]) -> tuple[str, int]:
@@ -95,7 +124,7 @@ def _outermost_with_most_work(members: list[Listed]) -> tuple[str, int]:
     return [o for o in outermost if scores[o] == best][-1], best
 
 
-def block_run(members: list[Listed]) -> list[str]:
+def block_run(members: Sequence[Listed]) -> list[str]:
     """The longest run of numbered siblings with one output shape (``layers.0``, ``layers.1``...)."""
     shapes = {m.name: m.shape for m in members}
     runs: dict[str, list[tuple[int, str]]] = {}
@@ -126,7 +155,7 @@ def choose_stages(stages: Sequence[Listed], max_heads: int | None) -> list[str]:
     path = _main_path([s for s in stages if s.reduction is not None and s.reduction > 0])
     levels: dict[int, list[Listed]] = {}
     for stage in path:
-        levels.setdefault(_level(stage), []).append(stage)
+        levels.setdefault(_level(stage), []).append(stage)  # type: ignore[arg-type]
     order = [s.name for s in path]
     chosen = sorted(
         ((*_outermost_with_most_work(members), level) for level, members in levels.items()),
@@ -134,14 +163,81 @@ def choose_stages(stages: Sequence[Listed], max_heads: int | None) -> list[str]:
     )
     # Containers of several modules over single layers (a stem's convolutions). One container
     # resolution with a run of blocks is an isotropic model, whatever its stem did.
-    containers = [c for c in chosen if c[1] >= 2]
+    containers = [c for c in chosen if c[1] >= MIN_CONTAINER]
     if len(containers) == 1 or len(levels) == 1:
         blocks = block_run(levels[(containers or chosen)[0][2]])
-        if len(blocks) >= 2:
-            return [*spread(blocks[:-1], max_heads), blocks[-1]]
+        if len(blocks) >= MIN_BLOCKS:
+            return _with_final(blocks, max_heads)
     chosen = containers if len(containers) >= 2 else chosen
-    # The stem (reduction < 4) is left out where at least two deeper resolutions precede the last.
-    deep = [c for c in chosen if c[2] >= 2]
-    chosen = deep if len(deep) >= 3 else chosen
+    deep = [c for c in chosen if c[2] >= math.log2(STEM_REDUCTION)]
+    chosen = deep if len(deep) >= DEEP_RESOLUTIONS else chosen
     names = [c[0] for c in chosen]
-    return [*spread(names[:-1], max_heads), names[-1]] if len(names) >= 2 else []
+    return _with_final(names, max_heads) if len(names) >= 2 else []
+
+
+def share_after(ran: Sequence[Ran], stages: Sequence[Listed], last: str, body: int) -> float:
+    """The share of ``body`` (the parameters of every module but the classifier) held by the
+    modules that run after stage ``last`` with outputs of several positions at another or no
+    resolution: a Perceiver's latent blocks after its input processing.
+
+    Args:
+        ran: The modules that ran before the classifier, in the order they finished.
+        stages: The listed outputs.
+        last: The deepest stage found.
+        body: The parameters of every module but the classifier.
+    """
+    levels = {s.name: _level(s) for s in stages}
+    names = [r.name for r in ran]
+    later = [
+        r
+        for r in ran[names.index(last) + 1 :]
+        if not _inside(r.name, last) and r.spread_out and levels.get(r.name) != levels[last]
+    ]
+    return sum(r.parameters for r in later) / body if body else 0.0
+
+
+def default_stages(
+    listed: Sequence[Listed], ran: Sequence[Ran], body: int, max_heads: int | None, model_name: str
+) -> list[str]:
+    """The default stages, the last included, from the outputs a dry run listed, or a
+    ``ValueError`` that asks for ``stage_names``.
+
+    Args:
+        listed: Every candidate in the order it finished; those with a ``layout`` are usable.
+        ran: The modules that ran before the classifier (:func:`share_after`).
+        body: The parameters of every module but the classifier.
+        max_heads: At most this many intermediate stages (``None``: all).
+        model_name: The model's class name, for the errors.
+    """
+    usable = [s for s in listed if s.layout is not None]
+    suggested = choose_stages(usable, max_heads)
+    share = share_after(ran, listed, suggested[-1], body) if suggested else 0.0
+    if len(suggested) < 2 or share > MAX_SHARE_AFTER:
+        # Most of the work runs after the deepest resolution, or none was found: the model's
+        # stages are the blocks that run there (a Perceiver's latent blocks), if it has a run.
+        order = [s.name for s in listed]
+        start = order.index(suggested[-1]) + 1 if suggested else 0
+        blocks = block_run([s for s in usable if order.index(s.name) >= start])
+        if len(blocks) >= MIN_BLOCKS:
+            return _with_final(blocks, max_heads)
+    if share > MAX_SHARE_AFTER:
+        raise ValueError(
+            f"cannot find stages of {model_name} from the shapes: {share:.0%} of its parameters run "
+            f"after the deepest output with a resolution, {suggested[-1]!r}, at none the input "
+            "decides, and not in a run of blocks. Pass stage_names, shallow to deep "
+            "(gradual_sd.list_stages(model) lists every candidate)"
+        )
+    if len(suggested) < 2:
+        names = {s.name for s in listed}
+        outermost = [s for s in listed if not any(a in names for a in _ancestors(s.name))]
+        listing = ", ".join(f"{s.name} {s.shape}" for s in outermost[-12:]) or "none"
+        raise ValueError(
+            f"cannot find stages of {model_name} to put heads after; pass stage_names, shallow to "
+            f"deep. gradual_sd.list_stages(model) lists every candidate; the outermost are: {listing}"
+        )
+    return suggested
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]

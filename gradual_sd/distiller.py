@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, NamedTuple
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .classifier import pre_logits
 from .finite import FiniteCheck
 from .heads import BottleneckHead, HeadFactory
-from .inputs import checked_forward
+from .inputs import checked_example, checked_forward
 from .layout import Layout
 from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
-from .discovery import DEFAULT_MAX_HEADS
 from .probing import checked_model
-from .stages import default_stage_names, describe_stages, find_classifier_name, main_logits
+from .stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
 from .taps import StageTaps, tapped_by, to_feature_map
+from .tuning import DEFAULT_MAX_HEADS
 
 __all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names", "find_classifier_name"]
 
@@ -39,6 +40,8 @@ class DistillerOutput(NamedTuple):
         head_logits: Logits of every head, shallow to deep, ending with ``logits``; empty when
             the heads were not run.
         head_features: The matching distillation features; empty when the heads were not run.
+        pre_logits: The model's ``(N, D)`` pre-logits, the input of its classifier (pooled for a
+            1x1-conv classifier); ``None`` when the heads were not run.
     """
 
     logits: torch.Tensor
@@ -46,6 +49,7 @@ class DistillerOutput(NamedTuple):
     losses: dict[str, torch.Tensor]
     head_logits: tuple[torch.Tensor, ...]
     head_features: tuple[torch.Tensor, ...]
+    pre_logits: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -61,67 +65,81 @@ def keep_running_stats(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
+def _wrappable(model: object) -> nn.Module:
+    """``model`` if hooks on its stages can train heads: a plain module (``checked_model``)
+    without gradient checkpointing and without another wrapper's hooks."""
+    model = checked_model(model)
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(
+            "the model has gradient checkpointing enabled; its stages then run outside their "
+            "modules' hooks (timm) or without gradients, so the heads cannot be trained. Call "
+            "model.set_grad_checkpointing(False) before wrapping"
+        )
+    already = tapped_by(model)
+    if already:
+        raise ValueError(
+            f"the model already carries another wrapper's hooks on {already}; export() or "
+            "remove() that wrapper first (wrapping twice would leave its hooks in the exported model)"
+        )
+    return model
+
+
+def deferred_target_check(targets: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Accelerator targets for one step, checked without a sync: the targets (class indices
+    clamped into range, as an index out of range would end in a device-side assert) and the
+    0-dim flag that they were valid, for the deferred finiteness check to read."""
+    valid = targets_valid(targets, num_classes)
+    if targets.dtype in INDEX_DTYPES:
+        targets = targets.clamp(0, num_classes - 1)
+    return targets, [valid]
+
+
+def step_labels(
+    losses: dict[str, torch.Tensor], head_names: Sequence[str], target_rule: str | None
+) -> Callable[[], list[str]]:
+    """Names of a step's checked values, in the order the distiller submits them: the loss, its
+    terms, every head's logits and features, and the targets' rule where they were checked."""
+    terms = tuple(losses)
+    return lambda: [
+        "loss",
+        *(f"term {k}" for k in terms),
+        *(f"logits of {n}" for n in head_names),
+        *(f"features of {n}" for n in head_names),
+        *([target_rule] if target_rule is not None else []),
+    ]
+
+
 class GradualSelfDistiller(nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
+    Each argument's full rules are in docs/api.md.
+
     Args:
         model: Any ``nn.Module`` that maps images (or ``(N, C, L)`` sequences) to logits
-            through a final linear or 1x1-conv classifier: a tensor, a Hugging Face output's
-            ``logits`` or a tuple's first element. It must not carry another wrapper's hooks,
-            nor be a ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``
-            wrapper: wrap the inner model, then compile or parallelise the distiller.
+            through a final linear or 1x1-conv classifier. Not a ``torch.compile``,
+            ``DataParallel`` or ``DistributedDataParallel`` wrapper, nor hooked by another
+            distiller: wrap the inner model, then compile or parallelise the distiller.
         stage_names: Submodules to tap, shallow to deep, one head each (a string is one
-            stage). Default: at most ``max_heads`` stages spread over the depth, from timm's
-            ``feature_info`` stages without the stem and the last stage, or, where timm gives
-            none that can be tapped, from the shapes: the module that finishes each
-            resolution, or for an isotropic model its blocks
-            (:func:`~gradual_sd.default_stage_names`; :func:`~gradual_sd.list_stages` shows
-            the candidates). A stage returning a tuple or list is tapped at one tensor (see
-            :func:`~gradual_sd.describe_stages`).
+            stage). Default: :func:`~gradual_sd.default_stage_names`, at most ``max_heads``.
         loss: The objective; default :class:`GradualDistillationLoss` with the paper's values.
         head_factory: Builds each stage's head (see :class:`HeadFactory`).
         feature_dim: Width of the distillation features (paper: 128).
         classifier_name: The module holding the final classifier; default timm's
             ``get_classifier()``, else ``fc``/``classifier``/``head``, else the whole model.
-            Of the linear and 1x1-conv layers inside it, the last to run with ``num_classes``
-            outputs is the classifier, and its input is the pre-logits (an ``(N, D, H, W)``
-            input is average-pooled to ``(N, D)``).
         num_classes: If given, checked against the classifier's output.
-        stage_layout: Layout of the stage outputs: ``"NCHW"`` or ``"NHWC"`` for 4-D outputs,
-            ``"NLC"`` (tokens) or ``"NCL"`` (channels-first sequences, as 1-D convolutions
-            give) for 3-D ones; a layout applies to outputs of its rank. By default it is
-            decided from evidence: timm's ``feature_info`` channels, the declared
-            ``output_fmt``, the shapes at two input sizes and, for a sequence, the widths of
-            the map it comes from and of the classifier's input; an error asks for it where
-            the evidence does not settle it, and a value that contradicts the evidence is
-            refused.
+        stage_layout: ``"NCHW"``/``"NHWC"`` for 4-D stage outputs, ``"NLC"``/``"NCL"`` for
+            3-D ones; by default decided from evidence, and checked against it when given.
         num_prefix_tokens: Class/register tokens to drop from token outputs; by default
-            counted from the shapes (at two input sizes, or against ``feature_info``'s
-            reduction or the patch embedding's grid), else the model's ``num_prefix_tokens``.
-            An ``(N, C, L)`` stage has none.
-        example_input: A batch used in eval mode without gradients to find every stage's shape;
-            default one zero image at the model's configured size (a Hugging Face config's
-            ``image_size``, a timm ``img_size``, else ``pretrained_cfg``) with the config's
-            ``num_channels`` or its first convolution's channels. A model of ``(N, C, L)``
-            sequences needs one.
+            counted from the shapes.
+        example_input: A batch for the dry runs that describe the stages; default one zero
+            image at the model's configured size. A model of ``(N, C, L)`` sequences needs one.
         max_heads: With the default stages, at most this many heads before the model's own
-            classifier, spread evenly over the depth (the paper: three); ``None`` puts one
-            after every stage found. Ignored when ``stage_names`` is given.
-        check_finite: Raise ``FloatingPointError`` naming the step and the non-finite loss
-            terms, head logits and features. On the CPU the step that produced them raises;
-            on CUDA the flags reach the host without stalling the GPU and a later step (or
-            ``finite_check.flush()``) raises, so no step waits for the device. On an
-            accelerator, class-index targets outside ``[0, num_classes)`` are reported the same
-            deferred way (as ``ValueError``; that step trains on them clamped into range, as an
-            unchecked index would end in a device-side assert); with ``False`` they are checked
-            only if the loss's ``check_target_range`` is ``True``. Skipped under
-            ``torch.compile``.
-        checkpoint_heads: Recompute the heads during backward instead of saving their
-            activations in the forward pass, at the price of a second head forward. This frees
-            the heads' activations between forward and backward, but the backward recomputes
-            each head while the backbone's activations are still alive, so the peak still holds
-            the largest head's working set (docs/benchmarks.md). For a lower peak use a cheaper
-            head such as :class:`PooledHead`.
+            classifier (the paper: three); ``None`` puts one after every stage found.
+        check_finite: Raise ``FloatingPointError`` naming the training step and the
+            non-finite loss terms, head logits and features; on CUDA a later step does,
+            without stalling the GPU (``finite_check.flush()`` checks the last steps).
+        checkpoint_heads: Recompute the heads during backward instead of keeping their
+            activations (the peak still holds the largest head's working set).
     """
 
     teacher_projection_weight: torch.Tensor
@@ -145,29 +163,17 @@ class GradualSelfDistiller(nn.Module):
         max_heads: int | None = DEFAULT_MAX_HEADS,
     ) -> None:
         super().__init__()
-        model = checked_model(model)
-        if getattr(model, "grad_checkpointing", False):
-            raise ValueError(
-                "the model has gradient checkpointing enabled; its stages then run outside their "
-                "modules' hooks (timm) or without gradients, so the heads cannot be trained. Call "
-                "model.set_grad_checkpointing(False) before wrapping"
-            )
-        already = tapped_by(model)
-        if already:
-            raise ValueError(
-                f"the model already carries another wrapper's hooks on {already}; export() or "
-                "remove() that wrapper first (wrapping twice would leave its hooks in the exported model)"
-            )
+        model = _wrappable(model)
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
-
+        example = checked_example(model, example_input)
         described = describe_stages(
             model,
             stage_names,
             classifier_name=classifier_name,
             stage_layout=stage_layout,
             num_prefix_tokens=num_prefix_tokens,
-            example_input=example_input,
+            example_input=example,
             max_heads=max_heads,
         )
         if num_classes is not None and num_classes != described.num_classes:
@@ -178,18 +184,14 @@ class GradualSelfDistiller(nn.Module):
 
         self.model = model
         self.loss = loss if loss is not None else GradualDistillationLoss()
-        self.stages = described.stages
-        self.stage_names: tuple[str, ...] = tuple(stage.name for stage in described.stages)
-        self.layouts: tuple[Layout, ...] = tuple(stage.layout for stage in described.stages)  # type: ignore[misc]
-        self.num_prefix_tokens: tuple[int, ...] = tuple(s.num_prefix_tokens for s in described.stages)
+        self.stages: tuple[StageInfo, ...] = described.stages
         self.classifier_name = described.classifier_name
-        # Every head in head_logits order: the stages, then the model's own classifier.
-        self.head_names: tuple[str, ...] = (*self.stage_names, self.classifier_name)
         self.num_classes = described.num_classes
         self.hidden_size = described.hidden_size
+        self.finite_check: FiniteCheck | None = None
         self.check_finite = check_finite
-        self.finite_check = FiniteCheck() if check_finite else None
         self.checkpoint_heads = checkpoint_heads
+        self._example_shape = tuple(example.shape)  # what a batch that fails is compared with
         self.heads = nn.ModuleList(
             head_factory(
                 in_channels=stage.channels,
@@ -197,7 +199,7 @@ class GradualSelfDistiller(nn.Module):
                 num_classes=self.num_classes,
                 feature_dim=feature_dim,
             )
-            for stage in described.stages
+            for stage in self.stages
         )
         reference = next(model.parameters(), None)
         dd: dict[str, Any] = {}
@@ -212,8 +214,41 @@ class GradualSelfDistiller(nn.Module):
         projection = nn.Linear(self.hidden_size, feature_dim, **dd)
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())
-        elements = {s.name: s.element for s in described.stages if s.element is not None}
-        self.taps = StageTaps(model, self.stage_names, input_names=[self.classifier_name], elements=elements)
+        self.taps = StageTaps(model, self.stages, input_names=[self.classifier_name])
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The tapped stages, shallow to deep."""
+        return tuple(stage.name for stage in self.stages)
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """Each stage output's layout."""
+        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
+
+    @property
+    def num_prefix_tokens(self) -> tuple[int, ...]:
+        """The class/register tokens each stage's head drops."""
+        return tuple(stage.num_prefix_tokens for stage in self.stages)
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """Every head in ``head_logits`` order: the stages, then the model's own classifier."""
+        return (*self.stage_names, self.classifier_name)
+
+    @property
+    def check_finite(self) -> bool:
+        """Whether training steps check their values (see the class's ``check_finite``);
+        setting it takes effect at the next step, and turning it off checks the pending steps."""
+        return self.finite_check is not None
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        if value and self.finite_check is None:
+            self.finite_check = FiniteCheck()
+        elif not value and self.finite_check is not None:
+            self.finite_check.flush()
+            self.finite_check = None
 
     @property
     def attached(self) -> bool:
@@ -241,14 +276,37 @@ class GradualSelfDistiller(nn.Module):
         if run_heads is None:
             run_heads = self.training and targets is not None
         if not run_heads:
-            logits = main_logits(self.model(images))
-            if targets is None:
-                return DistillerOutput(logits, None, {}, (), ())
-            if targets.device.type != "cpu":  # the loss checks CPU targets; here one sync is cheap
-                check_targets(targets, logits.shape[0], logits.shape[1], check_range=True)
-            ce = self.loss.cross_entropy(logits, targets)
-            return DistillerOutput(logits, ce, {"ce": ce}, (), ())
+            return self._classify(images, targets)
+        logits, stage_outputs, pre_logits = self._capture(images)
+        head_logits, head_features = self._run_heads(stage_outputs, logits, pre_logits)
+        if targets is None:
+            return DistillerOutput(logits, None, {}, head_logits, head_features, pre_logits)
+        checking = self.finite_check is not None and not torch.compiler.is_compiling()
+        conditions = []
+        if checking and targets.device.type != "cpu":
+            targets, conditions = deferred_target_check(targets, self.num_classes)
+        loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
+        if checking:
+            labels = step_labels(
+                losses, self.head_names, target_rule(targets, self.num_classes) if conditions else None
+            )
+            self.finite_check.submit(
+                [loss, *losses.values(), *head_logits, *head_features], labels, conditions
+            )
+        return DistillerOutput(logits, loss, losses, head_logits, head_features, pre_logits)
 
+    def _classify(self, images: torch.Tensor, targets: torch.Tensor | None) -> DistillerOutput:
+        """The model alone, and the plain cross-entropy with ``targets``."""
+        logits = main_logits(self.model(images))
+        if targets is None:
+            return DistillerOutput(logits, None, {}, (), ())
+        if targets.device.type != "cpu":  # the loss checks CPU targets; here one sync is cheap
+            check_targets(targets, logits.shape[0], logits.shape[1], check_range=True)
+        ce = self.loss.cross_entropy(logits, targets)
+        return DistillerOutput(logits, ce, {"ce": ce}, (), ())
+
+    def _capture(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """The model's logits, its stage outputs and its pooled pre-logits, from one forward."""
         device = str(images.device)
         captured = self.taps.start(device)
         try:
@@ -257,13 +315,14 @@ class GradualSelfDistiller(nn.Module):
             self.taps.stop(device)
         if not torch.compiler.is_compiling():
             self._check_captured(captured)
-        stage_outputs = [captured[name] for name in self.stage_names]
-        pre_logits = captured[self.classifier_name]
-        if pre_logits.dim() == 4:  # a 1x1-conv classifier's input map, pooled as the conv is linear
-            pre_logits = pre_logits.mean((2, 3))
-        elif pre_logits.dim() == 3:  # (N, 1, D): a decoder's one query (Perceiver)
-            pre_logits = pre_logits[:, 0]
+        stage_outputs = [captured[stage.name] for stage in self.stages]
+        return logits, stage_outputs, pre_logits(captured[self.classifier_name])
 
+    def _run_heads(
+        self, stage_outputs: list[torch.Tensor], logits: torch.Tensor, pre_logits: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Every head's logits and feature, shallow to deep; the model's own classifier last,
+        with the fixed projection of its pre-logits as its feature."""
         head_logits, head_features = [], []
         for head, output, stage in zip(self.heads, stage_outputs, self.stages):
             z, f = self._run_head(head, to_feature_map(output, stage.layout, stage.num_prefix_tokens))
@@ -273,30 +332,7 @@ class GradualSelfDistiller(nn.Module):
         head_features.append(
             F.linear(pre_logits, self.teacher_projection_weight, self.teacher_projection_bias)
         )
-        if targets is None:
-            return DistillerOutput(logits, None, {}, tuple(head_logits), tuple(head_features))
-        checking = self.finite_check is not None and not torch.compiler.is_compiling()
-        # Accelerator targets: the value check joins the deferred flags instead of syncing.
-        conditions = []
-        if checking and targets.device.type != "cpu":
-            conditions.append(targets_valid(targets, self.num_classes))
-            if targets.dtype in INDEX_DTYPES:
-                targets = targets.clamp(0, self.num_classes - 1)
-        loss, losses = self.loss(head_logits, head_features, targets, self.head_names)
-        if checking:
-            terms, names, classes = tuple(losses), self.head_names, self.num_classes
-            self.finite_check.submit(
-                [loss, *losses.values(), *head_logits, *head_features],
-                lambda: [
-                    "loss",
-                    *(f"term {k}" for k in terms),
-                    *(f"logits of {n}" for n in names),
-                    *(f"features of {n}" for n in names),
-                    *([target_rule(targets, classes)] if conditions else []),
-                ],
-                conditions,
-            )
-        return DistillerOutput(logits, loss, losses, tuple(head_logits), tuple(head_features))
+        return tuple(head_logits), tuple(head_features)
 
     def _run_head(self, head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.checkpoint_heads and torch.is_grad_enabled()):

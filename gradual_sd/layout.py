@@ -3,23 +3,40 @@
 Four kinds of evidence, each optional: the channel count timm's ``feature_info`` gives for the
 module, the layout the model declares (timm's ``output_fmt``), the shapes of two dry runs at
 different input sizes (spatial axes and token counts change with the input, channels do not),
-and, for 3-D outputs, the widths a sequence can have (the patch embedding's channels, the
-classifier's input width). Every layout that some evidence rules out is dropped; exactly one
-must remain. A layout the user asks for is checked against the same evidence.
+and the widths the channel axis can have (the module's own layers', the map a sequence was
+flattened from, the classifier's input). Every layout that some evidence rules out is dropped;
+exactly one must remain. A layout the user asks for is checked against the same evidence. Both
+functions are pure: they read the numbers they are given and nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Literal
 
-__all__ = ["Layout", "LAYOUTS", "CHANNEL_AXIS", "resolve_layout", "count_prefix_tokens"]
+from .tuning import PADDING_PIXELS, SCALE
+
+__all__ = [
+    "Layout",
+    "LAYOUTS",
+    "CHANNEL_AXIS",
+    "SPATIAL_AXES",
+    "LayoutError",
+    "resolve_layout",
+    "count_prefix_tokens",
+]
 
 Layout = Literal["NCHW", "NHWC", "NLC", "NCL"]
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NCL")
 MAP_LAYOUTS = ("NCHW", "NHWC")  # 4-D outputs
 SEQUENCE_LAYOUTS = ("NLC", "NCL")  # 3-D outputs: tokens, or channels-first sequences
 CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3, "NLC": 2, "NCL": 1}
-_SPATIAL_AXES = {"NCHW": {2, 3}, "NHWC": {1, 2}, "NLC": {1}, "NCL": {2}}
+SPATIAL_AXES = {"NCHW": (2, 3), "NHWC": (1, 2), "NLC": (1,), "NCL": (2,)}
+
+
+class LayoutError(ValueError):
+    """The evidence does not settle an output's layout or prefix tokens, contradicts itself, or
+    contradicts what the user asked for; the message names the argument that settles it."""
 
 
 def _consistent_with_sizes(
@@ -32,11 +49,32 @@ def _consistent_with_sizes(
     changed = {axis for axis in range(1, len(shape)) if shape[axis] != other[axis]}
     if not changed:
         return None
+    spatial = set(SPATIAL_AXES[layout])
     if layout in MAP_LAYOUTS:
-        spatial = _SPATIAL_AXES[layout]
-        grown = changed == spatial and all(other[a] <= shape[a] * scale + 2 for a in spatial)
+        grown = changed == spatial and all(other[a] <= shape[a] * scale + PADDING_PIXELS for a in spatial)
         return grown and CHANNEL_AXIS[layout] not in changed
-    return changed <= _SPATIAL_AXES[layout] and CHANNEL_AXIS[layout] not in changed
+    return changed <= spatial and CHANNEL_AXIS[layout] not in changed
+
+
+def _by_widths(
+    shape: tuple[int, ...], candidates: list[str], widths: Mapping[str, Collection[int]]
+) -> tuple[list[str], str | None]:
+    """The candidates that the sources of ``widths`` leave, and what they said: a source tells
+    where exactly one candidate's channel axis has one of its widths; one layout remains where
+    every source that tells names it, all remain where two disagree."""
+    picks = {}
+    for source, values in widths.items():
+        fitting = [layout for layout in candidates if shape[CHANNEL_AXIS[layout]] in values]
+        if len(fitting) == 1:
+            picks[source] = fitting[0]
+    if not picks:
+        return candidates, None
+    said = ", ".join(f"{source} {sorted(set(widths[source]))}" for source in picks)
+    if len(set(picks.values())) > 1:
+        told = ", ".join(f"{source} for {layout}" for source, layout in picks.items())
+        return candidates, f"the widths it may have disagree ({told})"
+    layout = next(iter(picks.values()))
+    return [layout], f"only its {layout} channel axis has a width of {said}"
 
 
 def resolve_layout(
@@ -47,10 +85,10 @@ def resolve_layout(
     channels: int | None = None,
     declared: str | None = None,
     requested: str | None = None,
-    widths: tuple[int, ...] = (),
-    scale: int = 2,
+    widths: Mapping[str, Collection[int]] | None = None,
+    scale: int = SCALE,
 ) -> Layout:
-    """The layout of stage ``name``'s output, or a ``ValueError`` that names ``stage_layout``.
+    """The layout of stage ``name``'s output, or a :class:`LayoutError` that names ``stage_layout``.
 
     Args:
         shape: The output's shape at the example input.
@@ -60,16 +98,18 @@ def resolve_layout(
         declared: The layout the model declares for its feature maps (timm ``output_fmt``).
         requested: The layout the user asked for; it must not contradict the evidence. A
             4-D layout applies to 4-D outputs only, a 3-D one to 3-D outputs only.
-        widths: Where the other evidence leaves more than one layout, channel counts the
-            output may have (the patch embedding's, the classifier's input, the module's own
-            layers'): the layout whose channel axis has one of them, when exactly one does.
+        widths: Where the other evidence leaves more than one layout, the channel counts the
+            output may have, by where they come from (the module's own layers, the map a
+            sequence was flattened from, the classifier's input): the layout whose channel axis
+            has one of a source's widths when exactly one does, and every source that tells
+            says the same.
     """
     if len(shape) == 3:
         candidates = list(SEQUENCE_LAYOUTS)
     elif len(shape) == 4:
         candidates = list(MAP_LAYOUTS)
     else:
-        raise ValueError(
+        raise LayoutError(
             f"stage {name!r} outputs a tensor of shape {shape}; expected a feature map "
             "(N, C, H, W), (N, H, W, C) or a sequence (N, L, C) or (N, C, L)"
         )
@@ -91,29 +131,25 @@ def resolve_layout(
     if declared in MAP_LAYOUTS and len(shape) == 4:
         candidates = [layout for layout in candidates if layout == declared]
         evidence.append(f"the model declares output_fmt={declared!r}")
-    if len(candidates) > 1 and widths:
-        fitting = [layout for layout in candidates if shape[CHANNEL_AXIS[layout]] in widths]
-        if len(fitting) == 1:
-            candidates = fitting
-            evidence.append(
-                f"only its {fitting[0]} channel axis has a width the model uses {sorted(set(widths))}"
-            )
+    if len(candidates) > 1:
+        candidates, said_by_widths = _by_widths(shape, candidates, widths or {})
+        evidence.extend([said_by_widths] if said_by_widths else [])
     said = "; ".join(evidence) if evidence else "there is no other evidence"
     if requested is not None:
         if requested not in candidates:
-            raise ValueError(
+            raise LayoutError(
                 f"stage_layout={requested!r} does not fit stage {name!r}: it outputs {shape} and {said}"
             )
         return requested  # type: ignore[return-value]
     if len(candidates) == 1:
         return candidates[0]  # type: ignore[return-value]
     if not candidates:
-        raise ValueError(
+        raise LayoutError(
             f"the evidence about stage {name!r} disagrees: it outputs {shape} and {said}. "
             "Tap another module, or check the model; stage_layout cannot override contradicting evidence"
         )
     first, second = candidates
-    raise ValueError(
+    raise LayoutError(
         f"cannot tell whether stage {name!r}, with output shape {shape}, is {first} or {second}: {said}. "
         f"Pass stage_layout={first!r} or {second!r}"
     )
@@ -124,7 +160,7 @@ def count_prefix_tokens(
     tokens: int,
     *,
     other_tokens: int | None = None,
-    scale: int = 2,
+    scale: int = SCALE,
     spatial_dims: int = 2,
     grid_tokens: int | None = None,
     declared: int | None = None,
@@ -153,7 +189,7 @@ def count_prefix_tokens(
         if not isinstance(requested, int) or requested < 0:
             raise ValueError(f"num_prefix_tokens must be a non-negative int, got {requested!r}")
         if measured is not None and measured != requested:
-            raise ValueError(
+            raise LayoutError(
                 f"num_prefix_tokens={requested} but stage {name!r} carries {measured} prefix tokens "
                 f"(measured from its {tokens} tokens at two input sizes or its reduction)"
             )
@@ -162,7 +198,7 @@ def count_prefix_tokens(
         return measured
     if declared is not None:
         return int(declared)
-    raise ValueError(
+    raise LayoutError(
         f"cannot tell how many of stage {name!r}'s {tokens} tokens are class or register tokens; "
         "pass num_prefix_tokens (0 if every token is a patch)"
     )

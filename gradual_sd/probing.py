@@ -1,10 +1,12 @@
-"""Dry runs that show what a model's modules output: the example input, the probes, and the
-checks on what a model must be (a plain module that takes images and returns logits).
+"""Dry runs that show what a model's modules output, and the checks on what a model must be (a
+plain module that takes images and returns logits).
 
-A probe runs the model once in eval mode without gradients with hooks on named modules. A
-second probe at a larger input and one more image is the evidence for which axes are spatial
-(they grow), how many tokens are prefix tokens (they do not) and which axis is the batch; a
-model that takes one input size gets the second probe at its own size, for the batch alone.
+A dry run runs the model once in eval mode without gradients, with hooks on every module that
+record the shapes of what it returns. :class:`DryRuns` runs each of the two that construction
+may need at most once: the first at the example input, the second at an input ``SCALE`` times
+larger with one more image (or, for a model that takes one size, one more image only), which
+shows which axes are spatial (they grow), which tokens are prefix tokens (they do not) and
+which axis is the batch.
 """
 
 from __future__ import annotations
@@ -12,46 +14,205 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
 
-from .taps import probe_outputs
+from ._lookup import module_names
+from .inputs import default_example_input, input_positions, is_token_ids
+from .taps import Hooks
+from .tuning import SCALE
 
-__all__ = [
-    "Probe",
-    "SCALE",
-    "checked_model",
-    "default_example_input",
-    "input_positions",
-    "is_token_ids",
-    "main_logits",
-    "probe",
-    "second_probe",
-    "takes_token_ids",
-]
+__all__ = ["DryRuns", "Output", "Probe", "Shape", "checked_model", "main_logits", "run_probe"]
 
-SCALE = 2  # the second dry run's input is this many times larger along each spatial axis
+Shape = tuple[int, ...]
 
 
-class Probe(NamedTuple):
-    """What one dry run saw."""
+@dataclass(frozen=True)
+class Output:
+    """What a module returned in a dry run, by shape.
 
-    # name -> output shape; for a tuple or list, a list of its elements' shapes (or type
-    # names); for anything else, its type name. Inputs of the classifier candidates too.
-    shapes: dict[str, object]
-    order: list[str]  # names in the order their hooks fired
-    output: object  # what the model returned
-    calls: Counter[str]  # how often each module ran
-    classifier_outputs: dict[str, object]  # each classifier candidate's output tensor
-    batch: int  # the example's batch size
+    Attributes:
+        kind: ``"tensor"``, or the type's name (``"tuple"``, ``"list"``, ``"dict"``...).
+        shapes: A tensor's shape alone; for a tuple or list, each element's shape (``None`` for an
+            element that is not a tensor); empty for anything else.
+    """
+
+    kind: str
+    shapes: tuple[Shape | None, ...] = ()
+
+    @classmethod
+    def of(cls, value: object) -> Output:
+        if isinstance(value, torch.Tensor):
+            return cls("tensor", (tuple(value.shape),))
+        if isinstance(value, (tuple, list)):
+            shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
+            return cls(type(value).__name__, shapes)
+        return cls(type(value).__name__)
+
+    @property
+    def tensor(self) -> Shape | None:
+        """The shape of a tensor output; ``None`` for anything else."""
+        return self.shapes[0] if self.kind == "tensor" else None
+
+    def __str__(self) -> str:
+        if self.kind == "tensor":
+            return f"a tensor of shape {self.shapes[0]}"
+        if self.kind in ("tuple", "list"):
+            parts = ", ".join(str(s) if s is not None else "a non-tensor" for s in self.shapes)
+            return f"a {self.kind} of [{parts}]"
+        return f"a {self.kind}"
+
+
+@dataclass
+class Probe:
+    """What one dry run saw.
+
+    Attributes:
+        outputs: Every module that ran, in the order it first finished (what its last call
+            returned).
+        inputs: The first input of each watched module (the classifier candidates).
+        starts: For each watched module, how many outputs had finished when it first started.
+        calls: How often each module ran.
+        returned: What the model returned.
+        watched_outputs: The output tensor of each watched module.
+        example: The shape of the input.
+        positions: The input's sizes along the axes that grow with it (``(H, W)`` or ``(L,)``).
+        scaled: Whether the input was ``SCALE`` times larger than the example (second run).
+    """
+
+    outputs: dict[str, Output]
+    inputs: dict[str, Output]
+    starts: dict[str, int]
+    calls: Counter[str]
+    returned: object
+    watched_outputs: dict[str, torch.Tensor]
+    example: Shape
+    positions: Shape
+    scaled: bool = False
+
+    @cached_property
+    def order(self) -> list[str]:
+        return list(self.outputs)
+
+    @property
+    def batch(self) -> int:
+        return self.example[0]
 
     def logits(self, model: nn.Module) -> torch.Tensor:
-        logits = main_logits(self.output)
+        """The returned ``(N, num_classes)`` logits, or a ``ValueError`` that says what to change."""
+        logits = main_logits(self.returned)
         if logits is None or logits.dim() != 2:
-            raise ValueError(_not_logits(model, self.output))
+            raise ValueError(_not_logits(model, self.returned))
         return logits
+
+
+def run_probe(
+    model: nn.Module, example: torch.Tensor, watched: Sequence[str] = (), *, scaled: bool = False
+) -> Probe:
+    """One eval-mode dry run with hooks on every module (their outputs' shapes) and on
+    ``watched`` (their first input's shape and their output tensor). The train/eval state is
+    restored; a failure inside the model becomes a ``ValueError`` that says what to change."""
+    outputs: dict[str, Output] = {}
+    inputs: dict[str, Output] = {}
+    starts: dict[str, int] = {}
+    calls: Counter[str] = Counter()
+    watched_outputs: dict[str, torch.Tensor] = {}
+
+    def finished(name: str, value: object) -> None:
+        calls[name] += 1
+        outputs[name] = Output.of(value)  # the last call's; the place is the first's
+        if name in watched and isinstance(value, torch.Tensor):
+            watched_outputs[name] = value
+
+    def started(name: str, value: object) -> None:
+        inputs[name] = Output.of(value)
+        starts.setdefault(name, len(outputs))
+
+    was_training = model.training
+    try:
+        with Hooks(model) as hooks, torch.no_grad():
+            for name in module_names(model):
+                hooks.on_output(name, finished)
+            for name in watched:
+                hooks.on_input(name, started)
+            model.eval()
+            returned = model(example)
+    except Exception as error:  # the model's own failure, whatever its type
+        raise ValueError(
+            f"{type(model).__name__} failed on the example input of shape {tuple(example.shape)}: "
+            f"{type(error).__name__}: {error}. {_failure_advice(model, example)}"
+        ) from error
+    finally:
+        model.train(was_training)
+    shape, positions = tuple(example.shape), input_positions(example)
+    return Probe(outputs, inputs, starts, calls, returned, watched_outputs, shape, positions, scaled)
+
+
+class DryRuns:
+    """The dry runs of one construction, each run at most once, when first asked for.
+
+    Args:
+        model: The model.
+        example: The example input.
+        watched: Modules whose inputs and output tensors the first run keeps (the classifier
+            candidates).
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, watched: Sequence[str] = ()) -> None:
+        self.model = model
+        self.example = example
+        self.watched = tuple(watched)
+        self.count = 0  # dry runs started, the failed attempts of the second one included
+
+    @cached_property
+    def first(self) -> Probe:
+        """The run at the example input."""
+        self.count += 1
+        return run_probe(self.model, self.example, self.watched)
+
+    @cached_property
+    def second(self) -> Probe | None:
+        """A run with one more item at an input ``SCALE`` times larger along each spatial axis,
+        else at the example's size; ``None`` where neither runs."""
+        example = self.example
+        batch = example.shape[0] + 1
+        positions = input_positions(example)
+        channels = example.shape[1 : example.dim() - len(positions)]  # none for token ids
+        bigger = (batch, *channels, *(s * SCALE for s in positions))
+        for shape, scaled in ((bigger, True), ((batch, *example.shape[1:]), False)):
+            self.count += 1
+            other = torch.zeros(shape, device=example.device, dtype=example.dtype)
+            try:
+                return run_probe(self.model, other, scaled=scaled)
+            except ValueError:
+                continue
+        return None
+
+
+def main_logits(output: object) -> torch.Tensor | None:
+    """The main logits of a model's output: the tensor itself, a ``.logits`` field (Hugging
+    Face, torchvision GoogLeNet and Inception in training) or ``"logits"`` key, the first field
+    of a Hugging Face output without one where it is ``(N, K)``, or the first tensor of a tuple
+    or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        # A Hugging Face ModelOutput that names its logits otherwise
+        first = next(iter(output.values()), None)
+        is_logits = isinstance(first, torch.Tensor) and first.dim() == 2
+        return first if is_logits and hasattr(output, "to_tuple") else None
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
 
 
 def _global_pool_off(model: nn.Module) -> bool:
@@ -68,45 +229,31 @@ _POOL_ADVICE = (
 
 def _not_logits(model: nn.Module, output: object) -> str:
     name = type(model).__name__
-    if isinstance(output, torch.Tensor):
-        got = tuple(output.shape)
+    logits = main_logits(output)
+    if isinstance(logits, torch.Tensor):
+        got = tuple(logits.shape)
+        what = f"{name} returned {got}" if logits is output else f"{name}'s logits are {got}"
         if _global_pool_off(model):
-            return f"{name} returned {got} in eval mode, not (N, num_classes) logits: {_POOL_ADVICE}"
-        if output.dim() >= 3:
+            return f"{what} in eval mode, not (N, num_classes) logits: {_POOL_ADVICE}"
+        if logits.dim() >= 3:
             return (
-                f"{name} returned {got} in eval mode, a feature map or token sequence, not "
-                "(N, num_classes) logits: it has no pooled classification head. For timm, create the "
-                "model with num_classes > 0 (a model with no classification head, such as a vision "
-                "encoder, needs one added), or wrap it so it takes images and returns logits"
+                f"{what} in eval mode, a feature map or token sequence, not (N, num_classes) logits: "
+                "it has no pooled classification head. For timm, create the model with num_classes > 0 "
+                "(a model with no classification head, such as a vision encoder, needs one added), or "
+                "wrap it so it takes images and returns logits"
             )
         return (
-            f"{name} returned {got} in eval mode, not (N, num_classes) logits. The distiller needs a "
-            "classifier: for timm, create the model with num_classes > 0 (a model with no "
-            "classification head, such as a vision encoder, needs one added)"
+            f"{what} in eval mode, not (N, num_classes) logits. The distiller needs a classifier: for "
+            "timm, create the model with num_classes > 0 (a model with no classification head, such "
+            "as a vision encoder, needs one added)"
         )
+    keys = f" among its keys {list(output)}" if isinstance(output, Mapping) else ""
     return (
-        f"{name} returned a {type(output).__name__} with no (N, num_classes) logits tensor in eval "
-        "mode (a .logits field, the tensor itself or a tuple's first element). Wrap it so it takes "
-        "images and returns logits, e.g. a module whose forward is `return model(images)[key]`"
+        f"{name} returned a {type(output).__name__} with no (N, num_classes) logits tensor{keys} in "
+        "eval mode (a 'logits' key or .logits field, the tensor itself or a tuple's first element). "
+        "Wrap it so it takes images and returns logits, e.g. a module whose forward is "
+        "`return model(images)[key]`"
     )
-
-
-def main_logits(output: object) -> torch.Tensor | None:
-    """The main logits of a model's output: the tensor itself, a ``.logits`` field (Hugging
-    Face, torchvision GoogLeNet and Inception in training), the first field of a Hugging Face
-    output without one where it is ``(N, K)``, or the first tensor of a tuple or list."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping):  # a Hugging Face ModelOutput that names its logits otherwise
-        first = next(iter(output.values()), None)
-        is_logits = isinstance(first, torch.Tensor) and first.dim() == 2
-        return first if is_logits and hasattr(output, "to_tuple") else None
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
 
 
 def checked_model(model: object) -> nn.Module:
@@ -133,142 +280,23 @@ def checked_model(model: object) -> nn.Module:
     return model
 
 
-def _as_pair(value: object) -> tuple[int, int] | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    return None
-
-
-def _configs(model: nn.Module) -> list[object]:
-    """The model's Hugging Face config and, for a two-tower model, its vision config."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return []
-    vision = getattr(config, "vision_config", None)
-    return [config] + ([vision] if vision is not None else [])
-
-
-def takes_token_ids(model: nn.Module) -> bool:
-    """Whether ``model`` (or the model a wrapper holds as ``.model``) is a Hugging Face model
-    whose main input is token ids (ImageGPT reads an image as ids of colour clusters)."""
-    inner = getattr(model, "model", None)
-    return any(
-        getattr(m, "main_input_name", None) == "input_ids" for m in (model, inner) if isinstance(m, nn.Module)
-    )
-
-
-def is_token_ids(example: torch.Tensor) -> bool:
-    """An ``(N, L)`` batch of integer token ids (not an image or a float sequence)."""
-    return example.dim() == 2 and not example.is_floating_point() and not example.is_complex()
-
-
-def input_positions(example: torch.Tensor) -> tuple[int, ...]:
-    """The input's sizes along the axes that grow with it: ``(H, W)`` of an image, ``L`` of a
-    sequence or of a batch of token ids."""
-    return tuple(example.shape[1:] if is_token_ids(example) else example.shape[2:])
-
-
-def _token_length(model: nn.Module) -> int | None:
-    for config in _configs(model):
-        for key in ("n_positions", "max_position_embeddings"):
-            length = getattr(config, key, None)
-            if isinstance(length, int) and length > 0:
-                return length
-    return None
-
-
-def default_example_input(model: nn.Module) -> torch.Tensor:
-    """A one-image zero batch at the size the model was built for.
-
-    A Hugging Face model whose main input is token ids (ImageGPT) gets one sequence of token 0
-    as long as its config's ``n_positions`` (``max_position_embeddings``): a whole image.
-
-    The size is a Hugging Face ``config.image_size`` (or its ``vision_config``'s), else a
-    configured ``img_size``/``image_size`` of a submodule (timm ViT and Swin patch embeddings,
-    torchvision ViT), else timm's ``pretrained_cfg['input_size']``, else 224x224; the channels
-    are the config's ``num_channels``, else the first convolution's input channels, else 3. A
-    model whose first convolution is 1-D has no default: pass an ``(N, C, L)`` example_input.
-    """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    length = _token_length(model) if takes_token_ids(model) else None
-    if length is not None:
-        return torch.zeros(1, length, dtype=torch.long, device=device)
-    first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
-    if isinstance(first_conv, (nn.Conv1d, nn.Conv3d)):
-        kind = type(first_conv).__name__
-        raise ValueError(
-            f"{type(model).__name__}'s first convolution is an {kind}, so it does not take (N, C, H, W) "
-            "images of a size the model records; pass example_input, a batch the model accepts"
-        )
-    size = channels = None
-    for config in _configs(model):
-        size = size or _as_pair(getattr(config, "image_size", None))
-        channels = channels or getattr(config, "num_channels", None)
-    for module in model.modules():
-        if size is not None:
-            break
-        size = _as_pair(getattr(module, "img_size", None)) or _as_pair(getattr(module, "image_size", None))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if size is None and "input_size" in cfg:
-        size = tuple(cfg["input_size"][1:])
-    height, width = size or (224, 224)
-    if not isinstance(channels, int) or channels < 1:
-        channels = first_conv.in_channels if first_conv is not None else 3
-    dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return torch.zeros(1, channels, height, width, device=device, dtype=dtype)
-
-
-def checked_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """``example_input``, or the default one; an ``(N, C, L)`` or ``(N, C, H, W)`` batch, or
-    ``(N, L)`` token ids for a model that takes them."""
-    if example_input is None:
-        return default_example_input(model)
-    tokens = (
-        isinstance(example_input, torch.Tensor) and is_token_ids(example_input) and takes_token_ids(model)
-    )
-    if not tokens and (not isinstance(example_input, torch.Tensor) or example_input.dim() not in (3, 4)):
-        got = (
-            tuple(example_input.shape)
-            if isinstance(example_input, torch.Tensor)
-            else type(example_input).__name__
-        )
-        raise ValueError(
-            "example_input must be an (N, C, H, W) image batch or an (N, C, L) sequence batch (or "
-            f"(N, L) token ids for a model whose main input they are), got {got}"
-        )
-    return example_input
-
-
-def _required_inputs(model: nn.Module) -> list[str]:
+def _signature(model: nn.Module) -> list[inspect.Parameter]:
     try:
-        parameters = inspect.signature(model.forward).parameters.values()
+        return list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return []
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
-
-
-def _inputs(model: nn.Module) -> list[str]:
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
-def _first_input(model: nn.Module) -> str | None:
-    return next(iter(_inputs(model)), None)
 
 
 def _failure_advice(model: nn.Module, example: torch.Tensor) -> str:
     """What to change when the model fails on the example: its inputs, or the example."""
-    required = _required_inputs(model)
+    parameters = _signature(model)
+    inputs = [p.name for p in parameters]
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
     if _global_pool_off(model):
         return f"It fails because {_POOL_ADVICE}"
-    if _first_input(model) == "input_ids":
-        if "pixel_values" in _inputs(model):
+    if inputs[:1] == ["input_ids"]:
+        if "pixel_values" in inputs:
             return (
                 "Its forward takes input_ids (token ids) and pixel_values (images): wrap it so it "
                 "takes one batch and returns logits"
@@ -296,47 +324,3 @@ def _failure_advice(model: nn.Module, example: torch.Tensor) -> str:
                 f"the model for {tuple(example.shape[-2:])} (timm: img_size=, Hugging Face: image_size=)"
             )
     return "Pass example_input, a batch the model accepts, or wrap it so it takes images and returns logits"
-
-
-def probe(model: nn.Module, names: Sequence[str], inputs: Sequence[str], example: torch.Tensor) -> Probe:
-    """One eval-mode dry run with hooks on ``names`` (outputs) and ``inputs`` (the classifier
-    candidates: their first input and their output).
-
-    A failure inside the model becomes a ``ValueError`` that says what to change.
-    """
-    try:
-        seen, outputs, output, calls = probe_outputs(model, names, example, input_names=inputs)
-    except Exception as error:  # the model's own failure, whatever its type
-        raise ValueError(
-            f"{type(model).__name__} failed on the example input of shape {tuple(example.shape)}: "
-            f"{type(error).__name__}: {error}. {_failure_advice(model, example)}"
-        ) from error
-    shapes = {name: shape_of(value) for name, value in seen.items()}
-    return Probe(shapes, list(seen), output, calls, outputs, int(example.shape[0]))
-
-
-def shape_of(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)):
-        return [shape_of(v) if isinstance(v, torch.Tensor) else type(v).__name__ for v in value]
-    return type(value).__name__
-
-
-def second_probe(
-    model: nn.Module, names: Sequence[str], example: torch.Tensor
-) -> tuple[dict[str, object], bool]:
-    """Output shapes at an input ``SCALE`` times larger with one more image, and whether the
-    larger size ran; a model that takes one size only is probed at its own size with one more
-    image (evidence for the batch axis alone). ``{}`` where neither runs."""
-    batch = example.shape[0] + 1
-    positions = input_positions(example)
-    channels = example.shape[1 : example.dim() - len(positions)]  # none for token ids
-    bigger = (batch, *channels, *(s * SCALE for s in positions))
-    for shape, scaled in ((bigger, True), ((batch, *example.shape[1:]), False)):
-        other = torch.zeros(shape, device=example.device, dtype=example.dtype)
-        try:
-            return probe(model, names, (), other).shapes, scaled
-        except ValueError:
-            continue
-    return {}, False

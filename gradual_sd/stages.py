@@ -1,48 +1,32 @@
 """What a model looks like to the distiller: its stages, their layouts, and its classifier.
 
-One dry run (two where the layout or the prefix tokens need a second input size) in eval mode
-without gradients describes every tapped stage, in the spirit of timm's ``FeatureInfo``:
-:func:`describe_stages` is what :class:`~gradual_sd.GradualSelfDistiller` and
-:func:`~gradual_sd.insert_after` build on, and :func:`list_stages` shows the candidates of a
-model that timm does not describe (torchvision, hand-written models). The dry runs are
-:mod:`gradual_sd.probing`'s, one output's description :mod:`gradual_sd.outputs`', the choice of
-default stages :mod:`gradual_sd.discovery`'s, the classifier's :mod:`gradual_sd.classifier`'s;
-this module puts them together.
+At most two dry runs in eval mode without gradients (:class:`~gradual_sd.probing.DryRuns`; the
+second only where the first leaves something open) describe every tapped stage, in the spirit
+of timm's ``FeatureInfo``: :func:`describe_stages` is what
+:class:`~gradual_sd.GradualSelfDistiller` and :func:`~gradual_sd.insert_after` build on, and
+:func:`list_stages` shows the candidates of a model that timm does not describe (torchvision,
+hand-written models). One output's record and description are :mod:`gradual_sd.outputs`', the
+choice of default stages :mod:`gradual_sd.discovery`'s, the classifier's
+:mod:`gradual_sd.classifier`'s; this module puts them together.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+from collections.abc import Sequence
 from typing import NamedTuple
-from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ._lookup import find_module, module_names
+from ._lookup import find_module
 from .classifier import choose_classifier, classifier_candidates, find_classifier_name, pre_logits_width
-from .discovery import DEFAULT_MAX_HEADS, block_run, choose_stages, spread
-from .layout import LAYOUTS, Layout
-from .outputs import (
-    Evidence,
-    StageInfo,
-    describe_output,
-    is_pooled,
-    layer_widths,
-    select_element,
-    sequence_evidence,
-)
-from .probing import (
-    Probe,
-    checked_example,
-    checked_model,
-    default_example_input,
-    input_positions,
-    main_logits,
-)
-from .probing import probe as run_probe
-from .probing import second_probe
+from .discovery import Ran, default_stages, spread
+from .evidence import FeatureInfo, observe
+from .inputs import checked_example, default_example_input
+from .layout import Layout, LayoutError
+from .outputs import NotAStage, Reason, StageInfo, describe, select
+from .probing import DryRuns, checked_model, main_logits
+from .tuning import DEFAULT_MAX_HEADS, STEM_REDUCTION
 
 __all__ = [
     "StageInfo",
@@ -66,21 +50,27 @@ class ModelStages(NamedTuple):
     num_classes: int
 
 
-def _feature_entries(model: nn.Module) -> list[dict]:
-    info = getattr(model, "feature_info", None)
-    if isinstance(info, (list, tuple)) and all(isinstance(e, dict) and "module" in e for e in info):
-        return list(info)
-    get_dicts = getattr(info, "get_dicts", None)
-    return list(get_dicts()) if callable(get_dicts) else []
+class _Survey(NamedTuple):
+    """The dry runs of one construction and what they settled first: the classifier."""
+
+    model: nn.Module
+    runs: DryRuns
+    info: FeatureInfo
+    candidates: list[str]
+    classifier: str
+    hidden: int
 
 
-def _feature_channels(model: nn.Module) -> dict[str, int]:
-    """Channels per module name from timm's feature_info, for names it lists once."""
-    entries = _feature_entries(model)
-    names = [e["module"] for e in entries]
-    return {
-        e["module"]: int(e["num_chs"]) for e in entries if "num_chs" in e and names.count(e["module"]) == 1
-    }
+def _survey(
+    model: nn.Module, example_input: torch.Tensor | None, classifier_name: str | None = None
+) -> _Survey:
+    model = checked_model(model)
+    example = checked_example(model, example_input)
+    candidates = classifier_candidates(model, classifier_name)
+    runs = DryRuns(model, example, candidates)
+    classifier = choose_classifier(model, candidates, runs.first, classifier_name, example)
+    hidden = pre_logits_width(classifier, runs.first.inputs[classifier])
+    return _Survey(model, runs, FeatureInfo.of(model), candidates, classifier, hidden)
 
 
 def _normalize_names(model: nn.Module, stage_names: str | Sequence[str]) -> list[str]:
@@ -106,9 +96,39 @@ def _checked_max_heads(max_heads: int | None) -> int | None:
     raise ValueError(f"max_heads must be a positive int, or None for every stage, got {max_heads!r}")
 
 
-def _ancestors(name: str) -> list[str]:
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
+def _is_padding(module: nn.Module) -> bool:
+    """Padding changes a map's size, not its resolution."""
+    return type(module).__module__ == nn.ZeroPad2d.__module__
+
+
+def _listing(survey: _Survey) -> tuple[list[StageInfo], list[Ran]]:
+    """Every output that finished before the classifier started, described (``layout`` ``None``
+    where the evidence does not settle it or it is pooled), and every module that ran there."""
+    model, runs = survey.model, survey.runs
+    first = runs.first
+    modules = dict(model.named_modules())
+    listed: list[StageInfo] = []
+    ran: list[Ran] = []
+    for name in first.order[: first.starts[survey.classifier]]:
+        obs = observe(model, runs, name, survey.info, second=True, hidden=survey.hidden)
+        try:
+            shape, element = select(obs)
+        except NotAStage:
+            shape = None
+        own = sum(p.numel() for p in modules[name].parameters(recurse=False))
+        ran.append(Ran(name, own, shape is not None and sum(size > 1 for size in shape[1:]) > 1))
+        # A module that runs twice shows its last call only; the candidates' inputs are the
+        # pre-logits, their outputs the logits.
+        if shape is None or obs.calls > 1 or name in survey.candidates or _is_padding(modules[name]):
+            continue
+        try:
+            listed.append(describe(obs))
+        except NotAStage as error:
+            if error.reason is Reason.POOLED:
+                listed.append(StageInfo(name, shape, None, None, None, 0, element))
+        except LayoutError:  # listed all the same, with what could not be decided left None
+            listed.append(StageInfo(name, shape, None, None, None, 0, element))
+    return listed, ran
 
 
 def list_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> list[StageInfo]:
@@ -118,59 +138,10 @@ def list_stages(model: nn.Module, example_input: torch.Tensor | None = None) -> 
     Use it to pick ``stage_names`` for a model timm does not describe. Outputs whose first axis
     is not the batch (patches or windows folded into it) are not listed. Layouts are decided as
     :func:`describe_stages` decides them; ``layout`` is ``None`` where the evidence does not
-    settle it (pass ``stage_layout`` when tapping such a module).
+    settle it (pass ``stage_layout`` when tapping such a module) or where the output is pooled
+    to one position (no stage).
     """
-    model = checked_model(model)
-    example = checked_example(model, example_input)
-    return _list_stages(model, example, classifier_candidates(model))[0]
-
-
-def _list_stages(
-    model: nn.Module, example: torch.Tensor, candidates: list[str]
-) -> tuple[list[StageInfo], Probe, set[str], str]:
-    """The candidates, the probe of every module (with the classifier candidates' inputs)
-    they were read from, the names of those that are pooled, and the classifier."""
-    # The classifier candidates get input hooks only, so the probe keeps their inputs (the
-    # pre-logits) under their names, and their place in the run order is where they start.
-    names = [n for n in module_names(model) if n not in candidates]
-    probe = run_probe(model, names, candidates, example)
-    other, scaled = second_probe(model, names, example)
-    classifier = choose_classifier(model, candidates, probe, None, example)
-    hidden = pre_logits_width(classifier, probe.shapes[classifier])
-    before_classifier = probe.order[: probe.order.index(classifier)]
-    channels = _feature_channels(model)
-    modules = dict(model.named_modules())
-    stages: list[StageInfo] = []
-    pooled: set[str] = set()
-    for name in dict.fromkeys(before_classifier):
-        if probe.calls[name] > 1 or name in candidates:  # shared: a hook sees its last call only;
-            continue  # a classifier candidate: the probe holds its input, not its output
-        if type(modules[name]).__module__ == nn.ZeroPad2d.__module__:  # padding: not a resolution
-            continue
-        raw = probe.shapes[name]
-        shape, element = select_element(name, raw, example.shape[0], channels.get(name))
-        if not isinstance(shape, tuple) or len(shape) not in (3, 4):
-            continue
-        grid, widths = (
-            sequence_evidence(model, probe, name, shape, hidden)
-            if len(shape) == 3
-            else (None, tuple(sorted(layer_widths(modules[name]))))
-        )
-        evidence = Evidence(other.get(name), scaled, channels.get(name), None, grid, widths)
-        try:
-            stage = describe_output(model, name, raw, example, evidence)
-        except ValueError as error:  # listed all the same, with what could not be decided left None
-            if "not the batch" in str(error):
-                continue
-            stages.append(StageInfo(name, shape, None, None, None, 0, element))
-            continue
-        stages.append(stage)
-        second = other.get(name)
-        if element is not None and isinstance(second, list) and len(second) > element:
-            second = second[element]
-        if is_pooled(stage, second, scaled):
-            pooled.add(name)
-    return stages, probe, pooled, classifier
+    return _listing(_survey(model, example_input))[0]
 
 
 def default_stage_names(
@@ -192,149 +163,78 @@ def default_stage_names(
     hierarchical model the module that finishes each resolution, for an isotropic one (every
     block at one resolution) its blocks.
     """
-    model = checked_model(model)
-    example = checked_example(model, example_input)
-    names, _ = _default_names(model, example, classifier_candidates(model), _checked_max_heads(max_heads))
+    max_heads = _checked_max_heads(max_heads)
+    names = _default_names(_survey(model, example_input), max_heads)
     return names if include_last else names[:-1]
 
 
-def _default_names(
-    model: nn.Module, example: torch.Tensor, candidates: list[str], max_heads: int | None
-) -> tuple[list[str], Probe]:
-    """The default stages, the last included, and the dry run (with hooks on those stages and
-    on the inputs of ``candidates``) that found them, for :func:`describe_stages` to reuse."""
-    entries = [e for e in _feature_entries(model) if e.get("reduction", 4) >= 4]
-    names = list(dict.fromkeys(e["module"] for e in entries))
-    existing = set(module_names(model))
-    if len(names) >= 2 and all(n in existing for n in names):
-        probe = run_probe(model, names, candidates, example)
-        batch = example.shape[0]
-        if all(isinstance(select_element(n, probe.shapes.get(n), batch, None)[0], tuple) for n in names):
-            names = sorted(names, key=probe.order.index)
-            return [*spread(names[:-1], max_heads), names[-1]], probe
-    stages, probe, pooled, classifier = _list_stages(model, example, candidates)
-    usable = [s for s in stages if s.layout is not None and s.name not in pooled]
-    suggested = choose_stages(usable, max_heads)
-    share = _share_after(model, stages, suggested[-1], probe, classifier) if suggested else 0.0
-    if len(suggested) < 2 or share > 0.5:
-        # Most of the work runs after the deepest resolution, or none was found: the model's
-        # stages are the blocks that run there (a Perceiver's latent blocks), if it has a run.
-        order = [s.name for s in stages]
-        start = order.index(suggested[-1]) + 1 if suggested else 0
-        blocks = block_run([s for s in usable if order.index(s.name) >= start])
-        if len(blocks) >= 2:
-            return [*spread(blocks[:-1], max_heads), blocks[-1]], probe
-    if share > 0.5:
-        raise ValueError(
-            f"cannot find stages of {type(model).__name__} from the shapes: {share:.0%} of its "
-            f"parameters run after the deepest output with a resolution, {suggested[-1]!r}, at none "
-            "the input decides, and not in a run of blocks. Pass stage_names, shallow to deep "
-            "(gradual_sd.list_stages(model) lists every candidate)"
-        )
-    if len(suggested) < 2:
-        listed = {s.name for s in stages}
-        outermost = [s for s in stages if not any(a in listed for a in _ancestors(s.name))]
-        listing = ", ".join(f"{s.name} {s.shape}" for s in outermost[-12:]) or "none"
-        raise ValueError(
-            f"cannot find stages of {type(model).__name__} to put heads after; pass stage_names, "
-            f"shallow to deep. gradual_sd.list_stages(model) lists every candidate; the outermost "
-            f"are: {listing}"
-        )
-    return suggested, probe
+def _taps_features(survey: _Survey, name: str) -> bool:
+    first = survey.runs.first
+    if name not in first.outputs:
+        return False
+    try:
+        select(observe(survey.model, survey.runs, name, survey.info, second=False))
+    except NotAStage:
+        return False
+    return True
 
 
-def _spread_out(probe: Probe, name: str) -> bool:
-    """Whether a module's output has several positions (not a pooled head's (N, C, 1, 1))."""
-    shape, _ = select_element(name, probe.shapes.get(name), probe.batch, None)
-    return isinstance(shape, tuple) and len(shape) in (3, 4) and sorted(shape[1:])[-2] > 1
-
-
-def _share_after(
-    model: nn.Module, stages: list[StageInfo], last: str, probe: Probe, classifier: str
-) -> float:
-    """The share of the model's parameters (the classifier's aside) in modules that run after
-    stage ``last`` with outputs of several positions at another or no resolution: a
-    Perceiver's latent blocks after its input processing."""
-    modules = dict(model.named_modules())
-    levels = {s.name: _level_of(s) for s in stages}
-    start, end = probe.order.index(last), probe.order.index(classifier)
-    later = {
-        n
-        for n in probe.order[start + 1 : end]
-        if not n.startswith(last + ".") and _spread_out(probe, n) and levels.get(n) != levels[last]
-    }
-
-    def own(names: Iterable[str]) -> int:
-        return sum(p.numel() for n in names for p in modules[n].parameters(recurse=False))
-
-    body = own(n for n in modules if n and n != classifier)
-    return own(later) / body if body else 0.0
-
-
-def _level_of(stage: StageInfo) -> int | None:
-    if stage.reduction is None or not stage.reduction > 0:
-        return None
-    return round(math.log2(stage.reduction))
+def _default_names(survey: _Survey, max_heads: int | None) -> list[str]:
+    """The default stages, the last included: timm's ``feature_info`` stages where they can be
+    tapped, else those :func:`~gradual_sd.discovery.default_stages` finds from the shapes."""
+    names = survey.info.stages(STEM_REDUCTION)
+    if len(names) >= 2 and all(_taps_features(survey, n) for n in names):
+        order = survey.runs.first.order
+        names = sorted(names, key=order.index)
+        return [*spread(names[:-1], max_heads), names[-1]]
+    listed, ran = _listing(survey)
+    body = sum(
+        p.numel()
+        for name, module in survey.model.named_modules()
+        if name and name != survey.classifier
+        for p in module.parameters(recurse=False)
+    )
+    return default_stages(listed, ran, body, max_heads, type(survey.model).__name__)
 
 
 def _stage_infos(
     model: nn.Module,
+    runs: DryRuns,
+    info: FeatureInfo,
     names: list[str],
-    probe: Probe,
-    example: torch.Tensor,
     stage_layout: str | None,
     num_prefix_tokens: int | None,
     hidden: int | None = None,
 ) -> tuple[StageInfo, ...]:
-    if stage_layout is not None and stage_layout not in LAYOUTS:
-        raise ValueError(f"stage_layout must be one of {LAYOUTS} or None, got {stage_layout!r}")
-    missing = [name for name in names if name not in probe.shapes]
+    """The named stages described; from the first dry run alone where ``feature_info`` vouches
+    for a stage and that settles it, else with the second."""
+    first = runs.first
+    missing = [name for name in names if name not in first.outputs]
     if missing:
-        raise ValueError(f"modules {missing} did not run in a forward pass of the model")
-    repeated = {name: probe.calls[name] for name in names if probe.calls[name] > 1}
+        raise NotAStage(Reason.DID_NOT_RUN, f"modules {missing} did not run in a forward pass of the model")
+    repeated = {name: first.calls[name] for name in names if first.calls[name] > 1}
     if repeated:
-        raise ValueError(
+        raise NotAStage(
+            Reason.RAN_TWICE,
             f"modules {repeated} run more than once in a forward pass (times shown), so a hook on "
-            "them sees only the last call; pass stage_names that run once (see list_stages)"
+            "them sees only the last call; pass stage_names that run once (see list_stages)",
         )
-    channels = _feature_channels(model)
-    reductions = {e["module"]: e.get("reduction") for e in _feature_entries(model)}
-    declared = getattr(model, "output_fmt", None)
-    spatial = input_positions(example)
-    second: tuple[dict[str, object], bool] | None = None
-    everything: Probe | None = None
+    options = dict(stage_layout=stage_layout, num_prefix_tokens=num_prefix_tokens)
     stages = []
     for name in names:
-        shape = probe.shapes[name]
-        known = name in channels
-        selected, _ = select_element(name, shape, example.shape[0], channels.get(name))
-        tokens = isinstance(selected, tuple) and len(selected) == 3
-        grid = None
-        if tokens and known and reductions.get(name):
-            grid = math.prod(int(s // reductions[name]) for s in spatial)
-        evidence = Evidence(None, False, channels.get(name), declared if known else None, grid)
-        options = dict(stage_layout=stage_layout, num_prefix_tokens=num_prefix_tokens)
+        obs = observe(model, runs, name, info, second=False, hidden=hidden)
         stage = None
-        if known:  # timm's feature_info vouches for the module: one probe is enough
-            with contextlib.suppress(ValueError):
-                stage = describe_output(model, name, shape, example, evidence, **options)
-        # A second input size (and one more image) settles what one could not, counts prefix
-        # tokens and shows the batch axis; a model that takes one size only has its sequences
-        # read against the map they come from.
-        if stage is None or (tokens and grid is None and num_prefix_tokens is None):
-            if second is None:
-                second = second_probe(model, names, example)
-            other, scaled = second
-            widths = tuple(sorted(layer_widths(find_module(model, name))))
-            if tokens and isinstance(selected, tuple):
-                if everything is None:
-                    everything = run_probe(model, module_names(model), (), example)
-                from_map, widths = sequence_evidence(model, everything, name, selected, hidden)
-                grid = grid if grid is not None else from_map
-            evidence = evidence._replace(
-                other=other.get(name), scaled=scaled, grid_tokens=grid, widths=widths
-            )
-            stage = describe_output(model, name, shape, example, evidence, **options)
+        if obs.channels is not None:  # timm's feature_info vouches for the module
+            try:
+                stage = describe(obs, **options)
+            except (NotAStage, LayoutError):
+                pass
+        unmeasured = stage is not None and len(stage.shape) == 3 and obs.grid_tokens is None
+        if stage is None or (unmeasured and num_prefix_tokens is None):
+            # The second run settles what the first could not, counts prefix tokens and shows
+            # the batch axis.
+            obs = observe(model, runs, name, info, second=True, hidden=hidden)
+            stage = describe(obs, **options)
         stages.append(stage)
     return tuple(stages)
 
@@ -354,21 +254,24 @@ def describe_outputs(
     callers that only handle feature maps (:func:`~gradual_sd.insert_after`)."""
     model = checked_model(model)
     names = _normalize_names(model, names)
-    example = checked_example(model, example_input)
-    probe = run_probe(model, names, (), example)
+    runs = DryRuns(model, checked_example(model, example_input))
+    info = FeatureInfo.of(model)
     if maps_only:
-        batch = example.shape[0]
         sequences = {}
         for name in names:
-            shape = select_element(name, probe.shapes.get(name), batch, None)[0]
-            if isinstance(shape, tuple) and len(shape) == 3:
-                sequences[name] = shape
+            if name in runs.first.outputs:
+                try:
+                    shape, _ = select(observe(model, runs, name, info, second=False))
+                except NotAStage:
+                    continue
+                if len(shape) == 3:
+                    sequences[name] = shape
         if sequences:
             raise ValueError(
                 f"{sequences} output token sequences (N, L, C) or (N, C, L) sequences; attention can "
                 "only follow stages that output feature maps (N, C, H, W) or (N, H, W, C)"
             )
-    return _stage_infos(model, names, probe, example, stage_layout, num_prefix_tokens)
+    return _stage_infos(model, runs, info, names, stage_layout, num_prefix_tokens)
 
 
 def describe_stages(
@@ -390,30 +293,24 @@ def describe_stages(
     """
     model = checked_model(model)
     max_heads = _checked_max_heads(max_heads)
-    example = checked_example(model, example_input)
-    candidates = classifier_candidates(model, classifier_name)
-    if stage_names is None:
-        # The dry run that found the stages also saw their outputs and the classifier's input.
-        names, probe = _default_names(model, example, candidates, max_heads)
-        names = names[:-1]
-    else:
-        names = _normalize_names(model, stage_names)
-        probe = None
-    overlap = [n for n in names if n in candidates]
+    names = None if stage_names is None else _normalize_names(model, stage_names)
+    survey = _survey(model, example_input, classifier_name)
+    if names is None:
+        names = _default_names(survey, max_heads)[:-1]
+    overlap = [n for n in names if n in survey.candidates]
     if overlap:
         raise ValueError(
             f"{overlap} is the model's classifier (the deepest head); stage_names lists only the "
             "stages before it"
         )
-    if probe is None:
-        probe = run_probe(model, names, candidates, example)
-    classifier = choose_classifier(model, candidates, probe, classifier_name, example)
-    hidden_size = pre_logits_width(classifier, probe.shapes[classifier])
-    stages = _stage_infos(model, names, probe, example, stage_layout, num_prefix_tokens, hidden_size)
-    order = [name for name in probe.order if name in names]
+    first = survey.runs.first
+    stages = _stage_infos(
+        survey.model, survey.runs, survey.info, names, stage_layout, num_prefix_tokens, survey.hidden
+    )
+    order = [name for name in first.order if name in names]
     if order != names:
         raise ValueError(
             f"stage_names must be listed shallow to deep in the order they run; got {names}, "
             f"but they ran as {order}"
         )
-    return ModelStages(stages, classifier, hidden_size, int(probe.logits(model).shape[-1]))
+    return ModelStages(stages, survey.classifier, survey.hidden, int(first.logits(survey.model).shape[-1]))

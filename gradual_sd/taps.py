@@ -1,16 +1,18 @@
-"""Forward hooks that capture the outputs of named stages during one forward pass.
+"""Forward hooks on named stages: one mechanism for the distiller's taps, the dry runs and any
+model that acts at a stage (an early exit).
 
-Captured tensors are kept per device, so DataParallel replicas running in threads do not
-overwrite each other, and only between :meth:`StageTaps.start` and :meth:`StageTaps.stop`, so a
-plain ``model(x)`` call or a recomputation during backward stores nothing.
+:class:`Hooks` calls a function with a named module's output (or, for a stage that returns a
+tuple or list, one element of it) and puts back what the function returns, so the same hook
+can watch a stage or replace its output. :class:`StageTaps` builds on it to capture stage
+outputs per device, only between :meth:`StageTaps.start` and :meth:`StageTaps.stop`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from collections.abc import Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from einops import rearrange
@@ -20,74 +22,118 @@ from torch.utils.hooks import RemovableHandle
 from ._lookup import find_module
 from .layout import Layout
 
-__all__ = ["StageTaps", "to_feature_map", "probe_outputs", "tapped_by"]
+__all__ = ["Hooks", "StageTaps", "Tapped", "to_feature_map", "tapped_by"]
+
+OutputHook = Callable[[str, object], object]  # (name, output or element) -> replacement or None
+InputHook = Callable[[str, object], None]  # (name, first positional input or None)
+
+
+class Tapped(Protocol):
+    """What the hooks read of a stage (:class:`~gradual_sd.StageInfo` is one)."""
+
+    name: str
+    element: int | None
 
 
 def tapped_by(model: nn.Module) -> list[str]:
-    """Names of ``model``'s submodules that carry a :class:`StageTaps` hook ("" is the root)."""
+    """Names of ``model``'s submodules that carry a :class:`Hooks` hook ("" is the root)."""
     names = []
     for name, module in model.named_modules():
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if any(isinstance(getattr(getattr(h, "func", None), "__self__", None), StageTaps) for h in hooks):
+        if any(isinstance(getattr(getattr(h, "func", None), "__self__", None), Hooks) for h in hooks):
             names.append(name)
     return names
 
 
-class StageTaps:
-    """Hooks on ``names`` (outputs) and, optionally, on ``input_names`` (first positional input).
+class Hooks:
+    """Hooks on submodules of ``model``, detached together by :meth:`remove` (or on leaving a
+    ``with`` block).
 
-    Use ``with taps.capture(device) as captured: model(x)``; afterwards ``captured`` maps each
-    name that fired to its tensor. A stage that returns a tuple or list is recorded as its
-    element ``elements[name]`` (PiT and MViTv2 stages return ``(x, extra)``, TNT's
-    ``(pixels, patches)``); with ``elements=None`` the whole output is kept, for probing.
-    :meth:`remove` detaches every hook.
+    :meth:`on_output` calls ``fn(name, output)`` after the module runs; a value other than
+    ``None`` replaces the output, as a PyTorch forward hook's return value does. With
+    ``element``, ``fn`` gets that element of a tuple or list output, and its return value is
+    put back in its place. :meth:`on_input` calls ``fn(name, first_input)`` before the module
+    runs.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        names: Sequence[str],
-        input_names: Sequence[str] = (),
-        elements: Mapping[str, int] | None = None,
-    ) -> None:
-        self.names = tuple(names)
-        self.input_names = tuple(input_names)
-        self.elements = None if elements is None else dict(elements)
-        self.calls: Counter[str] = Counter()  # outputs recorded per name, for probing
-        self._store: dict[str, dict[str, torch.Tensor]] = {}
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self._handles: list[RemovableHandle] = []
-        self.active = True  # a plain flag: torch.compile cannot inspect hook handles
-        try:
-            for name in self.names:
-                hook = partial(self._record_output, name)
-                self._handles.append(find_module(model, name).register_forward_hook(hook))
-            for name in self.input_names:
-                hook = partial(self._record_input, name)
-                self._handles.append(find_module(model, name).register_forward_pre_hook(hook))
-        except BaseException:
-            self.remove()
-            raise
 
-    def _put(self, name: str, value: object) -> None:
+    def on_output(self, name: str, fn: OutputHook, element: int | None = None) -> None:
+        """Call ``fn`` with module ``name``'s output (its ``element`` for a tuple or list)."""
+        self._register(name, partial(self._output, name, fn, element), pre=False)
+
+    def on_input(self, name: str, fn: InputHook) -> None:
+        """Call ``fn`` with module ``name``'s first positional input before it runs."""
+        self._register(name, partial(self._input, name, fn), pre=True)
+
+    def _register(self, name: str, hook: Callable, pre: bool) -> None:
+        try:
+            module = find_module(self.model, name)
+        except BaseException:
+            self.remove()  # a half-hooked model would keep the hooks already placed
+            raise
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        self._handles.append(register(hook))
+
+    def _output(
+        self, name: str, fn: OutputHook, element: int | None, module: nn.Module, args: tuple, output: object
+    ) -> object:
+        if element is None or not isinstance(output, (tuple, list)):
+            return fn(name, output)
+        replacement = fn(name, output[element])
+        if replacement is None:
+            return None
+        items = list(output)
+        items[element] = replacement
+        return type(output)(items) if isinstance(output, list) else tuple(items)
+
+    def _input(self, name: str, fn: InputHook, module: nn.Module, args: tuple) -> None:
+        fn(name, args[0] if args else None)
+
+    @property
+    def active(self) -> bool:
+        """Whether any hook is still attached."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Detach every hook; safe to call more than once."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+
+class StageTaps:
+    """Capture the outputs of ``stages`` and the first input of ``input_names`` in one forward.
+
+    Use ``with taps.capture(device) as captured: model(x)``; afterwards ``captured`` maps each
+    name that fired to its tensor (a stage that returns a tuple or list: its ``element``).
+    Captures are kept per device, so DataParallel replicas running in threads do not overwrite
+    each other, and only between :meth:`start` and :meth:`stop`, so a plain ``model(x)`` or a
+    recomputation during backward stores nothing.
+    """
+
+    def __init__(self, model: nn.Module, stages: Sequence[Tapped], input_names: Sequence[str] = ()) -> None:
+        self.hooks = Hooks(model)
+        self._store: dict[str, dict[str, torch.Tensor]] = {}
+        self.active = True  # a plain flag: torch.compile cannot inspect hook handles
+        for stage in stages:
+            self.hooks.on_output(stage.name, self._record, stage.element)
+        for name in input_names:
+            self.hooks.on_input(name, self._record)
+
+    def _record(self, name: str, value: object) -> None:
         if isinstance(value, torch.Tensor):
             store = self._store.get(str(value.device))
             if store is not None:
                 store[name] = value
-        else:
-            # A tuple, dict or None: kept so that probing can report what the stage returned.
-            for store in self._store.values():
-                store[name] = value  # type: ignore[assignment]
-
-    def _record_output(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
-        if self._store:
-            self.calls[name] += 1
-            if self.elements is not None and isinstance(output, (tuple, list)):
-                output = output[self.elements.get(name, 0)]
-            self._put(name, output)
-
-    def _record_input(self, name: str, module: nn.Module, args: tuple) -> None:
-        if self._store:
-            self._put(name, args[0] if args else None)
 
     def start(self, device: str) -> dict[str, torch.Tensor]:
         """Begin recording what the hooks see on ``device``; returns the dict they fill."""
@@ -100,7 +146,7 @@ class StageTaps:
         self._store.pop(device, None)
 
     @contextlib.contextmanager
-    def capture(self, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    def capture(self, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
         """``start``/``stop`` as a context manager."""
         captured = self.start(str(device))
         try:
@@ -110,9 +156,7 @@ class StageTaps:
 
     def remove(self) -> None:
         """Detach every hook; safe to call more than once."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self.hooks.remove()
         self._store.clear()
         self.active = False
 
@@ -131,30 +175,3 @@ def to_feature_map(x: torch.Tensor, layout: Layout, num_prefix_tokens: int = 0) 
     if layout == "NCL":
         return rearrange(x[..., num_prefix_tokens:], "n c l -> n c l 1")
     return rearrange(x[:, num_prefix_tokens:], "n l c -> n c l 1")
-
-
-def probe_outputs(
-    model: nn.Module,
-    names: Sequence[str],
-    example_input: torch.Tensor,
-    input_names: Sequence[str] = (),
-) -> tuple[dict[str, object], dict[str, object], object, Counter[str]]:
-    """Run ``model`` once in eval mode without gradients; return what each tap saw, in the
-    order the taps first fired (outputs of ``names``, first inputs of ``input_names``), the
-    outputs of ``input_names``, the model's output, and how often each output tap fired.
-    The train/eval state is restored."""
-    taps = StageTaps(model, names, input_names)
-    outputs = StageTaps(model, input_names)
-    was_training = model.training
-    try:
-        model.eval()
-        device = example_input.device
-        with torch.no_grad(), taps.capture(device) as captured, outputs.capture(device) as produced:
-            output = model(example_input)
-            seen: dict[str, object] = dict(captured)
-            made: dict[str, object] = dict(produced)
-    finally:
-        model.train(was_training)
-        taps.remove()
-        outputs.remove()
-    return seen, made, output, taps.calls

@@ -341,6 +341,30 @@ def test_finite_check_can_be_turned_off():
     assert not torch.isfinite(distiller(*batch()).loss)
 
 
+def test_check_finite_is_honoured_when_switched_after_construction():
+    model, example = make("resnet18")
+    distiller = GradualSelfDistiller(model, example_input=example, check_finite=False)
+    model.layer2.register_forward_hook(lambda m, a, out: out * float("nan"))
+    distiller.check_finite = True
+    with pytest.raises(FloatingPointError, match="step 0"):
+        distiller(*batch())
+    distiller.check_finite = False
+    assert distiller.finite_check is None and not torch.isfinite(distiller(*batch()).loss)
+
+
+def test_pre_logits_are_what_the_classifier_reads():
+    """The distiller's output carries the pre-logits it captured (the as-shipped example's
+    trainable projection reads them): timm's forward_head(..., pre_logits=True)."""
+    model, example = make("resnet18")
+    distiller = GradualSelfDistiller(model, example_input=example).eval()
+    images, targets = batch()
+    with torch.no_grad():
+        out = distiller(images, targets, run_heads=True)
+        expected = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert torch.equal(out.pre_logits, expected)
+    assert distiller(images).pre_logits is None  # the heads did not run
+
+
 class TupleStage(nn.Module):
     def __init__(self):
         super().__init__()

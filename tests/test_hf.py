@@ -64,6 +64,17 @@ def test_vit_reads_its_config_and_gets_three_evenly_spaced_blocks():
     train_step(distiller, example)
 
 
+def test_a_model_of_one_size_is_probed_three_times():
+    """At the example, at twice its size with one more image (the ViT refuses it), and at its
+    size with one more image; never a run the construction already made."""
+    model = vit()
+    runs = []
+    handle = model.register_forward_pre_hook(lambda m, args: runs.append(tuple(args[0].shape)))
+    GradualSelfDistiller(model).remove()
+    handle.remove()
+    assert runs == [(1, 1, 48, 48), (2, 1, 96, 96), (2, 1, 48, 48)]
+
+
 def test_resnet_stage_zero_is_its_first_stage_not_the_stem():
     model = tiny(
         "ResNetConfig",

@@ -202,6 +202,7 @@ def test_one_by_one_conv_classifier_trains():
     assert distiller.hidden_size == model.num_features
     out = distiller.train()(torch.randn(2, 3, 64, 64), torch.tensor([1, 2]))
     assert out.head_features[-1].shape == (2, 128)
+    assert out.pre_logits.shape == (2, model.num_features)  # the map, pooled
     out.loss.backward()
 
 
@@ -669,3 +670,90 @@ def test_per_token_logits_name_the_missing_head_not_global_pool():
     with pytest.raises(ValueError, match="no pooled classification head") as error:
         GradualSelfDistiller(TokenLogits(), ["embed"], example_input=torch.zeros(1, 3, 16, 16))
     assert "global_pool" not in str(error.value)
+
+
+class SpectrogramNet(nn.Module):
+    """An audio model as a user writes it: a 2-D convolution over an (N, 1, F, T) spectrogram,
+    its map reshaped to (N, C*F, T) frames for 1-D convolutions. It takes one size only (the
+    frames' width is fixed), and its first frames (N, 128, 32) have as many positions as the
+    map (32 x 4) and as many frames as the map has channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.front = nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv1d(128, 128, 3, s, 1), nn.BatchNorm1d(128), nn.ReLU())
+                for s in (1, 2, 2, 2)
+            )
+        )
+        self.fc = nn.Linear(128, 4)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.front(x).flatten(1, 2)).mean(2))
+
+
+def test_frames_reshaped_from_a_map_are_channels_first():
+    """The map the frames were reshaped from reads as their tokens (the held-out audio model got
+    a head over its 32 frames); it reads as their channels-first reshape too, so it says nothing,
+    and the frames' own layers (128 wide) and the classifier's input decide."""
+    torch.manual_seed(0)
+    example = torch.zeros(1, 1, 8, 64)
+    distiller = GradualSelfDistiller(SpectrogramNet(), ["blocks.0", "blocks.2"], example_input=example)
+    assert distiller.layouts == ("NCL", "NCL")
+    assert [h.conv.in_channels for h in distiller.heads] == [128, 128]
+    out = distiller.train()(torch.randn(2, 1, 8, 64), torch.tensor([0, 3]))
+    out.loss.backward()
+    assert all(p.grad is not None for p in distiller.heads.parameters())
+    listed = {s.name: s for s in list_stages(SpectrogramNet(), example)}
+    assert (listed["blocks.0"].layout, listed["blocks.0"].channels) == ("NCL", 128)
+
+
+@pytest.mark.parametrize("layout", [None, "NCHW", "NHWC"])
+def test_a_pooled_output_named_as_a_stage_is_refused_whatever_the_layout(layout):
+    model = timm.create_model("test_convnext", num_classes=5)
+    with pytest.raises(
+        ValueError, match=r"'head.global_pool' outputs \(1, \d+, 1, 1\), pooled to one position"
+    ):
+        GradualSelfDistiller(model, ["head.global_pool"], stage_layout=layout)
+    assert tapped_by(model) == []
+
+
+def test_a_dict_with_logits_is_read_like_a_logits_field():
+    class DictLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 2)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"logits": self.fc(self.conv(x).mean((2, 3))), "aux": x.mean()}
+
+    torch.manual_seed(0)
+    model = DictLogits()
+    distiller = GradualSelfDistiller(model, ["conv"], example_input=torch.zeros(1, 3, 8, 8))
+    images = torch.randn(2, 3, 8, 8)
+    distiller.train()(images, torch.tensor([0, 1])).loss.backward()
+    distiller.eval()
+    assert torch.equal(distiller(images).logits, model(images)["logits"])
+
+
+def forwards_at_construction(model, **kwargs):
+    """How many times the model runs while a distiller is built around it."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape))
+    GradualSelfDistiller(model, **kwargs).remove()
+    handle.remove()
+    return calls
+
+
+def test_construction_runs_each_dry_run_once():
+    """timm's feature_info vouches for its stages: one run. torchvision's need the second run,
+    at twice the size with one more image, for the batch axis and the layouts: two."""
+    example = torch.zeros(1, 3, 64, 64)
+    assert (
+        len(forwards_at_construction(timm.create_model("resnet18", num_classes=5), example_input=example))
+        == 1
+    )
+    runs = forwards_at_construction(torchvision.models.resnet18(num_classes=5), example_input=example)
+    assert runs == [(1, 3, 64, 64), (2, 3, 128, 128)]

@@ -64,7 +64,7 @@ def test_errors_name_the_problem():
     with pytest.raises(KeyError, match=r"no submodule 'layer9'"):
         insert_after(model, "layer9")
     with pytest.raises(
-        ValueError, match=r"stage 'global_pool' outputs a tensor of shape \(1, 512\); expected a feature map"
+        ValueError, match=r"stage 'global_pool' outputs a tensor of shape \(1, 512\), a pooled \(N, C\) vector"
     ):
         insert_after(model, "global_pool", example_input=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="names is empty"):

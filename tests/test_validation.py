@@ -97,3 +97,57 @@ def test_bad_soft_targets_on_cuda_are_reported_later_without_a_sync(distiller):
         for _ in range(50):
             module(images, good).loss.backward()
         module.finite_check.flush()
+
+
+# --- batches of the wrong shape: what the model expects, and the fix ----------------------------
+
+
+def test_one_channel_batch_to_a_three_channel_model_names_in_chans(distiller):
+    with pytest.raises(
+        ValueError, match=r"C = 3.*got 1 channel.*images\.expand\(-1, 3, -1, -1\).*in_chans=1"
+    ):
+        distiller(torch.zeros(2, 1, 32, 32), torch.tensor([0, 1]))
+
+
+def test_channels_last_batch_names_the_permute(distiller):
+    with pytest.raises(ValueError, match=r"channels last \(N, H, W, C\): pass images\.permute\(0, 3, 1, 2\)"):
+        distiller.eval()(torch.zeros(2, 32, 32, 3))
+
+
+def test_unbatched_image_names_the_batch_axis(distiller):
+    with pytest.raises(
+        ValueError, match=r"one item of shape \(3, 32, 32\) without a batch axis.*images\[None\]"
+    ):
+        distiller.eval()(torch.zeros(3, 32, 32))
+
+
+def test_a_batch_of_another_size_still_runs(distiller):
+    """The example's size is no requirement: only what the model fails on is explained."""
+    assert distiller.eval()(torch.zeros(2, 3, 48, 40)).logits.shape == (2, 3)
+
+
+class Grey(torch.nn.Module):
+    """A model that repeats a grey channel itself: a one-channel batch is its own business."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.Conv2d(8, 16, 3, 2, 1))
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x.expand(-1, 3, -1, -1)).mean((2, 3)))
+
+
+def test_a_model_that_takes_other_channels_is_not_second_guessed():
+    distiller = GradualSelfDistiller(Grey(), ["body.0"], example_input=torch.zeros(1, 3, 16, 16))
+    assert distiller(torch.zeros(2, 1, 16, 16), torch.tensor([0, 1])).logits.shape == (2, 3)
+
+
+def test_sequence_batches_are_explained_as_sequences():
+    model = torch.nn.Sequential(
+        torch.nn.Conv1d(2, 8, 3, 2), torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+    )
+    distiller = GradualSelfDistiller(model, ["0"], example_input=torch.zeros(1, 2, 64))
+    assert distiller(torch.zeros(2, 2, 96)).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match=r"\(N, C, L\) batches with C = 2.*got 3 channels"):
+        distiller(torch.zeros(2, 3, 64))

@@ -66,15 +66,9 @@ class ShippedGSDNet(nn.Module):
                 f"{distiller.loss.teacher!r} has no shipped counterpart"
             )
         self.distiller = distiller
-        classifier = distiller.model.get_submodule(distiller.classifier_name)
-        self.projection = nn.Linear(classifier.in_features, feature_dim)
-        self.projection.to(device=classifier.weight.device, dtype=classifier.weight.dtype)
-        self._pre_logits: list[torch.Tensor] | None = None  # a list only inside forward
-        self._hook = classifier.register_forward_pre_hook(self._record_pre_logits)
-
-    def _record_pre_logits(self, module: nn.Module, args: tuple) -> None:
-        if self._pre_logits is not None:
-            self._pre_logits.append(args[0])
+        weight = distiller.teacher_projection_weight
+        self.projection = nn.Linear(distiller.hidden_size, feature_dim)  # drawn on the CPU in float32
+        self.projection.to(device=weight.device, dtype=weight.dtype)
 
     @property
     def model(self) -> nn.Module:
@@ -103,14 +97,9 @@ class ShippedGSDNet(nn.Module):
             run_heads = self.training and targets is not None
         if not run_heads:
             return self.distiller(images, targets, run_heads=False)
-        self._pre_logits = []
-        try:
-            out = self.distiller(images, run_heads=True)
-            pre_logits = self._pre_logits[-1]
-        finally:
-            self._pre_logits = None
+        out = self.distiller(images, run_heads=True)
         logits = out.head_logits
-        features = (*out.head_features[:-1], self.projection(pre_logits))
+        features = (*out.head_features[:-1], self.projection(out.pre_logits))
         if targets is None:
             return out._replace(head_features=features)
         # The authors' `pred += ...` on the first head's tensors: its student is every head's sum.
@@ -122,4 +111,4 @@ class ShippedGSDNet(nn.Module):
             self.finite_check.submit(
                 [loss, *losses.values()], lambda: ["loss", *(f"term {k}" for k in losses)]
             )
-        return DistillerOutput(out.logits, loss, losses, logits, features)
+        return DistillerOutput(out.logits, loss, losses, logits, features, out.pre_logits)
