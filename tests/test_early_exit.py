@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead
+from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead, StageInfo
 from gradual_sd.exit_policy import ExitCosts, choose_thresholds, expected_calibration_error, route
 from gradual_sd.taps import to_feature_map
 
@@ -280,15 +280,28 @@ class Twice(nn.Module):
         return self.fc(self.stage1(self.stage1(x)).mean((2, 3)))
 
 
+def stage(name: str, element: int | None = None) -> StageInfo:
+    """A hand-written NCHW stage description."""
+    return StageInfo(name, (), "NCHW", None, None, 0, element)
+
+
 def test_a_stage_that_runs_twice_is_refused():
     head = PooledHead(3, 3, 2, attn_layer=None)
     with pytest.raises(ValueError, match="each stage must run once"):
-        EarlyExitModel(Twice(), [head], ["stage1"], ["NCHW"], "fc", example_input=torch.zeros(1, 3, 4, 4))
+        EarlyExitModel(Twice(), [head], [stage("stage1")], "fc", example_input=torch.zeros(1, 3, 4, 4))
+
+
+def test_stage_names_instead_of_descriptions_are_refused():
+    head = PooledHead(3, 3, 2, attn_layer=None)
+    with pytest.raises(TypeError, match="distiller.stages"):
+        EarlyExitModel(Twice(), [head], ["stage1"], "fc")
 
 
 class Pair(nn.Module):
+    """Returns ``(x, extra)`` as PiT's and MViTv2's stages do; ``extra`` has the batch first too."""
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x.flip(0)
+        return x, x.mean((2, 3))
 
 
 class TupleStage(nn.Module):
@@ -296,17 +309,56 @@ class TupleStage(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
         self.stage1 = Pair()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, extra = self.stage1(self.conv(x))
+        return self.fc(torch.cat([features.amax((2, 3)), extra], 1))
+
+
+def test_tuple_stage_outputs_exit_with_every_element_shrunk():
+    torch.manual_seed(0)
+    model = TupleStage().eval()
+    head = PooledHead(4, 4, 2, attn_layer=None).eval()
+    exits = EarlyExitModel(model, [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4))
+    images = torch.randn(6, 3, 4, 4)
+    with torch.no_grad():
+        head_logits = head(model.conv(images))[0]
+        confidence = head_logits.softmax(-1).amax(-1)
+        exits.set_thresholds([confidence.median().item()])
+        out = exits(images)
+        leave = confidence >= exits.thresholds[0]
+    assert 0 < int(leave.sum()) < len(images)
+    assert out.exit_index.tolist() == [0 if gone else 1 for gone in leave.tolist()]
+    torch.testing.assert_close(out.logits[leave], head_logits[leave])
+    torch.testing.assert_close(out.logits[~leave], model(images[~leave]))
+
+
+class FoldingPair(nn.Module):
+    """Returns ``(x, pixels)`` where ``pixels`` folds the positions into the first axis (as TNT's
+    pixel embeddings do), so it cannot be cut by sample."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class FoldingTupleStage(TupleStage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = FoldingPair()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stage1(self.conv(x))[0].mean((2, 3)))
+        features, pixels = self.stage1(self.conv(x))
+        return self.fc(features.mean((2, 3)) + pixels.reshape(features.shape[0], -1, 4).mean(1))
 
 
-def test_tuple_stage_outputs_are_refused():
-    model = TupleStage()
+def test_a_tuple_stage_with_a_folded_batch_is_refused():
     head = PooledHead(4, 4, 2, attn_layer=None)
-    with pytest.raises(ValueError, match="stage 'stage1' returns tuple"):
-        EarlyExitModel(model, [head], ["stage1"], ["NCHW"], "fc", example_input=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="samples cannot leave at stage 'stage1'"):
+        EarlyExitModel(
+            FoldingTupleStage(), [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4)
+        )
 
 
 # -- calibration -------------------------------------------------------------------------------
