@@ -242,11 +242,7 @@ class _Cut:
                 attributes[node.target] = getattr(self.program.graph_module, node.target)
                 env[node] = graph.get_attr(node.target)
             elif node in self.data and self.segment_of[node] != k:
-                raise SplitError(
-                    f"samples cannot leave at stage {crossing!r}: the model after it also reads "
-                    f"{_where(node, self.stages)} from before it (a cross-stage link); tap only stages after which "
-                    "nothing earlier is read"
-                )
+                raise self._crossing(node, k)
             elif _is_size(node) and node.target is torch.ops.aten.sym_size.int:
                 env[node] = self._local_size(graph, node, incoming, env, crossing)
             else:  # a size computed from sizes, or a value computed from parameters alone
@@ -263,6 +259,17 @@ class _Cut:
         module = fx.GraphModule(attributes, graph)
         head_input = None if last else self.boundaries[k][2]
         return Segment(module, len(incoming), head_input)
+
+    def _crossing(self, node: fx.Node, k: int) -> SplitError:
+        """The refusal for segment ``k`` reading ``node``, named by the first stage it crosses
+        (a stage's own output may pass its next stage only)."""
+        crossed = self.stages[self.segment_of[node] + (node.target is _MARKER)].name
+        reader = self.stages[k - 1].name
+        return SplitError(
+            f"samples cannot leave at stage {crossed!r}: {_where(node, self.stages)} from before it is "
+            f"read after stage {reader!r} (a cross-stage link); tap only stages after which "
+            "nothing earlier is read"
+        )
 
     def _needed(self, wanted: list[fx.Node], k: int) -> list[fx.Node]:
         """The input-dependent nodes of segment ``k`` that ``wanted`` is computed from, in
