@@ -43,9 +43,11 @@ def export_onnx(
     directory: str | Path,
     example_input: torch.Tensor | None,
     class_names: Sequence[str] | None,
+    metadata: dict[str, Any] | None,
 ) -> Path:
     """:meth:`EarlyExitModel.export_onnx`."""
     directory = Path(directory)
+    metadata_text = json.dumps(metadata or {})  # refuse what JSON cannot hold before any work
     example = _float_batch(exits, example_input)
     with torch.no_grad():
         segments = split_model(exits.model, exits.stages, example[:2])
@@ -68,6 +70,7 @@ def export_onnx(
     final = f"segment_{len(exits.stages)}.onnx"
     _write(segments[-1].module, carried, directory / final, _input_names(len(exits.stages), len(carried)), ["logits"], files)
     manifest = _manifest(exits, example, class_names, stage_entries, final, files)
+    manifest["metadata"] = json.loads(metadata_text)
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return directory
 

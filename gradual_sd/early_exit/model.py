@@ -328,6 +328,7 @@ class EarlyExitModel(nn.Module):
         *,
         example_input: torch.Tensor | None = None,
         class_names: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Path:
         """Write the exits for ONNX Runtime into ``directory``; returns it.
 
@@ -338,8 +339,9 @@ class EarlyExitModel(nn.Module):
         returns that head's logits. Every file has a dynamic batch axis. ``manifest.json``
         holds the thresholds, the class names (``class_names``, else the model's own
         ``id2label``/``label_names`` if it has them), the input's shape and dtype (float32),
-        the stages with their layouts, the FLOPs of each part, the library version and the
-        sha256 of every file. :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
+        the stages with their layouts, the FLOPs of each part, the library version, the
+        sha256 of every file and ``metadata`` (anything JSON can hold that a deployment needs,
+        such as the input normalisation). :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
         numpy and onnxruntime alone.
 
         The cut is refused (``ValueError`` naming the stage and what crosses it) where a later
@@ -348,7 +350,7 @@ class EarlyExitModel(nn.Module):
         ``example_input`` (default: random inputs at the model's configured size) before any
         file is written. Needs ``onnx`` and ``onnxscript`` (the ``deploy`` extra).
         """
-        return deployment.export_onnx(self, directory, example_input, class_names)
+        return deployment.export_onnx(self, directory, example_input, class_names, metadata)
 
     # -- saving and loading (persistence.py) --------------------------------------------------
 
