@@ -1,5 +1,6 @@
 """The README's quickstart runs and shows it worked, the package-index page is safe to publish,
-the API reference lists the public API, and CI runs the README's two test commands."""
+the API reference lists the public API, and CI runs the README's two test commands with what
+they need installed."""
 
 import re
 from pathlib import Path
@@ -72,3 +73,22 @@ def test_ci_runs_both_readme_test_commands_and_ends_with_the_full_suite():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r"""^addopts = ".*-m 'not slow'""", pyproject, flags=re.M), "the default skips slow"
     assert re.search(r'^    "slow: ', pyproject, flags=re.M), "the slow marker must be registered"
+
+
+def pip_extras(command: str) -> set[str]:
+    """The extras of the editable install in a shell command (``pip install -e ".[a,b]"``)."""
+    match = re.search(r"""pip install[^\n]*-e ["']?\.\[([^\]]*)\]""", command)
+    assert match, f"no editable install with extras in {command!r}"
+    return {extra.strip() for extra in match.group(1).split(",")}
+
+
+def test_the_quick_tier_command_installs_what_the_tests_skip_without_and_ci_installs_it():
+    bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    readme_extras = pip_extras(bash[1])
+    tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    skipped_without = set(re.findall(r"importorskip\([^)]*reason=\"the (\w+) extra", tests))
+    assert skipped_without, "no test module names the extra it skips without"
+    missing = skipped_without - readme_extras
+    assert not missing, f"the README's test command skips the tests that need {sorted(missing)}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert readme_extras <= pip_extras(ci), ".ci/run must install what the README's command installs"
