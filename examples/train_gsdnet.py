@@ -17,8 +17,8 @@ facial-expression result.
 
 From Python, ``main(argv)`` returns the run's metrics dict; with several methods or seeds,
 ``{"runs": {method: [metrics per seed]}, "comparison": path of comparison.md}``. The flags are in
-``gsdnet/cli.py``; each run's steps (prepare data, build, train, select, report) in
-``gsdnet/runner.py``.
+``gsdnet/cli.py``, which turns them into a ``RunConfig`` (``gsdnet/config.py``); each run's steps
+(prepare data, build, train, select, report) are in ``gsdnet/runner.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ __all__ = ["main", "parse_args"]
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the command ``argv`` (default ``sys.argv[1:]``); return its metrics."""
     return run(parse_args(argv))
 
 
-# Errors a user can act on (data, checkpoint, settings, divergence, a stalled process): one message,
-# the traceback only with --debug.
-USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError, ImportError)
+# Errors a user can act on (data, checkpoint, settings, divergence, a stalled process: a
+# TimeoutError): one message, the traceback only with --debug. Not RuntimeError: out of memory, a
+# CUDA failure or a bug keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 if __name__ == "__main__":
     try:

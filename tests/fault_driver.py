@@ -1,7 +1,8 @@
 """Run ``train_gsdnet.main(argv)`` with a fault at a named point, for the kill and stall tests.
 
 ``GSDNET_FAULT=point:n:SIGNAL[:rank]`` sends ``SIGNAL`` (KILL or STOP) to this process the
-``n``-th time it reaches ``point`` (only on that torchrun rank, if given):
+``n``-th time it reaches ``point`` (only on that torchrun rank, if given); ``train-step:n:NAN``
+makes that step's images NaN instead:
 
 * ``checkpoint-write``: while writing checkpoint.pt (a few bytes are in the temporary file);
 * ``train-step``: before an optimiser step;
@@ -17,6 +18,18 @@ import sys
 import examples_path  # noqa: F401
 import train_gsdnet
 from gsdnet import checkpoint, engine, report, runs
+
+
+def nan_images(n: int) -> None:
+    """The ``n``-th training step of this process sees NaN images."""
+    original, count = engine.Trainer.train_step, 0
+
+    def train_step(self, images, targets):
+        nonlocal count
+        count += 1
+        return original(self, images * float("nan") if count == n else images, targets)
+
+    engine.Trainer.train_step = train_step
 
 
 def inject(point: str, n: int, sig: signal.Signals) -> None:
@@ -57,7 +70,7 @@ def inject(point: str, n: int, sig: signal.Signals) -> None:
         checkpoint.atomic_write = atomic_write
     else:
         owner, name = {
-            "train-step": (engine.Trainer, "check_finite"),
+            "train-step": (engine.Trainer, "train_step"),
             "run-start": (engine.Trainer, "fit"),
             "before-reports": (report, "plot_confusion_matrix"),
             "before-checkpoint-removal": (runs, "unverified"),
@@ -69,6 +82,9 @@ if __name__ == "__main__":
     fault = os.environ.get("GSDNET_FAULT")
     if fault:
         point, n, sig, *rank = fault.split(":")
-        if not rank or rank[0] == os.environ.get("RANK", "0"):
+        here = not rank or rank[0] == os.environ.get("RANK", "0")
+        if here and (point, sig) == ("train-step", "NAN"):
+            nan_images(int(n))
+        elif here:
             inject(point, int(n), getattr(signal, f"SIG{sig}"))
     train_gsdnet.main(sys.argv[1:])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import examples_path  # noqa: F401
+import gsdnet.exits
 import gsdnet.report
 import train_gsdnet
 from gradual_sd import EarlyExitModel
@@ -91,3 +92,28 @@ def holds_exported_weights(out, kind: str) -> bool:
     exit_weights = torch.load(out / "early_exit" / "model.pt", weights_only=True)
     exported = torch.load(out / f"model_{kind}.pt", weights_only=True)["state_dict"]
     return all(torch.equal(exit_weights[k], v) for k, v in exported.items())
+
+
+def test_the_tradeoff_plot_says_why_the_star_is_off_the_curve_and_past_one(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    drawn = {}
+    original = Figure.savefig
+
+    def keep_text(fig, *args, **kwargs):
+        drawn["legend"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        drawn["caption"] = " ".join(t.get_text() for t in fig.texts)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_text)
+    curve = [{"threshold": t / 2, "accuracy": 0.5 + t / 5, "flops_ratio": 0.6 + 0.5 * t} for t in range(3)]
+    table = {"full_accuracy": 0.9, "accuracy": 0.88, "flops_ratio": 0.7}
+    gsdnet.exits.plot_tradeoff(curve, table, tmp_path / "early_exit.png", "a title")
+    assert (tmp_path / "early_exit.png").stat().st_size > 0
+    assert drawn["legend"] == [
+        "one threshold shared by every head (0 to 1)",
+        "full model, no heads",
+        "calibrated: one threshold per head",
+    ]
+    caption = " ".join(drawn["caption"].split())
+    assert "right of 1.0x: the heads' own cost" in caption and "need not lie on the curve" in caption

@@ -112,15 +112,19 @@ def test_val_fraction_and_seeds_end_to_end(tmp_path, capsys):
 
 
 def test_as_shipped_run_drops_the_partial_batch(tmp_path, monkeypatch):
-    steps = []
-    original = Trainer.check_finite
-    monkeypatch.setattr(Trainer, "check_finite", lambda self, *a: steps.append(a[-1]) or original(self, *a))
+    batches = []
+    original = Trainer.train_step
+    monkeypatch.setattr(
+        Trainer,
+        "train_step",
+        lambda self, images, *a: batches.append(len(images)) or original(self, images, *a),
+    )
     out = tmp_path / "run"
     metrics = train_gsdnet.main(
         [*rafdb_basic(tmp_path / "data"), *TINY, "--batch-size", "6", "--epochs", "1"]
         + ["--as-shipped", "--output-dir", str(out)]
     )
-    assert steps == [0, 1]  # 16 images in batches of 6: the last 4 are dropped
+    assert batches == [6, 6]  # 16 images in batches of 6: the last 4 are dropped
     assert metrics["as_shipped"] and "ties to the later epoch" in metrics["best"]["selected_on"]
     state = torch.load(out / "model_final.pt", weights_only=True)
     assert "fc.weight" in state["state_dict"]

@@ -381,3 +381,18 @@ def test_a_stalled_torchrun_process_ends_the_run_within_the_timeout(tmp_path):
     elapsed = time.time() - started
     assert process.returncode != 0 and elapsed < 120  # 5 s, then torchrun's 30 s grace for rank 1
     assert "did not answer within --dist-timeout 5 s" in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_torchrun_process_ends_the_run_and_keeps_the_good_checkpoint(tmp_path):
+    data = rafdb_basic(tmp_path / "data")  # 16 images, 4 per process and step: 2 steps per epoch
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(DRIVER), *data, *TINY, "--epochs", "3", "--output-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GSDNET_FAULT="train-step:3:NAN:1")  # epoch 2, rank 1
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode != 0
+    assert "non-finite values at training step 2: loss" in done.stderr, done.stderr[-3000:]
+    assert "in epoch 2 on process 1; stopping. The checkpoint of epoch 1 is kept" in done.stderr
+    assert checkpoint.load(out / "checkpoint.pt")["epoch"] == 1
+    assert not (out / "metrics.json").exists()

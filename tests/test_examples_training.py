@@ -136,7 +136,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
     whole = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "whole")])
 
     steps_per_epoch, calls = 2, {"n": 0}  # 16 images, batch 8
-    original = Trainer.check_finite
+    original = Trainer.train_step
 
     def killed_in_epoch_two(self, *args):
         calls["n"] += 1
@@ -144,10 +144,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
             raise KeyboardInterrupt("simulated kill")
         return original(self, *args)
 
-    monkeypatch.setattr(Trainer, "check_finite", killed_in_epoch_two)
+    monkeypatch.setattr(Trainer, "train_step", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed")])
-    monkeypatch.setattr(Trainer, "check_finite", original)
+    monkeypatch.setattr(Trainer, "train_step", original)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed"), "--resume"])
 
@@ -166,22 +166,38 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, monkeypatch)
         train_gsdnet.main([*run, "--output-dir", str(tmp_path / "killed"), "--resume", "--seed", "1"])
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    data = rafdb_basic(tmp_path / "data")
+@pytest.mark.parametrize(
+    ("flags", "deferred", "bad_step"),
+    [
+        (["--method", "gsd-acam"], False, 2),  # the distiller's check (at once on the CPU)
+        (["--method", "gsd-acam"], True, 3),  # as on CUDA: read later, here at the epoch's end
+        (["--method", "baseline"], False, 2),  # the plain model's check
+        (["--method", "gsd-acam", "--as-shipped"], False, 2),  # the authors' loss, checked too
+    ],
+    ids=["gsd-acam", "gsd-acam-deferred", "baseline", "as-shipped"],
+)
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tmp_path, monkeypatch, flags, deferred, bad_step
+):
+    data = rafdb_basic(tmp_path / "data")  # 16 images in batches of 8: steps 2 and 3 are epoch 2's
     out = tmp_path / "run"
-    original, calls = Trainer.step_loss, {"n": 0}
+    original, calls = Trainer.train_step, {"n": 0}
 
-    def nan_in_epoch_two(self, images, targets):
-        logits, loss, losses = original(self, images, targets)
+    def nan_images_at_bad_step(self, images, targets):
+        self.module.finite_check.deferred = deferred
         calls["n"] += 1
-        if calls["n"] == 3:
-            losses = dict(losses, ce=losses["ce"] * float("nan"))
-            loss = loss * float("nan")
-        return logits, loss, losses
+        if calls["n"] == bad_step + 1:
+            images = images * float("nan")
+        return original(self, images, targets)
 
-    monkeypatch.setattr(Trainer, "step_loss", nan_in_epoch_two)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 0 \(terms \['ce'\]"):
-        train_gsdnet.main([*data, *TINY, "--epochs", "3", "--output-dir", str(out)])
+    monkeypatch.setattr(Trainer, "train_step", nan_images_at_bad_step)
+    message = (
+        rf"non-finite values at training step {bad_step}: loss, .*, in epoch 2; stopping. "
+        "The checkpoint of epoch 1 is kept"
+    )
+    with pytest.raises(NonFiniteLossError, match=message):
+        train_gsdnet.main([*data, *TINY, *flags, "--epochs", "3", "--output-dir", str(out)])
+    assert calls["n"] == bad_step + 1  # stopped at that step, or at the epoch's end when deferred
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1 and len(saved["history"]) == 1
     for value in saved["module"].values():

@@ -1,5 +1,6 @@
 """The command line of ``examples/train_gsdnet.py``: its flags, the two presets, and the checks
-that need no file (a wrong value is an argparse error, exit code 2)."""
+that need no file (a wrong value is an argparse error, exit code 2); :func:`parse_args` turns
+them into a :class:`~gsdnet.config.RunConfig`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from gradual_sd.losses import FORMULATIONS, TEACHERS
 
 from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int, timm_model
+from .config import RunConfig
 from .datasets import DATASETS
 from .distributed import DEFAULT_TIMEOUT_S
 from .models import HEADS, METHODS, PAPER_LOSS
@@ -17,10 +19,9 @@ from .models import HEADS, METHODS, PAPER_LOSS
 DESCRIPTION = "Train GSDNet (or the Table 2 ablation variants) on a facial-expression dataset."
 
 # The reference recipe, and the preset of the shipped stand-in: small and trained from scratch
-# (so a larger learning rate), sized to compare all three methods over two seeds in a few
-# minutes on 2 cores. One thread: its convolutions are too small to gain from more, and a second
-# thread on a busy CPU made epochs several times slower in our measurements. Its models are not
-# worth keeping, so none are saved unless --save asks.
+# (so a larger learning rate), sized to compare all three methods over two seeds in minutes on a
+# small CPU, one thread (docs/reproducing.md says why). Its models are not worth keeping, so none
+# are saved unless --save asks.
 PAPER = dict(
     model="resnet50",
     img_size=224,
@@ -60,7 +61,9 @@ def preset_help(key: str, what: str) -> str:
     return f"{what} (default: {PAPER.get(key)}; digits: {STAND_IN.get(key, PAPER.get(key))})"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """The run configuration from ``argv`` (default ``sys.argv[1:]``); exits with status 2 and
+    one line on a bad value."""
     p = argparse.ArgumentParser(
         usage="%(prog)s --dataset NAME [options] (--help lists them)",  # an error stays short
         description=DESCRIPTION,
@@ -278,4 +281,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds lists a seed twice: {args.seeds}")
-    return args
+    return RunConfig(**dict(vars(args), seeds=tuple(args.seeds), save=tuple(args.save)))

@@ -42,7 +42,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was requested but CUDA is not available")
+            raise ValueError(f"--device {name} was requested but CUDA is not available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -75,19 +75,32 @@ def shutdown(env: DistEnv, failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
-class ProcessTimeoutError(RuntimeError):
+class ProcessTimeoutError(TimeoutError):
     """Another torchrun process did not take part in a collective within the timeout."""
 
 
-def stall_error(error: BaseException, env: DistEnv, timeout_s: float) -> ProcessTimeoutError | None:
-    """A message for a collective's timeout (gloo's and NCCL's name only the transport)."""
-    if not (env.distributed and isinstance(error, RuntimeError) and "timed out" in str(error).lower()):
+class PeerExitedError(ConnectionError):
+    """Another torchrun process ended (its own error says why) while this one waited for it."""
+
+
+def peer_error(error: BaseException, env: DistEnv, timeout_s: float) -> OSError | None:
+    """A message for a collective that failed because of another process (gloo's and NCCL's
+    errors name only the transport): it timed out, or the other process ended."""
+    if not (env.distributed and isinstance(error, RuntimeError)):
         return None
-    return ProcessTimeoutError(
-        f"another torchrun process did not answer within --dist-timeout {timeout_s:g} s (stalled, "
-        "stopped or dead), so this one stops too; the last checkpoint is kept for --resume "
-        f"({str(error).splitlines()[0][:200]})"
-    )
+    text, first_line = str(error).lower(), str(error).splitlines()[0][:200]
+    if "timed out" in text:
+        return ProcessTimeoutError(
+            f"another torchrun process did not answer within --dist-timeout {timeout_s:g} s "
+            "(stalled, stopped or dead), so this one stops too; the last checkpoint is kept for "
+            f"--resume ({first_line})"
+        )
+    if "closed by peer" in text:
+        return PeerExitedError(
+            "another torchrun process ended (its error above says why), so this one stops too; "
+            f"the last checkpoint is kept for --resume ({first_line})"
+        )
+    return None
 
 
 def all_reduce(tensor: torch.Tensor, env: DistEnv, op=dist.ReduceOp.SUM) -> torch.Tensor:

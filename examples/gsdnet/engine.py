@@ -3,6 +3,13 @@
 Every model configuration is called the same way (``module(images, targets)`` returns a
 ``DistillerOutput``), so the trainer does not care which one it trains.
 
+NaN/inf: every configuration checks its own training steps (``module.finite_check``, read at
+once on the CPU, at a later step or at the epoch's end on CUDA, so no step waits for the GPU).
+The trainer flushes it at the end of every epoch, before anything is evaluated or saved. Under
+torchrun the process that saw the bad step stops; the others fail in their next collective
+(or torchrun stops them), at the latest in the epoch's end checks, so the main process never
+saves that epoch.
+
 Model selection: ``best`` is the epoch with the best test accuracy (the reference code's
 choice, optimistic); with a validation split, ``selected`` is the epoch with the best
 validation accuracy, and the test set is scored at that epoch.
@@ -22,23 +29,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
+from gradual_sd import DistillerOutput
+
 from . import checkpoint
 from .divergence import check_loss, check_weights
 from .distributed import DistEnv, WeightedShardSampler, all_reduce, broadcast_buffers, shard_indices
 from .metrics import confusion_matrix, summarize
-from .models import plain_model
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; the last good checkpoint was kept."""
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What training leaves: the model after the last epoch and the test results it kept."""
+
+    module: nn.Module  # the distiller (heads and hooks included) at the final epoch
+    final: dict  # test results of the final epoch
+    best: dict  # ... of the epoch with the best test accuracy (optimistic)
+    selected: dict | None  # {"epoch", "val", "test"} of the epoch picked on validation
+    selected_state: dict | None  # the distiller's weights at that epoch
 
 
 class RunMismatchError(ValueError):
@@ -120,7 +138,6 @@ class Trainer:
     best: dict | None = None  # test metrics of the epoch with the best test accuracy
     selected: dict | None = None  # {"epoch", "val", "test"} at the best validation accuracy
     selected_state: dict | None = None  # the module's weights (on the CPU) at the selected epoch
-    last: dict | None = None  # test metrics of the latest evaluated epoch
     first_step_loss: float | None = None  # the untrained model's loss, for the divergence rule
 
     def __post_init__(self) -> None:
@@ -141,7 +158,7 @@ class Trainer:
             self.runner = DistributedDataParallel(self.module, device_ids=ids)
 
     # --- checkpoints -------------------------------------------------------------------------
-    def state(self, epoch: int, run_info: dict) -> dict:
+    def state(self, epoch: int, identity: dict) -> dict:
         return {
             "epoch": epoch,
             "module": self.module.state_dict(),
@@ -153,12 +170,12 @@ class Trainer:
             "selected": self.selected,
             "selected_module": self.selected_state,
             "first_step_loss": self.first_step_loss,
-            "run": run_info,
+            "run": identity,
         }
 
-    def resume(self, path: Path, run_info: dict, epochs: int) -> None:
+    def resume(self, path: Path, identity: dict, epochs: int) -> None:
         state = checkpoint.load(path)
-        differ = differences(state["run"], run_info)
+        differ = differences(state["run"], identity)
         if differ:
             raise RunMismatchError(
                 f"--resume refused: {path} was written by a different run configuration ({differ}). "
@@ -183,22 +200,18 @@ class Trainer:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
 
-    def step_loss(self, images: torch.Tensor, targets: torch.Tensor):
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> DistillerOutput:
+        """One optimiser step on a batch; returns the forward's output (logits, loss, terms)."""
         with self.autocast():
             out = self.runner(images, targets)
-        return out.logits, out.loss, out.losses
-
-    def check_finite(self, loss: torch.Tensor, losses: dict, epoch: int, step: int) -> None:
-        """Stop every process together (before backward, where DDP would wait) on NaN/inf."""
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        all_reduce(finite, self.env, op=dist.ReduceOp.MIN)
-        if finite.item() < 1:
-            bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {step} (terms {bad or 'on another process'} "
-                f"on rank {self.env.rank}); stopping. The last good checkpoint is kept: lower --lr "
-                "or check the data, then --resume"
-            )
+        if self.first_step_loss is None:  # once per run: the reference of the divergence rule
+            loss = all_reduce(out.loss.detach().float().clone(), self.env)
+            self.first_step_loss = float(loss) / self.env.world_size
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out
 
     def train_epoch(self, loader: DataLoader, epoch: int) -> dict:
         self.runner.train()
@@ -209,24 +222,16 @@ class Trainer:
         bar = tqdm(
             loader, desc=f"epoch {epoch} train", leave=False, disable=None if self.env.is_main else True
         )
-        for step, (images, targets) in enumerate(bar):
+        for images, targets in bar:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            logits, loss, losses = self.step_loss(images, targets)
-            self.check_finite(loss, losses, epoch, step)
-            if self.first_step_loss is None:  # once per run: the reference of the divergence rule
-                self.first_step_loss = float(all_reduce(loss.detach().float().clone(), self.env)) / (
-                    self.env.world_size
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            out = self.train_step(images, targets)
             n = images.shape[0]
-            for key, value in {"loss": loss, **losses}.items():
+            for key, value in {"loss": out.loss, **out.losses}.items():
                 sums[key] = sums.get(key, torch.zeros((), device=device)) + value.detach().float() * n
-            correct += (logits.argmax(1) == targets).sum()
+            correct += (out.logits.argmax(1) == targets).sum()
             seen += n
+        self.module.finite_check.flush()  # the steps still in flight, before anything is saved
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         keys = sorted(sums)
@@ -272,24 +277,29 @@ class Trainer:
         classes: list[str],
         seed: int,
         output_dir: Path,
-        run_info: dict,
+        identity: dict,
         on_improved,
         on_epoch,
-    ) -> None:
+    ) -> Trained:
         """Train to ``epochs``; after each epoch evaluate ``evals`` (``test`` and optionally
         ``val``), keep the best and the selected epoch (with the selected epoch's weights, which
         the run's reports describe), checkpoint, log. ``on_improved(kind, module)`` runs when
         ``best`` or ``selected`` moves to this epoch."""
+        last = None
         for epoch in range(self.start_epoch, epochs + 1):
             started = time.time()
             seed_everything(seed, epoch, self.env.rank)
             train.sampler.set_epoch(epoch)
-            record = {"epoch": epoch, **self.train_epoch(train, epoch)}
             kept = (
                 f"The checkpoint of epoch {epoch - 1} is kept: lower --lr, then --resume"
                 if epoch > 1
                 else "No epoch was saved: lower --lr and start again"
             )
+            try:
+                record = {"epoch": epoch, **self.train_epoch(train, epoch)}
+            except FloatingPointError as error:  # the module's finite check
+                where = f" on process {self.env.rank}" if self.env.distributed else ""
+                raise NonFiniteLossError(f"{error}, in epoch {epoch}{where}; stopping. {kept}") from error
             check_weights(self.module, self.env, epoch, kept)
             check_loss(record["losses"]["loss"], self.first_step_loss, epoch, kept)
             results = self.evaluate_all(evals, classes, epoch)
@@ -314,12 +324,10 @@ class Trainer:
                 }
                 if self.env.is_main:
                     on_improved("selected", self.module)
-            self.last = test
+            last = test
             if self.env.is_main:
-                checkpoint.save_checked(self.state(epoch, run_info), output_dir / "checkpoint.pt")
+                checkpoint.save_checked(self.state(epoch, identity), output_dir / "checkpoint.pt")
                 on_epoch(record)
-        if self.start_epoch > epochs:  # resumed a finished run: evaluate the restored weights
-            self.last = self.evaluate_all(evals, classes, epochs)["test"]
-
-    def plain_model(self) -> nn.Module:
-        return plain_model(self.module)
+        if last is None:  # resumed a finished run: evaluate the restored weights
+            last = self.evaluate_all(evals, classes, epochs)["test"]
+        return Trained(self.module, last, self.best, self.selected, self.selected_state)

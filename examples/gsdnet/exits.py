@@ -10,6 +10,7 @@ images that chose the thresholds.
 from __future__ import annotations
 
 import copy
+import textwrap
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -20,7 +21,13 @@ from .checkpoint import atomic_write
 from .datasets.common import log
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
-EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", "early_exit")  # what report_exits may write
+EXIT_MODEL = "early_exit"  # the folder of the deployable exit model (--save final)
+EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", EXIT_MODEL)  # what report_exits may write
+CAPTION = (
+    "Curve: one threshold shared by every head. At 1 no sample leaves early, yet every head still "
+    "runs, so the curve ends right of 1.0x: the heads' own cost. Star: the calibrated thresholds, "
+    "one per head (a head may be switched off), so it need not lie on the curve."
+)
 
 
 def calibration_split(evaluated: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset, str]:
@@ -47,11 +54,19 @@ def report_exits(
     title: str,
     save: bool = True,
 ) -> dict | None:
-    """Turn the trained heads into early exits; write ``early_exit.md``, ``early_exit.png`` and
-    the exit model (``early_exit/``, only with ``save``), titled ``title`` (which names the
-    model's epoch); return the summary for metrics.json. Removes the distiller's hooks: call it
-    after training. ``None`` when there are too few images to calibrate on some and report on
-    others."""
+    """Turn the trained heads into early exits and report them; return the summary for
+    metrics.json, or ``None`` when there are too few images to calibrate on some and report on
+    others. Removes the distiller's hooks: call it after training.
+
+    Args:
+        distiller: The trained distiller, with the weights the report describes.
+        evaluated: The evaluated split, transforms set.
+        val: The validation split, if the run has one (:func:`calibration_split`).
+        batch_size: The batch of the loaders and of the second latency column.
+        out: The run's folder, where ``early_exit.md`` and ``early_exit.png`` go.
+        title: The reports' title, which names the model's epoch.
+        save: Also write the exit model (:func:`save_exit_model`) into ``out / EXIT_MODEL``.
+    """
     calibrate_on, report_on, how = calibration_split(evaluated, val)
     if len(calibrate_on) == 0 or len(report_on) == 0:
         return None
@@ -66,7 +81,7 @@ def report_exits(
     table = exits.profile(loader(report_on), batch_sizes=(1, batch_size), repeats=3, latency_images=32)
     curve = table.pop("tradeoff")  # from the same pass over report_on as the table
     if save:
-        exits.save(out / "early_exit")
+        save_exit_model(exits, out / EXIT_MODEL)
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
@@ -80,7 +95,7 @@ def report_exits(
         table["latency_ratio"][1],
         table["latency_ratio"][batch_size],
         batch_size,
-        ", early_exit/" if save else "",
+        f", {EXIT_MODEL}/" if save else "",
     )
     return {
         "how": how,
@@ -89,6 +104,11 @@ def report_exits(
         "report": table,
         "tradeoff": curve,
     }
+
+
+def save_exit_model(exits: EarlyExitModel, folder: Path) -> None:
+    """Write the calibrated exit model, everything needed to run it, into ``folder``."""
+    exits.save(folder)
 
 
 def exit_table(table: dict, calibrated: dict, how: str, batch_size: int) -> str:
@@ -126,27 +146,35 @@ def exit_table(table: dict, calibrated: dict, how: str, batch_size: int) -> str:
 
 def plot_tradeoff(curve: list[dict], table: dict, path: Path, title: str) -> None:
     """Accuracy against mean FLOPs (relative to the full model), one threshold for every head
-    swept from 0 to 1, with the calibrated point marked."""
+    swept from 0 to 1, with the calibrated point marked and :data:`CAPTION` under the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
     ax.plot(
         [p["flops_ratio"] for p in curve],
         [100 * p["accuracy"] for p in curve],
         "o-",
         markersize=3,
-        label="one threshold for every head (0 to 1)",
+        label="one threshold shared by every head (0 to 1)",
     )
-    ax.plot([1.0], [100 * table["full_accuracy"]], "ks", label="full model")
-    ax.plot([table["flops_ratio"]], [100 * table["accuracy"]], "r*", markersize=12, label="calibrated")
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=1)
+    ax.plot([1.0], [100 * table["full_accuracy"]], "ks", label="full model, no heads")
+    ax.plot(
+        [table["flops_ratio"]],
+        [100 * table["accuracy"]],
+        "r*",
+        markersize=12,
+        label="calibrated: one threshold per head",
+    )
     ax.set_xlabel("mean FLOPs relative to the full model")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(0.02, 0.02, textwrap.fill(CAPTION, 95), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -9,7 +9,9 @@ reference formulation, no cross-entropy on the auxiliary heads. ``as_shipped=Tru
 ``gsd-acam`` the way the authors' code does (see ``shipped.py``).
 
 Every configuration is called the same way: ``module(images, targets=None, *, run_heads=None)``
-returns a :class:`gradual_sd.DistillerOutput`, and ``module.model`` is the plain classifier.
+returns a :class:`gradual_sd.DistillerOutput`, ``module.model`` is the plain classifier, and
+``module.finite_check`` checks every training step for NaN/inf (the library's deferred check:
+call its ``flush()`` at the end of an epoch).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from gradual_sd import (
     find_classifier_name,
     insert_after,
 )
+from gradual_sd.finite import FiniteCheck
 
 from .shipped import ShippedGSDNet, ShippedHead, reference_init
 from .weights import (
@@ -59,7 +62,7 @@ PAPER_LOSS = {
 }
 
 
-class Built(NamedTuple):
+class BuiltModel(NamedTuple):
     """What :func:`build_gsdnet` returns: the module to train and how it was built."""
 
     module: nn.Module
@@ -67,13 +70,15 @@ class Built(NamedTuple):
 
 
 class PlainClassifier(nn.Module):
-    """The baseline behind the distiller's call interface: plain cross-entropy, one head."""
+    """The baseline behind the distiller's call interface: plain cross-entropy, one head, and the
+    same finiteness check of every training step."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.classifier_name = find_classifier_name(model)
         self.head_names = (self.classifier_name,)
+        self.finite_check = FiniteCheck()
 
     def forward(
         self, images: torch.Tensor, targets: torch.Tensor | None = None, *, run_heads: bool | None = None
@@ -82,6 +87,7 @@ class PlainClassifier(nn.Module):
         if targets is None:
             return DistillerOutput(logits, None, {}, (logits,), ())
         loss = F.cross_entropy(logits.float(), targets)
+        self.finite_check.submit([loss, logits], lambda: ["loss", f"logits of {self.classifier_name}"])
         return DistillerOutput(logits, loss, {"ce": loss}, (logits,), ())
 
 
@@ -109,7 +115,7 @@ def build_gsdnet(
     head_pool_size: int | None = None,
     as_shipped: bool = False,
     **loss_options: object,
-) -> Built:
+) -> BuiltModel:
     """The plain model (``baseline``) or a distiller (``gsd``, ``gsd-acam``), and its config.
 
     ``weights``: ``None`` (random), ``"timm"`` (timm's pretrained weights) or a ``.pkl`` /
@@ -174,7 +180,6 @@ def build_gsdnet(
             head_factory=partial(head_factory, attn_layer=attn_layer, **head_options),
             feature_dim=FEATURE_DIM,
             example_input=example,
-            check_finite=False,  # the engine checks, agreeing across processes before backward
         )
         if as_shipped:
             reference_init(module.heads)
@@ -193,20 +198,16 @@ def build_gsdnet(
         as_shipped=as_shipped,
         weights=report.record() if report is not None else {"file": weights},
     )
-    return Built(module, config)
-
-
-def plain_model(module: nn.Module) -> nn.Module:
-    """The classifier itself (every configuration keeps it as ``.model``)."""
-    return module.model
+    return BuiltModel(module, config)
 
 
 def export_payload(module: nn.Module, config: dict, classes: list[str], mean, std) -> dict:
-    """What ``model_*.pt`` holds: the plain model's weights and how to rebuild it."""
+    """What ``model_*.pt`` holds: the plain model's weights (``module.model``, every
+    configuration's classifier) and how to rebuild it."""
     keep = ("model_name", "num_classes", "caffe_resnet", "acam_after", "img_size")
     rebuild = {k: config[k] for k in keep}
     rebuild.update(classes=list(classes), mean=list(mean), std=list(std))
-    state = {k: v.detach().cpu() for k, v in plain_model(module).state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
     return {"config": rebuild, "state_dict": state}
 
 

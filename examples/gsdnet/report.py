@@ -3,7 +3,6 @@ and the command's ``comparison.md``."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import platform
 import subprocess
@@ -15,16 +14,15 @@ import torch
 
 import gradual_sd
 
-from .build import Built
+from .build import BuiltRun
 from .cli import MODEL_FILES
-from .datasets.common import DatasetSplits
-from .distributed import DistEnv
+from .config import RunConfig, RunSpec
+from .engine import Trained
 from .exits import EXIT_OUTPUTS, report_exits
 from .metrics import comparison_table, plot_confusion_matrix
 from .prepare import RunData
 from .runs import finish
 from .selection import Reported
-from .training import Trained
 
 log = logging.getLogger(__name__)
 EXAMPLES = Path(__file__).resolve().parents[1]
@@ -42,12 +40,12 @@ LOAD_HINT = (
 )
 
 
-def stand_in_note(args: argparse.Namespace) -> str | None:
+def stand_in_note(config: RunConfig) -> str | None:
     """The digits runs' warning that they are not a facial-expression result."""
-    if args.dataset != "digits":
+    if config.dataset != "digits":
         return None
-    init = args.weights or "random initialisation"
-    return STAND_IN_NOTE.format(model=args.model, img_size=args.img_size, init=init)
+    init = config.weights or "random initialisation"
+    return STAND_IN_NOTE.format(model=config.model, img_size=config.img_size, init=init)
 
 
 def environment() -> dict:
@@ -76,40 +74,27 @@ def environment() -> dict:
     }
 
 
-def json_args(args: argparse.Namespace) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-
-
-def run_metrics(
-    args: argparse.Namespace,
-    splits: DatasetSplits,
-    data: RunData,
-    method: str,
-    seed: int,
-    built: Built,
-    trained: Trained,
-    env: DistEnv,
-    started: float,
-) -> dict:
+def run_metrics(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained) -> dict:
     """metrics.json's content, before the early-exit summary and the outputs' digests."""
+    config = run.config
     final, best, selected = trained.final, trained.best, trained.selected
-    tie_rule = "ties to the later epoch" if args.as_shipped else "ties to the earlier epoch"
+    tie_rule = "ties to the later epoch" if config.as_shipped else "ties to the earlier epoch"
     return {
-        "note": stand_in_note(args),
-        "dataset": args.dataset,
-        "description": splits.description,
-        "method": method,
-        "as_shipped": args.as_shipped,
-        "model": args.model,
-        "seed": seed,
-        "loss": None if method == "baseline" else dict(built.loss_options, teacher=args.teacher),
-        "weights": built.config["weights"],
-        "classes": splits.classes,
+        "note": stand_in_note(config),
+        "dataset": config.dataset,
+        "description": data.description,
+        "method": run.method,
+        "as_shipped": config.as_shipped,
+        "model": config.model,
+        "seed": run.seed,
+        "loss": None if run.method == "baseline" else dict(config.loss_options, teacher=config.teacher),
+        "weights": built.build_info["weights"],
+        "classes": data.classes,
         "num_train_samples": len(data.train),
         "num_val_samples": len(data.val) if data.val is not None else None,
         "num_test_samples": len(data.test),
         "val_split": data.val_source,
-        "eval_split": args.eval_split,
+        "eval_split": config.eval_split,
         "accuracy_units": "fraction in [0, 1]; balanced_accuracy is the mean per-class recall",
         "headline": "selected" if selected else "final",
         "final": final,
@@ -118,56 +103,45 @@ def run_metrics(
         else dict(selected, selected_on=f"validation accuracy of the last classifier ({tie_rule})"),
         "best": dict(
             best,
-            selected_on=f"{args.eval_split} accuracy of the last classifier "
+            selected_on=f"{config.eval_split} accuracy of the last classifier "
             f"(as the reference code does; optimistic; {tie_rule})",
         ),
-        "dataset_notes": splits.notes,
-        "args": json_args(args),
+        "dataset_notes": data.notes,
+        "args": config.as_json(),
         "environment": environment(),
-        "world_size": env.world_size,
-        "wall_time_s": round(time.time() - started, 1),
-        "run": built.run_info,
+        "world_size": run.env.world_size,
+        "wall_time_s": round(time.time() - run.started, 1),
+        "run": built.identity,
     }
 
 
-def report(
-    args: argparse.Namespace,
-    splits: DatasetSplits,
-    data: RunData,
-    method: str,
-    seed: int,
-    built: Built,
-    trained: Trained,
-    reported: Reported,
-    env: DistEnv,
-    out: Path,
-    started: float,
-) -> dict:
+def report(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained, reported: Reported) -> dict:
     """Write the run's reports, all of ``reported`` (the headline's model), and metrics.json
     (last, with its outputs' digests); return the metrics. Only the main process writes."""
-    metrics = run_metrics(args, splits, data, method, seed, built, trained, env, started)
-    if not env.is_main:
+    config, out = run.config, run.out
+    metrics = run_metrics(run, data, built, trained)
+    if not run.env.is_main:
         return metrics
-    title = f"{method}, {args.dataset}, {reported.label}"
-    if method != "baseline" and not args.as_shipped:  # early exits (gsdnet/exits.py)
+    title = f"{run.method}, {config.dataset}, {reported.label}"
+    if run.method != "baseline" and not config.as_shipped:  # early exits (gsdnet/exits.py)
         metrics["early_exit"] = report_exits(
             reported.module,
             data.test,
             data.val,
-            args.batch_size,
+            config.batch_size,
             out,
             title,
-            save="final" in args.save,  # the exit model holds a whole model, as --save final does
+            save="final" in config.save,  # the exit model holds a whole model, as --save final does
         )
         if metrics["early_exit"] is not None:
             metrics["early_exit"]["epoch"] = reported.epoch
     plot_confusion_matrix(
-        reported.test["confusion_matrix"], splits.classes, out / "confusion_matrix.png", title
+        reported.test["confusion_matrix"], data.classes, out / "confusion_matrix.png", title
     )
     outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
-    finish(out, metrics, outputs, args.keep_checkpoint)
-    log_headline(method, seed, trained)
-    log_outputs(args, out)
+    finish(out, metrics, outputs, config.keep_checkpoint)
+    log_headline(run.method, run.seed, trained)
+    log_outputs(config, out)
     return metrics
 
 
@@ -200,20 +174,20 @@ def log_headline(method: str, seed: int, trained: Trained) -> None:
         )
 
 
-def log_outputs(args: argparse.Namespace, out: Path) -> None:
+def log_outputs(config: RunConfig, out: Path) -> None:
     """Which files the run wrote, and how to load an exported model."""
     files = [
         "metrics.json",
         "log.jsonl",
-        "train.log" if out == args.output_dir else None,
+        "train.log" if out == config.output_dir else None,
         "confusion_matrix.png",
     ]
     files += [
         MODEL_FILES[k]
         for k in ("final", "selected", "best")
-        if k in args.save and (out / MODEL_FILES[k]).is_file()
+        if k in config.save and (out / MODEL_FILES[k]).is_file()
     ]
-    if args.keep_checkpoint:
+    if config.keep_checkpoint:
         files.append("checkpoint.pt")
     log.info("wrote %s: %s", out, ", ".join(f for f in files if f))
     saved = [out / f for f in files if f and f.startswith("model_")]

@@ -1,26 +1,23 @@
 """The command behind ``examples/train_gsdnet.py``: every method and seed in turn, each run read
 top to bottom (prepare data, build, train, select, report), then ``comparison.md``.
 
-``run(args)`` returns the run's metrics dict; with several methods or seeds,
+``run(config)`` returns the run's metrics dict; with several methods or seeds,
 ``{"runs": {method: [metrics per seed]}, "comparison": path of comparison.md}``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
-from pathlib import Path
 
 import torch
 
 from . import checkpoint
 from .build import build_run
+from .config import RunConfig, RunSpec
 from .console import Progress, close_logging, keep_log, setup_logging
-from .datasets.common import DatasetSplits, ImageList
-from .distributed import DistEnv, init_distributed, shutdown, stall_error
-from .models import METHODS
-from .prepare import RunData, prepare_data, run_data
+from .distributed import DistEnv, init_distributed, peer_error, shutdown
+from .prepare import PreparedData, RunData, prepare_data, run_data
 from .report import report, stand_in_note, summary
 from .runs import finished_metrics, has_state
 from .selection import select
@@ -29,117 +26,104 @@ from .training import train
 log = logging.getLogger(__name__)
 
 
-def run_one(
-    args: argparse.Namespace,
-    splits: DatasetSplits,
-    lists: dict[str, ImageList],
-    method: str,
-    seed: int,
-    env: DistEnv,
-    out: Path,
-    progress: Progress,
-) -> dict:
-    started = time.time()
-    remove_orphans(out, env)
-    data = run_data(args, splits, lists, seed)
-    built = build_run(args, method, seed, splits.classes, lists, env)
-    log_start(args, splits, data, method, seed)  # after the checks: the weights loaded
-    done = finished_run(args, out, built.run_info, env, progress)
+def run_one(run: RunSpec, prepared: PreparedData, progress: Progress) -> dict:
+    """One run's steps; its metrics (those of the finished run, with --resume, if it is one)."""
+    remove_orphans(run)
+    data = run_data(run.config, prepared, run.seed)
+    built = build_run(run, prepared)
+    log_start(run, data)  # after the checks: the weights loaded
+    done = finished_run(run, built.identity, progress)
     if done is not None:
         return done
-    trained = train(args, built, data, splits.classes, seed, env, out, progress)
+    trained = train(run, built, data, progress)
     reported = select(trained)
-    return report(args, splits, data, method, seed, built, trained, reported, env, out, started)
+    return report(run, data, built, trained, reported)
 
 
-def remove_orphans(out: Path, env: DistEnv) -> None:
-    if env.is_main:
-        orphans = checkpoint.remove_orphans(out)
+def remove_orphans(run: RunSpec) -> None:
+    if run.env.is_main:
+        orphans = checkpoint.remove_orphans(run.out)
         if orphans:
-            log.info("removed %d temporary files left by a killed write in %s", len(orphans), out)
+            log.info("removed %d temporary files left by a killed write in %s", len(orphans), run.out)
 
 
-def log_start(args: argparse.Namespace, splits: DatasetSplits, data: RunData, method: str, seed: int) -> None:
-    note = stand_in_note(args)
+def log_start(run: RunSpec, data: RunData) -> None:
+    note = stand_in_note(run.config)
     if note:
         log.info("NOTE: %s", note)
     log.info(
         "%s; training on %d images%s; method %s%s, model %s, seed %d, classes %s",
-        splits.description,
+        data.description,
         len(data.train),
         f", validating on {len(data.val)} ({data.val_source})" if data.val is not None else "",
-        method,
-        " (as shipped)" if args.as_shipped else "",
-        args.model,
-        seed,
-        splits.classes,
+        run.method,
+        " (as shipped)" if run.config.as_shipped else "",
+        run.config.model,
+        run.seed,
+        data.classes,
     )
 
 
-def finished_run(
-    args: argparse.Namespace, out: Path, run_info: dict, env: DistEnv, progress: Progress
-) -> dict | None:
+def finished_run(run: RunSpec, identity: dict, progress: Progress) -> dict | None:
     """With --resume, the metrics of this run if it already finished (verified), else None."""
-    if not args.resume:
+    config = run.config
+    if not config.resume:
         return None
-    done = finished_metrics(out, run_info, args.epochs)
+    done = finished_metrics(run.out, identity, config.epochs)
     if done is not None:
         keep_log()
-        log.info("%s: finished and verified, skipped (--resume)", out)
-        if env.is_main and not args.keep_checkpoint:  # a kill came before its removal
-            (out / "checkpoint.pt").unlink(missing_ok=True)
-        progress.total -= args.epochs
+        log.info("%s: finished and verified, skipped (--resume)", run.out)
+        if run.env.is_main and not config.keep_checkpoint:  # a kill came before its removal
+            (run.out / "checkpoint.pt").unlink(missing_ok=True)
+        progress.total -= config.epochs
     return done
 
 
-def run_dir(args: argparse.Namespace, method: str, seed: int, methods: list[str]) -> Path:
-    out = args.output_dir / method if len(methods) > 1 else args.output_dir
-    return out / f"seed{seed}" if len(args.seeds) > 1 else out
-
-
-def run(args: argparse.Namespace) -> dict:
+def run(config: RunConfig) -> dict:
+    """Every run of the command in turn, then ``comparison.md`` when there are several."""
     threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env = init_distributed(args.device, args.dist_timeout)
-    handlers = setup_logging(args.output_dir, env)
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    progress = Progress(len(methods) * len(args.seeds) * args.epochs)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    env = init_distributed(config.device, config.dist_timeout)
+    handlers = setup_logging(config.output_dir, env)
+    progress = Progress(len(config.methods) * len(config.seeds) * config.epochs)
     failed = False
     try:
-        dirs = [run_dir(args, m, s, methods) for m in methods for s in args.seeds]
-        if args.resume and not any(has_state(d) for d in dirs):
-            raise FileNotFoundError(
-                f"--resume: no checkpoint.pt or finished run under {args.output_dir} to resume from"
-            )
+        runs = run_all(config, env, progress)
+        if len(config.run_dirs()) == 1:  # one method, one seed: its metrics
+            return runs[config.methods[0]][0]
+        path = config.output_dir / "comparison.md"
         if env.is_main:
-            checkpoint.remove_orphans(args.output_dir)
-        splits, lists = prepare_data(args)
-        runs = {
-            method: [
-                run_one(
-                    args, splits, lists, method, seed, env, run_dir(args, method, seed, methods), progress
-                )
-                for seed in args.seeds
-            ]
-            for method in methods
-        }
-        if len(methods) == 1 and len(args.seeds) == 1:
-            return runs[methods[0]][0]
-        path = args.output_dir / "comparison.md"
-        if env.is_main:
-            text = summary(runs, args.seeds)
+            text = summary(runs, list(config.seeds))
             checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
             log.info("\n%s\ncomparison: %s", text, path)
-            log.info("per-run outputs: %s", ", ".join(str(d) for d in dirs))
+            log.info("per-run outputs: %s", ", ".join(str(d) for d in config.run_dirs()))
         return {"runs": runs, "comparison": str(path)}
     except BaseException as error:
         failed = True
-        stalled = stall_error(error, env, args.dist_timeout)
-        if stalled is not None:
-            raise stalled from error
+        explained = peer_error(error, env, config.dist_timeout)
+        if explained is not None:
+            raise explained from error
         raise
     finally:
         close_logging(handlers)
         shutdown(env, failed)
         torch.set_num_threads(threads)
+
+
+def run_all(config: RunConfig, env: DistEnv, progress: Progress) -> dict[str, list[dict]]:
+    """``{method: [metrics per seed]}``; with --resume, refused when there is nothing to resume."""
+    if config.resume and not any(has_state(d) for d in config.run_dirs()):
+        raise FileNotFoundError(
+            f"--resume: no checkpoint.pt or finished run under {config.output_dir} to resume from"
+        )
+    if env.is_main:
+        checkpoint.remove_orphans(config.output_dir)
+    prepared = prepare_data(config)
+    return {
+        method: [
+            run_one(RunSpec(config, method, seed, env, started=time.time()), prepared, progress)
+            for seed in config.seeds
+        ]
+        for method in config.methods
+    }

@@ -34,7 +34,7 @@ def unverified(out: Path, outputs: dict[str, str]) -> list[str]:
     ]
 
 
-def finished_metrics(out: Path, run_info: dict, epochs: int) -> dict | None:
+def finished_metrics(out: Path, identity: dict, epochs: int) -> dict | None:
     """The metrics of the finished, verified run in ``out``, or ``None`` when it must (still)
     train. Raises :class:`RunMismatchError` for a finished run of other settings or epochs."""
     path = out / "metrics.json"
@@ -48,7 +48,7 @@ def finished_metrics(out: Path, run_info: dict, epochs: int) -> dict | None:
             "recorded neither its settings nor its outputs; move the folder away to train this "
             "run again"
         )
-    differ = differences(metrics["run"], run_info)
+    differ = differences(metrics["run"], identity)
     if differ:
         raise RunMismatchError(
             f"--resume refused: {path} was written by a different run configuration ({differ}). "

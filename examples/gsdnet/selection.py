@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .training import Trained
+from .engine import Trained
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from gradual_sd import BottleneckHead, DistillerOutput, GradualSelfDistiller
+from gradual_sd.finite import FiniteCheck
 
 
 class ShippedHead(BottleneckHead):
@@ -91,6 +92,10 @@ class ShippedGSDNet(nn.Module):
     def head_names(self) -> tuple[str, ...]:
         return self.distiller.head_names
 
+    @property
+    def finite_check(self) -> FiniteCheck | None:
+        return self.distiller.finite_check
+
     def forward(
         self, images: torch.Tensor, targets: torch.Tensor | None = None, *, run_heads: bool | None = None
     ) -> DistillerOutput:
@@ -113,4 +118,8 @@ class ShippedGSDNet(nn.Module):
         student_features = (torch.stack(features).sum(0), *features[1:])
         names = (*self.stage_names, self.classifier_name)
         loss, losses = self.distiller.loss(students, student_features, targets, names)
+        if self.finite_check is not None:  # the distiller checks only the loss it computes itself
+            self.finite_check.submit(
+                [loss, *losses.values()], lambda: ["loss", *(f"term {k}" for k in losses)]
+            )
         return DistillerOutput(out.logits, loss, losses, logits, features)

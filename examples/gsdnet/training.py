@@ -3,20 +3,17 @@ and the exported models that ``--save`` asks for."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
 from . import checkpoint
-from .build import Built
+from .build import BuiltRun
 from .cli import MODEL_FILES
+from .config import RunSpec
 from .console import Progress, epoch_line, keep_log
-from .distributed import DistEnv
-from .engine import Trainer, eval_loader, train_loader
+from .engine import Trained, Trainer, eval_loader, train_loader
 from .models import export_payload
 from .prepare import RunData
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -24,69 +21,58 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Trained:
-    """What training leaves: the model after the last epoch and the test results it kept."""
-
-    module: nn.Module  # the distiller (heads and hooks included) at the final epoch
-    final: dict  # test results of the final epoch
-    best: dict  # ... of the epoch with the best test accuracy (optimistic)
-    selected: dict | None  # {"epoch", "val", "test"} of the epoch picked on validation
-    selected_state: dict | None  # the distiller's weights at that epoch
-
-
-def train(
-    args: argparse.Namespace,
-    built: Built,
-    data: RunData,
-    classes: list[str],
-    seed: int,
-    env: DistEnv,
-    out: Path,
-    progress: Progress,
-) -> Trained:
+def train(run: RunSpec, built: BuiltRun, data: RunData, progress: Progress) -> Trained:
+    """Train ``built.module`` on ``data`` for the configured epochs; write ``log.jsonl``,
+    ``checkpoint.pt`` and the ``--save`` models into ``run.out``."""
+    config, env, out = run.config, run.env, run.out
     trainer = Trainer(
         built.module,
         env,
-        args.lr,
-        args.weight_decay,
-        args.lr_gamma,
-        args.amp,
-        args.sync_bn,
-        later_ties=args.as_shipped,
+        config.lr,
+        config.weight_decay,
+        config.lr_gamma,
+        config.amp,
+        config.sync_bn,
+        later_ties=config.as_shipped,
     )
-    if args.resume and (out / "checkpoint.pt").is_file():
-        trainer.resume(out / "checkpoint.pt", built.run_info, args.epochs)
-    elif args.resume:
+    if config.resume and (out / "checkpoint.pt").is_file():
+        trainer.resume(out / "checkpoint.pt", built.identity, config.epochs)
+    elif config.resume:
         log.info("%s: no checkpoint yet; this run of the command starts from epoch 1", out)
     keep_log()  # every check passed: from here on the command leaves train.log
 
     def save_model(kind: str, module: nn.Module) -> None:
-        if kind in args.save:
-            payload = export_payload(module, built.config, classes, IMAGENET_MEAN, IMAGENET_STD)
+        if kind in config.save:
+            payload = export_payload(module, built.build_info, data.classes, IMAGENET_MEAN, IMAGENET_STD)
             checkpoint.save(payload, out / MODEL_FILES[kind])
 
     def on_epoch(record: dict) -> None:
         lines = "".join(json.dumps(checkpoint.strict(r), allow_nan=False) + "\n" for r in trainer.history)
         checkpoint.atomic_write(out / "log.jsonl", lambda f: f.write(lines.encode()))
-        log.info("%s  [%s]", epoch_line(record, args.epochs), progress.step(record["seconds"]))
+        log.info("%s  [%s]", epoch_line(record, config.epochs), progress.step(record["seconds"]))
 
-    trainer.fit(
+    trained = trainer.fit(
         train_loader(
-            data.train, data.weights, args.batch_size, args.workers, env, seed, drop_last=args.as_shipped
+            data.train,
+            data.weights,
+            config.batch_size,
+            config.workers,
+            env,
+            run.seed,
+            drop_last=config.as_shipped,
         ),
         {
-            name: eval_loader(split, args.batch_size, args.workers, env)
+            name: eval_loader(split, config.batch_size, config.workers, env)
             for name, split in data.evals().items()
         },
-        args.epochs,
-        classes,
-        seed,
+        config.epochs,
+        data.classes,
+        run.seed,
         out,
-        built.run_info,
+        built.identity,
         on_improved=save_model,
         on_epoch=on_epoch,
     )
     if env.is_main:
-        save_model("final", trainer.module)
-    return Trained(trainer.module, trainer.last, trainer.best, trainer.selected, trainer.selected_state)
+        save_model("final", trained.module)
+    return trained
