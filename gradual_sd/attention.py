@@ -12,16 +12,14 @@ takes ``attn_layer=`` or ``se_layer=``.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from timm.layers import create_act_layer, make_divisible
 from torch import nn
 
-from .pooled_gate import avg_max_pool, pooled_gate
+from .pooled_gate import gate_path, grouped_linear, weighted_linear_sum
 
 __all__ = ["ACAM", "NormalizedACAM"]
 
@@ -83,88 +81,47 @@ class ACAM(nn.Module):
         self.weight_fc2 = nn.Conv1d(2 * rd_channels, 2, 1, groups=2, bias=mlp_bias, **dd)
         self.gate = create_act_layer(gate_layer)
 
-    def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
-        # The grouped 1x1 convolutions as one batched matmul per layer (group k reads branch k):
-        # the same parameters, without the CPU's slow grouped-convolution path.
-        c = pooled.shape[-1]
-        rd = self.rd_channels
-        by_branch = pooled.transpose(0, 1)  # (2, N, C)
-        hidden = _GroupedLinear.apply(by_branch, self.weight_fc1.weight.view(2, rd, c), self.weight_fc1.bias)
-        weights = _GroupedLinear.apply(
-            self.weight_act(hidden), self.weight_fc2.weight.view(2, 1, rd), self.weight_fc2.bias
-        )
-        weights = weights.transpose(0, 1)  # (N, 2, 1)
-        return weights.softmax(dim=1) if self.normalize_weights else weights
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise self._wrong_input(x, "(N, C, H, W)", axis=1)
+        path = gate_path(x, self.parameters())  # fused eager training, torch.compile or plain
+        pooled = path.pool(x)  # (N, 2, C): the average and the max of each channel
+        return path.multiply(x, self.gate_from_pooled(pooled))
 
     def gate_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """The gate ``(N, C)`` from the stacked ``(N, 2, C)`` average and max descriptors."""
-        hidden = self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias))  # (N, 2, rd)
-        weights = self.branch_weights(pooled)  # (N, 2, 1)
-        # fc2 is linear, so the weighted sum of its outputs on the two branches is fc2 of the
-        # weighted sum of their hidden activations, with the bias scaled by the weights' sum:
-        # one product of SE's size for the second layer instead of two.
-        mixed = torch.bmm(weights.transpose(1, 2), hidden).squeeze(1)  # (N, rd)
-        if self.fc2.bias is None:
-            return self.gate(F.linear(mixed, self.fc2.weight))
-        bias = weights.sum(1) * self.fc2.bias  # (N, C)
-        return self.gate(torch.addmm(bias, mixed, self.fc2.weight.t()))
+        weights = self.branch_weights(pooled)  # (N, 2, 1): g_avg(avg) and g_max(max)
+        hidden = self.act(F.linear(pooled, self.fc1.weight, self.fc1.bias))  # f's first layer, both
+        return self.gate(weighted_linear_sum(self.fc2, hidden, weights))  # w_avg f(avg) + w_max f(max)
 
-    def _gate_as(self, dtype: torch.dtype, pooled: torch.Tensor) -> torch.Tensor:
-        return self.gate_from_pooled(pooled).to(dtype)
+    def branch_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights ``(N, 2, 1)`` of the average and max branches."""
+        if pooled.dim() != 3 or pooled.shape[1] != 2 or pooled.shape[2] != self.channels:
+            raise self._wrong_input(pooled, "(N, 2, C)", axis=2)
+        by_branch = pooled.transpose(0, 1)  # (2, N, C): g_avg reads the average, g_max the max
+        hidden = self.weight_act(grouped_linear(by_branch, self.weight_fc1))
+        weights = grouped_linear(hidden, self.weight_fc2).transpose(0, 1)
+        return weights.softmax(dim=1) if self.normalize_weights else weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            # Inductor fuses these into the same map passes as SE (see pooled_gate).
-            gate = self.gate_from_pooled(avg_max_pool(x))
-        elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return pooled_gate(x, partial(self._gate_as, x.dtype))
-        else:
-            gate = self.gate_from_pooled(_avg_and_max(x))
-        # CUDA autocast runs sum in float32; without the cast the product would promote the
-        # whole map (and every layer after it) to float32.
-        return x * rearrange(gate, "n c -> n c 1 1").to(x.dtype)
+    def _wrong_input(self, t: torch.Tensor, layout: str, axis: int) -> ValueError:
+        """The error for ``t``, which is not a ``layout`` tensor with ``self.channels`` on ``axis``."""
+        name, shape = f"{type(self).__name__}({self.channels})", tuple(t.shape)
+        sizes = layout.strip("()").split(", ")  # e.g. ["N", "2", "C"]
+        if len(shape) != len(sizes) or any(s.isdigit() and int(s) != d for s, d in zip(sizes, shape)):
+            return ValueError(f"{name} takes an {layout} input, got one of shape {shape}")
+        fix = f"Build it with channels={shape[axis]}, or give it a {self.channels}-channel input"
+        if len(shape) == 4 and shape[-1] == self.channels:
+            fix = f"Its last axis has {self.channels}: if it is (N, H, W, C), use x.permute(0, 3, 1, 2)"
+        return ValueError(
+            f"{name} was built for {self.channels} channels but got {shape[axis]} on axis {axis} (C) of "
+            f"an input of shape {shape}, read as {layout}. {fix}"
+        )
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, rd_channels={self.rd_channels}, "
             f"normalize_weights={self.normalize_weights}"
         )
-
-
-def _avg_and_max(x: torch.Tensor) -> torch.Tensor:
-    """``(N, 2, C)`` descriptors when nothing is differentiated: no argmax is needed."""
-    return torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """``x[k] @ weight[k].T + bias[k]`` for each group ``k``: x ``(G, N, in)``, weight ``(G, out, in)``.
-
-    Autograd's own ``bmm(x, weight.transpose(1, 2))`` returns the weight's gradient transposed,
-    and reshaping it back to the parameter's shape copies it (at C = 2048 on the CPU the copy cost
-    as much as the gate's multiply of a 7x7 map); here it is computed in the weight's layout.
-    The backward is made of differentiable operations, so double backward still works.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        if bias is None:
-            return torch.bmm(x, weight.transpose(1, 2))
-        return torch.baddbmm(bias.view(weight.shape[0], 1, -1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        # Under autocast the forward's products ran in ``grad``'s dtype; the engine casts each
-        # gradient back to its input's dtype.
-        x, weight = x.to(grad.dtype), weight.to(grad.dtype)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
-        grad_x = torch.bmm(grad, weight) if needs_x else None
-        grad_weight = torch.bmm(grad.transpose(1, 2), x) if needs_weight else None
-        grad_bias = grad.sum(1).reshape(-1) if ctx.has_bias and needs_bias else None
-        return grad_x, grad_weight, grad_bias
 
 
 class NormalizedACAM(ACAM):

@@ -1,34 +1,106 @@
-"""The map-sized work of a channel gate built on average- and max-pooled descriptors.
+"""How ACAM runs fast: the map-sized work, the grouped products, and the choice of path.
 
-``x * gate(avg(x), max(x))`` reads the map to pool it and again to gate it; everything in
-between works on ``(N, C)`` numbers. Written as plain autograd, the max adds more: adaptive max
-pooling (a slow, uncoalesced kernel on CUDA for a 1x1 output), a backward that zero-fills a
-full-size gradient and scatters into it, and extra full-size adds where autograd sums the
-gradients that reach ``x`` by three paths. This module keeps the map passes at the floor that
-timm's SE has, plus the max's read and a scatter of ``N x C`` values:
+Internal to :mod:`gradual_sd.attention`. ACAM computes ``x * gate(avg(x), max(x))``; a path is
+the pair of operations around the gate network: ``pool`` (``(N, C, H, W) -> (N, 2, C)``) and
+``multiply`` (the map times an ``(N, C)`` gate). :func:`gate_path` is the one place that
+chooses:
 
-- :func:`avg_max_pool` pools with one mean and one max-with-argmax reduction and has a pointwise
-  backward. It is the form for ``torch.compile``: inductor reads the map once for both
-  reductions and folds the backward into the gate's, the same passes as SE.
-- :func:`pooled_gate` is the whole gate for eager training, as two autograd functions around
-  the gate network, which stays in the ordinary graph. The gating multiply's backward computes
-  the gate's gradient and leaves ``grad_out`` for the pooling's backward, which autograd runs
-  after the gate network's; that one writes ``grad_x = grad_out * gate + d_avg / (H*W)`` and
-  adds ``d_max`` at each argmax, so nothing full-size is summed afterwards.
+- eager training: :class:`FusedPath`, whose backward writes the map's gradient in one pass;
+- ``torch.compile``: :class:`CompiledPath`, a pool with a pointwise backward for inductor;
+- no gradient: :class:`PlainPath`, the formula as written (no argmax).
 
-The gradient of the max goes to the first maximal position in row-major order, as with
-``adaptive_max_pool2d``; ties (a channel that is all zero after a ReLU, say) are common in
-networks.
+All three give the same numbers. The gradient of the max goes to the first maximal position in
+row-major order, as with ``adaptive_max_pool2d``. Why each path exists: ``docs/design.md``,
+Attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["avg_max_pool", "pooled_gate", "spatial_max"]
+__all__ = [
+    "CompiledPath",
+    "FusedPath",
+    "PlainPath",
+    "gate_path",
+    "grouped_linear",
+    "spatial_max",
+    "weighted_linear_sum",
+]
+
+
+class PlainPath:
+    """The formula as written, for when no gradient is taken: no argmax is needed."""
+
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """``(N, 2, C)``: the average and the max of each channel."""
+        return torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1)
+
+    @staticmethod
+    def multiply(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``x`` times the ``(N, C)`` gate, in ``x``'s dtype."""
+        # CUDA autocast runs the gate network's sums in float32; without the cast the product
+        # would promote the whole map (and every layer after it) to float32.
+        return x * gate.to(x.dtype)[:, :, None, None]
+
+
+class CompiledPath(PlainPath):
+    """Under ``torch.compile``: a pool whose backward is pointwise, so inductor fuses it with the
+    gate's backward and reads the map once for both reductions."""
+
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return _AvgMaxPool.apply(x)
+
+
+class FusedPath(PlainPath):
+    """Eager training: two autograd functions around the gate network; one path per forward.
+
+    In a first-order backward the multiply's leaves ``grad_out``, the gate and a full-size buffer
+    here; the pool's, which autograd runs after the gate network's, writes the map's whole
+    gradient ``grad_out * gate + d_avg / (H*W)`` (plus ``d_max`` at each argmax) into that buffer.
+    """
+
+    def __init__(self) -> None:
+        self._left: tuple | None = None
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return _PoolForGate.apply(x, self)
+
+    def multiply(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return _Gate.apply(x, gate.to(x.dtype), self)
+
+    def _leave(self, grad_out: torch.Tensor, gate: torch.Tensor, buffer: torch.Tensor) -> None:
+        self._left = (torch._C._current_graph_task_id(), grad_out, gate, buffer)
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """What the multiply's backward left in this backward pass, or ``None``.
+
+        A pass that differentiates only the parameters runs the multiply's backward but not the
+        pool's; what it left must not reach a later pass (one through a graph of a gradient can
+        run the pool's backward alone).
+        """
+        left, self._left = self._left, None
+        if left is None or left[0] != torch._C._current_graph_task_id():
+            return None
+        return left[1:]
+
+
+_PLAIN, _COMPILED = PlainPath(), CompiledPath()
+
+
+def gate_path(x: torch.Tensor, parameters: Iterable[nn.Parameter]) -> PlainPath:
+    """The path for gating ``x`` with a gate network that has ``parameters``."""
+    if torch.compiler.is_compiling():
+        return _COMPILED
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in parameters)):
+        return FusedPath()
+    return _PLAIN
 
 
 def _cpu_kernels(t: torch.Tensor) -> bool:
@@ -43,13 +115,18 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def spatial_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over ``H x W`` of ``(N, C, H, W)`` and the flat ``h * W + w`` index of its first
-    occurrence, both ``(N, C)``, without copying the map.
+    """Max over ``H x W`` and the flat ``h * W + w`` index of its first occurrence, without
+    copying the map.
 
-    Each memory layout gets the reduction that reads it in order: for channels-last maps the CPU's
-    max pooling (one window over the whole map) runs across channels with vector instructions,
-    10-20 times faster there than a max over dim (``benchmarks/spatial_max.py``); elsewhere a
-    max over the flattened spatial axis.
+    Each layout gets the reduction that reads it in order; for channels-last maps on the CPU,
+    max pooling with one window over the whole map is the vectorised kernel
+    (``benchmarks/spatial_max.py`` times the candidates).
+
+    Args:
+        x: An ``(N, C, H, W)`` map.
+
+    Returns:
+        The ``(N, C)`` maxima and their ``(N, C)`` indices.
     """
     n, c, h, w = x.shape
     if _is_channels_last(x):
@@ -58,6 +135,110 @@ def spatial_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return peak.view(n, c), index.view(n, c)
         return x.permute(0, 2, 3, 1).reshape(n, h * w, c).max(1)  # a view in this layout
     return x.reshape(n, c, h * w).max(2)
+
+
+def _avg_max_with_index(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N, 2, C)`` average and max of each channel, and the max's flat index ``(N, C)``."""
+    peak, index = spatial_max(x)
+    return torch.stack((x.mean((2, 3)), peak), dim=1), index
+
+
+def _pool_grad(grad: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The map's gradient from the ``(N, 2, C)`` descriptors' gradient: ``d_avg / (H*W)``
+    everywhere plus ``d_max`` at each argmax.
+
+    Pointwise, not a scatter: compiled, it fuses with the gate's backward into one pass. It is
+    made of differentiable operations, so it also serves when a graph of the gradient is built.
+    """
+    n, c, h, w = shape
+    positions = torch.arange(h * w, device=index.device).view(h, w)
+    at_max = positions == index.view(n, c, 1, 1)
+    avg_grad, max_grad = (g.view(n, c, 1, 1) for g in grad.unbind(1))
+    return torch.where(at_max, max_grad, 0.0) + avg_grad / (h * w)
+
+
+class _AvgMaxPool(torch.autograd.Function):
+    """``(N, C, H, W) -> (N, 2, C)``: the average and the max of each channel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        pooled, index = _avg_max_with_index(x)
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (index,) = ctx.saved_tensors
+        return _pool_grad(grad, index, ctx.shape)
+
+
+class _PoolForGate(torch.autograd.Function):
+    """``(N, C, H, W) -> (N, 2, C)`` average and max; its backward returns the map's whole
+    gradient, the multiply's part included when :class:`_Gate` left it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, path: FusedPath) -> torch.Tensor:
+        pooled, index = _avg_max_with_index(x)
+        ctx.save_for_backward(index)
+        ctx.shape = x.shape
+        ctx.path = path
+        return pooled
+
+    @staticmethod
+    def backward(ctx, pooled_grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        left = ctx.path._take()
+        if left is None:  # the multiply returned its part itself, or got no gradient this pass
+            return _pool_grad(pooled_grad, index, ctx.shape), None
+        grad_out, gate, buffer = left
+        grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], buffer)
+        return _add_at_argmax(grad_x, index, pooled_grad[:, 1]), None
+
+
+class _Gate(torch.autograd.Function):
+    """``x * gate``; in a first-order backward the gradient for ``x`` is left to
+    :class:`_PoolForGate`, which adds the pooling's part to it in the same pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, path: FusedPath) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        ctx.path = path
+        return x * gate[:, :, None, None]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, gate = ctx.saved_tensors
+        needs_x, needs_gate, _ = ctx.needs_input_grad
+        if needs_x and needs_gate and not torch.is_grad_enabled():
+            # d(loss)/d(gate) reduces as soon as it multiplies; its full-size product becomes the
+            # buffer of the map's gradient (one fresh allocation instead of two: on the CPU a
+            # fresh one is also page-faulted in).
+            buffer = grad_out * x
+            ctx.path._leave(grad_out, gate, buffer)
+            return None, buffer.sum((2, 3)), None
+        # A graph of the gradient is being built (create_graph=True), or nothing reaches the
+        # pooling: the product rule, in differentiable operations.
+        grad_x = grad_out * gate[:, :, None, None] if needs_x else None
+        grad_gate = (grad_out * x).sum((2, 3)) if needs_gate else None
+        return grad_x, grad_gate, None
+
+
+def _gated_grad_plus_spread_average(
+    grad_out: torch.Tensor, gate: torch.Tensor, avg_grad: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``grad_out * gate + d_avg / (H*W)`` written into ``out`` (a full-size buffer of
+    ``grad_out``'s shape and dtype), in one pass where the device broadcasts well.
+
+    On CUDA ``addcmul`` is one kernel; on the CPU, kernels with two broadcast operands leave
+    their vector path, and a multiply then an in-place add is faster.
+    """
+    n, c, h, w = out.shape
+    gate4 = gate.view(n, c, 1, 1)
+    spread = (avg_grad / (h * w)).to(grad_out.dtype).view(n, c, 1, 1)
+    if _cpu_kernels(grad_out):
+        return torch.mul(grad_out, gate4, out=out).add_(spread)
+    return torch.addcmul(spread, grad_out, gate4, out=out)
 
 
 def _add_at_argmax(dense: torch.Tensor, index: torch.Tensor, peak_grad: torch.Tensor) -> torch.Tensor:
@@ -76,133 +257,66 @@ def _add_at_argmax(dense: torch.Tensor, index: torch.Tensor, peak_grad: torch.Te
     return dense
 
 
-def _avg_max_with_index(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(N, 2, C)`` average and max of each channel, and the max's flat index ``(N, C)``."""
-    peak, index = spatial_max(x)
-    return torch.stack((x.mean((2, 3)), peak), dim=1), index
+def grouped_linear(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """A grouped ``1x1`` ``Conv1d`` applied to one ``(N, in/G)`` input per group, as one batched
+    product: the CPU's grouped convolution is slow.
 
+    Args:
+        x: ``(G, N, in/G)``, group ``k``'s input at ``x[k]``.
+        conv: The convolution whose parameters are used (``G`` groups, kernel size 1).
 
-class _AvgMaxPool(torch.autograd.Function):
-    """``(N, C, H, W) -> (N, 2, C)``: the average and the max of each channel."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        pooled, index = _avg_max_with_index(x)
-        ctx.save_for_backward(index)
-        ctx.shape = x.shape
-        return pooled
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # Pointwise, not a scatter: compiled, this fuses with the gate's backward into one pass.
-        (index,) = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        positions = torch.arange(h * w, device=index.device).view(h, w)
-        at_max = positions == index.view(n, c, 1, 1)
-        avg_grad, max_grad = (g.view(n, c, 1, 1) for g in grad.unbind(1))
-        return torch.where(at_max, max_grad, 0.0) + avg_grad / (h * w)
-
-
-def avg_max_pool(x: torch.Tensor) -> torch.Tensor:
-    """Average and max of each channel of ``(N, C, H, W)`` as ``(N, 2, C)``.
-
-    Traceable by ``torch.compile`` (fullgraph); inductor fuses the two reductions into one
-    read of the map.
+    Returns:
+        ``(G, N, out/G)``.
     """
-    return _AvgMaxPool.apply(x)
+    groups = conv.groups
+    weight = conv.weight.view(groups, conv.out_channels // groups, conv.in_channels // groups)
+    return _GroupedLinear.apply(x, weight, conv.bias)
 
 
-GateFn = Callable[[torch.Tensor], torch.Tensor]
+class _GroupedLinear(torch.autograd.Function):
+    """``x[k] @ weight[k].T + bias[k]`` for each group ``k``: x ``(G, N, in)``, weight ``(G, out, in)``.
 
-
-class _Handoff:
-    """What the gating multiply's backward leaves for the pooling's backward: ``grad_out``, the
-    gate and a full-size buffer to write the map's gradient into."""
-
-    __slots__ = ("grad_out", "gate", "buffer")
-
-    def __init__(self) -> None:
-        self.grad_out = self.gate = self.buffer = None
-
-
-class _PoolForGate(torch.autograd.Function):
-    """``(N, C, H, W) -> (N, 2, C)`` average and max; its backward returns the map's whole
-    gradient, the gating multiply's part included (left in the handoff by :class:`_Gate`)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, handoff: _Handoff) -> torch.Tensor:
-        pooled, index = _avg_max_with_index(x)
-        ctx.save_for_backward(index)
-        ctx.handoff = handoff
-        return pooled
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, pooled_grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        handoff = ctx.handoff
-        if handoff.grad_out is None:  # the gate's backward always runs first: the gate reads the pool
-            raise RuntimeError("ACAM's pooling was differentiated without its gating multiply")
-        grad_out, gate, buffer = handoff.grad_out, handoff.gate, handoff.buffer
-        handoff.grad_out = handoff.gate = handoff.buffer = None
-        grad_x = _gated_grad_plus_spread_average(grad_out, gate, pooled_grad[:, 0], buffer)
-        return _add_at_argmax(grad_x, index, pooled_grad[:, 1]), None
-
-
-class _Gate(torch.autograd.Function):
-    """``x * gate``; the gradient for ``x`` is left to :class:`_PoolForGate`, which adds the
-    pooling's part to it in the same pass."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, handoff: _Handoff) -> torch.Tensor:
-        ctx.save_for_backward(x, gate)
-        ctx.handoff = handoff
-        return x * gate[:, :, None, None]
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[None, torch.Tensor | None, None]:
-        x, gate = ctx.saved_tensors
-        needs_x, needs_gate, _ = ctx.needs_input_grad
-        if not needs_gate:  # nothing reaches the pooling (a gate_fn that detaches): x's gradient is here
-            return grad_out * gate[:, :, None, None] if needs_x else None, None, None
-        # d(loss)/d(gate) reduces as soon as it multiplies; its full-size product becomes the
-        # buffer of the map's gradient (one fresh allocation instead of two: on the CPU a fresh
-        # one is also page-faulted in).
-        buffer = grad_out * x
-        gate_grad = buffer.sum((2, 3)).to(gate.dtype)
-        if needs_x:
-            ctx.handoff.grad_out, ctx.handoff.gate, ctx.handoff.buffer = grad_out, gate, buffer
-        return None, gate_grad, None
-
-
-def pooled_gate(x: torch.Tensor, gate_fn: GateFn) -> torch.Tensor:
-    """``x * gate_fn(avg_max(x))[:, :, None, None]`` with one backward pass for the map
-    (first-order gradients only).
-
-    ``gate_fn`` maps the ``(N, 2, C)`` average and max descriptors to an ``(N, C)`` gate in
-    ``x``'s dtype; it runs under ordinary autograd in the same graph, so its parameters, autocast
-    and checkpointing behave as anywhere else. The map's gradient, ``grad_out * gate + d_avg /
-    (H*W)`` plus ``d_max`` at each argmax, is written once by the pooling's backward, which
-    autograd runs after the gate's backward and the gate network's.
+    Autograd's own ``bmm(x, weight.transpose(1, 2))`` returns the weight's gradient transposed,
+    and reshaping it back to the parameter's shape copies it; here it is computed in the weight's
+    layout. The backward is made of differentiable operations, so double backward still works.
     """
-    handoff = _Handoff()
-    gate = gate_fn(_PoolForGate.apply(x, handoff))
-    return _Gate.apply(x, gate, handoff)
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.view(weight.shape[0], 1, -1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        # Under autocast the forward's products ran in ``grad``'s dtype; the engine casts each
+        # gradient back to its input's dtype.
+        x, weight = x.to(grad.dtype), weight.to(grad.dtype)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_x = torch.bmm(grad, weight) if needs_x else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if needs_weight else None
+        grad_bias = grad.sum(1).reshape(-1) if ctx.has_bias and needs_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
-def _gated_grad_plus_spread_average(
-    grad_out: torch.Tensor, gate: torch.Tensor, avg_grad: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """``grad_out * gate + d_avg / (H*W)`` written into ``out`` (a full-size buffer of
-    ``grad_out``'s shape and dtype), in one pass where the device broadcasts well.
+def weighted_linear_sum(layer: nn.Linear, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_b weights[:, b] * layer(hidden[:, b])`` with one product of ``layer``'s size.
 
-    On CUDA ``addcmul`` is one kernel; on the CPU, kernels with two broadcast operands leave
-    their vector path, and a multiply then an in-place add is about twice as fast.
+    ``layer`` is linear, so the sum equals ``layer``'s matrix times ``sum_b w_b * h_b``, plus its
+    bias times ``sum_b w_b``.
+
+    Args:
+        layer: The linear layer applied to every branch.
+        hidden: ``(N, B, in)``, one input per branch.
+        weights: ``(N, B, 1)``, one weight per sample and branch.
+
+    Returns:
+        ``(N, out)``.
     """
-    n, c, h, w = out.shape
-    gate4 = gate.view(n, c, 1, 1)
-    spread = (avg_grad / (h * w)).to(grad_out.dtype).view(n, c, 1, 1)
-    if _cpu_kernels(grad_out):
-        return torch.mul(grad_out, gate4, out=out).add_(spread)
-    return torch.addcmul(spread, grad_out, gate4, out=out)
+    mixed = torch.bmm(weights.transpose(1, 2), hidden).squeeze(1)  # (N, in)
+    if layer.bias is None:
+        return F.linear(mixed, layer.weight)
+    return torch.addmm(weights.sum(1) * layer.bias, mixed, layer.weight.t())

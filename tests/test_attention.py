@@ -172,6 +172,47 @@ def test_bad_arguments_raise(channels, kwargs):
         ACAM(channels, **kwargs)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "training"])
+@pytest.mark.parametrize("cls", [ACAM, NormalizedACAM])
+def test_a_map_with_other_channels_names_both_counts_and_the_axis(cls, requires_grad):
+    module = cls(16)
+    x = torch.randn(2, 8, 5, 5, requires_grad=requires_grad)
+    message = rf"{cls.__name__}\(16\) was built for 16 channels but got 8 on axis 1 \(C\) of an input"
+    with pytest.raises(ValueError, match=message + r" of shape \(2, 8, 5, 5\).*channels=8"):
+        module(x)
+
+
+def test_a_channels_last_tensor_is_told_to_permute():
+    with pytest.raises(ValueError, match=r"got 5 on axis 1 .*x\.permute\(0, 3, 1, 2\)"):
+        ACAM(16)(torch.randn(2, 5, 7, 16))  # (N, H, W, C)
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (2, 16, 5), (2, 16, 5, 5, 1)])
+def test_a_tensor_that_is_not_a_map_names_the_layout(shape):
+    with pytest.raises(ValueError, match=r"takes an \(N, C, H, W\) input, got one of shape"):
+        ACAM(16)(torch.randn(shape))
+
+
+@pytest.mark.parametrize("method", ["gate_from_pooled", "branch_weights"])
+@pytest.mark.parametrize(
+    "shape, message",
+    [((3, 2, 8), r"built for 16 channels but got 8 on axis 2"), ((3, 16), r"takes an \(N, 2, C\) input")],
+)
+def test_descriptors_of_the_wrong_shape_are_named(method, shape, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(NormalizedACAM(16), method)(torch.randn(shape))
+
+
+def test_the_channel_check_under_fullgraph_compile():
+    """The check is on static shapes: no graph break for the right map, the same words for a
+    wrong one (dynamo reports the raise as unsupported under ``fullgraph``)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(ACAM(16), backend="eager", fullgraph=True)
+    assert compiled(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
+    with pytest.raises(RuntimeError, match=r"built for 16 channels but got 8 on axis 1"):
+        compiled(torch.randn(2, 8, 4, 4))
+
+
 def test_timm_probe_and_create_attn():
     probe = ACAM(8, rd_ratio=1.0)  # EfficientNet's builder probes the class like this
     assert probe.rd_channels == 8

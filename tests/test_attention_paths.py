@@ -1,6 +1,6 @@
-"""ACAM's three forward paths (fused autograd function for training, the traceable pool for
+"""ACAM's three paths (fused autograd functions for eager training, the traceable pool for
 torch.compile, plain ops without gradients) against one plain-autograd formulation, in float64,
-with gradients, ties in the max, channels-last maps and 1x1 maps."""
+with first- and second-order gradients, ties in the max, channels-last maps and 1x1 maps."""
 
 from unittest import mock
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gradual_sd import ACAM, NormalizedACAM
 from gradual_sd import pooled_gate as pooled_gate_module
-from gradual_sd.pooled_gate import avg_max_pool, pooled_gate, spatial_max
+from gradual_sd.pooled_gate import CompiledPath, FusedPath, spatial_max
 
 
 def plain_acam(module: ACAM, x: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,11 @@ def plain_acam(module: ACAM, x: torch.Tensor) -> torch.Tensor:
     attn = module.gate((shared * weights).sum(dim=1))
     assert hidden.shape[1] == 2 * rd
     return x * attn[:, :, None, None]
+
+
+def through(path, module: ACAM, x: torch.Tensor, gate_fn=None) -> torch.Tensor:
+    """ACAM's forward along one ``path`` (``gate_fn`` defaults to the module's gate network)."""
+    return path.multiply(x, (gate_fn or module.gate_from_pooled)(path.pool(x)))
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -93,9 +98,7 @@ def check_paths_equal_plain_autograd(
     grad_out = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     expected = gradients(module, x, lambda v: plain_acam(module, v), grad_out)
     fused = gradients(module, x, module, grad_out)
-    traceable = gradients(
-        module, x, lambda v: v * module.gate_from_pooled(avg_max_pool(v))[..., None, None], grad_out
-    )
+    traceable = gradients(module, x, lambda v: through(CompiledPath(), module, v), grad_out)
     for got in (fused, traceable):
         torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-12, atol=1e-13)
@@ -135,10 +138,10 @@ def test_gradcheck_fused_function_and_pool():
     params = tuple(module.parameters())
 
     def fused(x, *_params):  # gradcheck perturbs the parameters themselves in place
-        return pooled_gate(x, module.gate_from_pooled)
+        return through(FusedPath(), module, x)
 
     assert torch.autograd.gradcheck(fused, (x, *params))
-    assert torch.autograd.gradcheck(avg_max_pool, (x,))
+    assert torch.autograd.gradcheck(CompiledPath.pool, (x,))
 
 
 def test_partial_gradients_and_a_detached_gate():
@@ -158,7 +161,7 @@ def test_partial_gradients_and_a_detached_gate():
     def detached(pooled):
         return module.gate_from_pooled(pooled).detach()
 
-    (x_grad,) = torch.autograd.grad(pooled_gate(x, detached), [x], grad_out)
+    (x_grad,) = torch.autograd.grad(through(FusedPath(), module, x, detached), [x], grad_out)
     gate = module.gate_from_pooled(torch.stack((x.mean((2, 3)), x.amax((2, 3))), dim=1))
     torch.testing.assert_close(x_grad, grad_out * gate[:, :, None, None].detach())
 
@@ -180,12 +183,86 @@ def test_frozen_parameters_or_frozen_input_get_the_right_gradients():
         torch.testing.assert_close(p.grad, expected[2][name], rtol=1e-12, atol=1e-13, msg=name)
 
 
-def test_second_order_gradients_are_refused_not_wrong():
-    module = ACAM(8).double()
-    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(module(x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
-        grad.sum().backward()
+def penalty_gradients(forward, x: torch.Tensor, params, v: torch.Tensor, loss: str):
+    """Gradients of a gradient penalty: the input gradient of ``loss``, built with
+    ``create_graph=True``, then its squared norm differentiated for the input and ``params``."""
+    x = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    out = forward(x)
+    objective = (out * v).sum() if loss == "linear" else (out * v).square().sum()
+    (input_grad,) = torch.autograd.grad(objective, x, create_graph=True)
+    return torch.autograd.grad(input_grad.square().sum(), [x, *params])
+
+
+@pytest.mark.parametrize("loss", ["linear", "square"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("path", ["fused", "compiled"])
+@pytest.mark.parametrize("cls", [ACAM, NormalizedACAM])
+def test_gradient_penalty_equals_the_plain_formulas(cls, path, channels_last, loss):
+    """Second order, ties included. With a loss linear in the output, the penalty's backward runs
+    the pooling's backward without the gating multiply's; with a square, both."""
+    module = cls(12, rd_ratio=0.5).double()
+    randomize(module, 9)
+    x = make_input((2, 12, 4, 5), "relu", channels_last, 10)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    params = list(module.parameters())
+    forward = module if path == "fused" else (lambda t: through(CompiledPath(), module, t))
+    expected = penalty_gradients(lambda t: plain_acam(module, t), x, params, v, loss)
+    assert expected[0].abs().sum() > 0
+    for cpu_kernels in (True, False):  # False: the formulas chosen for CUDA, run on the CPU
+        with mock.patch.object(pooled_gate_module, "_cpu_kernels", lambda t, cpu=cpu_kernels: cpu):
+            got = penalty_gradients(forward, x, params, v, loss)
+        for name, a, b in zip(["x", *dict(module.named_parameters())], got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{name}, {cpu_kernels=}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_gradgradcheck_through_the_module(channels_last):
+    module = ACAM(4, rd_channels=2).double()
+    randomize(module, 12)
+    x = torch.randn(2, 4, 2, 3, dtype=torch.float64)  # no ties: a finite difference must not move a max
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def acam(x, *_params):  # gradgradcheck perturbs the parameters themselves in place
+        return module(x)
+
+    assert type(module(x).grad_fn).__name__ == "_GateBackward"
+    assert torch.autograd.gradgradcheck(acam, (x, *module.parameters()))
+
+
+def test_input_gradient_differentiates_in_the_parameters_with_ties():
+    """Ties are safe when only the parameters are perturbed: the maps' argmaxes stay put."""
+    module = NormalizedACAM(4, rd_channels=2).double()
+    randomize(module, 13)
+    x = make_input((2, 4, 2, 3), "relu", False, 14).requires_grad_()
+    v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+
+    def input_grad(*_params):
+        (grad,) = torch.autograd.grad((module(x) * v).square().sum(), x, create_graph=True)
+        return grad
+
+    assert torch.autograd.gradcheck(input_grad, tuple(module.parameters()))
+
+
+def test_a_parameters_only_pass_leaves_nothing_for_a_later_pass():
+    """A first-order pass for the parameters alone runs the multiply's backward but not the
+    pooling's; what the multiply left for the pooling must not reach the pooling's backward in
+    a later pass through the input gradient's graph, which runs it alone."""
+    module = ACAM(12, rd_ratio=0.5).double()
+    randomize(module, 16)
+    x = make_input((2, 12, 4, 5), "relu", False, 17)
+    v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    params = list(module.parameters())
+    results = []
+    for forward in (lambda t: plain_acam(module, t), module):
+        xg = x.clone().requires_grad_()
+        out = forward(xg)
+        (input_grad,) = torch.autograd.grad((out * v).sum(), xg, create_graph=True)
+        torch.autograd.grad(out, params, v.square(), retain_graph=True)
+        results.append(torch.autograd.grad(input_grad.square().sum(), [xg, *params]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -1,6 +1,7 @@
 """The library on a CUDA device: float32 equal to the CPU, float16 and bfloat16 autocast (with a
 gradient scaler for float16), the deferred finite check, no host synchronisation in a training
-step, channels-last inputs, inductor, and early exit.
+step, channels-last inputs, inductor, early exit, and ACAM's fused path against the CPU's (first and
+second order).
 
 CI has no GPU, so these are skipped there, and pytest says so. On a GPU machine:
 ``python -m pytest tests/test_cuda.py -v -rs`` (``benchmarks/gpu.sh`` runs it).
@@ -243,4 +244,28 @@ def test_fused_acam_on_cuda_equals_the_cpu_with_ties(channels_last):
     torch.testing.assert_close(out_g, out_c)
     torch.testing.assert_close(gx_g, gx_c)
     for got, expected in zip(gp_g, gp_c):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_second_order_through_fused_acam_on_cuda_equals_the_cpu(channels_last):
+    """A gradient penalty (input gradient built with create_graph=True, then differentiated)
+    on CUDA against the CPU's, in float64, with all-zero channels."""
+    torch.manual_seed(1)
+    cpu = ACAM(48).double()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(4, 48, 7, 9, dtype=torch.float64).relu()
+    x[:, :8] = 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    v = torch.randn_like(x)
+    results = []
+    for module, device in ((cpu, "cpu"), (gpu, "cuda")):
+        xd = x.detach().to(device).requires_grad_()
+        out = module(xd)
+        assert type(out.grad_fn).__name__ == "_GateBackward"
+        (input_grad,) = torch.autograd.grad((out * v.to(device)).square().sum(), xd, create_graph=True)
+        grads = torch.autograd.grad(input_grad.square().sum(), [xd, *module.parameters()])
+        results.append([g.cpu() for g in grads])
+    for got, expected in zip(*results[::-1]):
         torch.testing.assert_close(got, expected)
