@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+__version__ = "0.3.0.dev0"
 
 # Each public name and the module that defines it.
 _SOURCES = {
