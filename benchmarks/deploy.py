@@ -53,7 +53,13 @@ def export_whole(model: torch.nn.Module, example: torch.Tensor, path: Path) -> P
     """The plain model as one ONNX file with a dynamic batch."""
     batch = torch.export.Dim("batch")
     torch.onnx.export(
-        model.eval(), (example,), str(path), dynamo=True, dynamic_shapes=({0: batch},), external_data=False
+        model.eval(),
+        (example,),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=({0: batch},),
+        external_data=False,
+        verbose=False,
     )
     return path
 
