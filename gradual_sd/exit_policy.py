@@ -19,6 +19,7 @@ __all__ = [
     "route",
     "evaluate",
     "choose_thresholds",
+    "choose_thresholds_within_cost",
     "expected_calibration_error",
 ]
 
@@ -106,13 +107,8 @@ def choose_thresholds(
         correct: ``(heads + 1, N)`` bool, whether each exit (the classifier last) is right.
         costs: The model's :class:`ExitCosts`.
     """
-    heads, samples = confidence.shape
-    if correct.shape != (heads + 1, samples):
-        raise ValueError(
-            f"correct must be (heads + 1, N) = {(heads + 1, samples)}, got {tuple(correct.shape)}"
-        )
-    if len(costs.heads) != heads or len(costs.stages) != heads:
-        raise ValueError(f"costs describe {len(costs.heads)} heads, confidence has {heads}")
+    heads = confidence.shape[0]
+    _check_shapes(confidence, correct, costs)
     if not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
     floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
@@ -132,6 +128,74 @@ def choose_thresholds(
         if not changed:
             break
     return thresholds
+
+
+def choose_thresholds_within_cost(
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    costs: ExitCosts,
+    max_cost: float,
+    max_candidates: int = 256,
+    max_rounds: int = 20,
+    levels: int = 101,
+) -> list[float]:
+    """Thresholds with the best accuracy whose mean cost is at most ``max_cost`` times the
+    model's own (``costs.full``): a compute budget, as a deployment states it.
+
+    The search starts from the best single threshold shared by every head (``levels`` levels
+    spread over the observed confidences, 0 included), then refines one head at a time as
+    :func:`choose_thresholds` does, keeping the budget; ties go to the lower cost, then to the
+    higher threshold. Checked on the calibration data only.
+
+    Raises:
+        ValueError: if ``max_cost`` is below the cheapest answer (every sample at the first head).
+    """
+    heads = confidence.shape[0]
+    _check_shapes(confidence, correct, costs)
+    if not max_cost > 0:
+        raise ValueError(f"max_cost is a fraction of the model's FLOPs, > 0; got {max_cost!r}")
+    budget = max_cost * costs.full * (1 + 1e-12)
+    cheapest = evaluate(confidence, correct, costs, [0.0] * heads)[1] / costs.full
+    if cheapest * costs.full > budget:
+        raise ValueError(
+            f"max_cost={max_cost} is below the cheapest answer, {cheapest:.4f} of the model's FLOPs "
+            "(every sample at the first head); allow at least that"
+        )
+
+    def key(trial: list[float]) -> tuple | None:
+        """What the search minimises, or ``None`` over the budget."""
+        accuracy, cost = evaluate(confidence, correct, costs, trial)
+        return None if cost > budget else (-accuracy, cost, [-t for t in trial])
+
+    thresholds = [0.0] * heads
+    best = key(thresholds)
+    quantiles = torch.linspace(0, 1, levels, dtype=torch.float64)
+    for level in torch.quantile(confidence.flatten().double(), quantiles).tolist():
+        found = key([level] * heads)
+        if found is not None and found < best:
+            thresholds, best = [level] * heads, found
+    options = [_candidates(confidence[k], max_candidates) for k in range(heads)]
+    for _ in range(max_rounds):
+        changed = False
+        for k in range(heads):
+            for value in options[k]:
+                trial = [*thresholds[:k], value, *thresholds[k + 1 :]]
+                found = key(trial)
+                if found is not None and found < best:
+                    thresholds, best, changed = trial, found, True
+        if not changed:
+            break
+    return thresholds
+
+
+def _check_shapes(confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts) -> None:
+    heads, samples = confidence.shape
+    if correct.shape != (heads + 1, samples):
+        raise ValueError(
+            f"correct must be (heads + 1, N) = {(heads + 1, samples)}, got {tuple(correct.shape)}"
+        )
+    if len(costs.heads) != heads or len(costs.stages) != heads:
+        raise ValueError(f"costs describe {len(costs.heads)} heads, confidence has {heads}")
 
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:

@@ -4,6 +4,7 @@ reference, refusal of cross-stage models, calibration, saving and loading."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from functools import partial
@@ -16,8 +17,15 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead
-from gradual_sd.exit_policy import ExitCosts, choose_thresholds, expected_calibration_error, route
+from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead, StageInfo
+from gradual_sd.exit_policy import (
+    ExitCosts,
+    choose_thresholds,
+    choose_thresholds_within_cost,
+    evaluate,
+    expected_calibration_error,
+    route,
+)
 from gradual_sd.taps import to_feature_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -280,15 +288,28 @@ class Twice(nn.Module):
         return self.fc(self.stage1(self.stage1(x)).mean((2, 3)))
 
 
+def stage(name: str, element: int | None = None) -> StageInfo:
+    """A hand-written NCHW stage description."""
+    return StageInfo(name, (), "NCHW", None, None, 0, element)
+
+
 def test_a_stage_that_runs_twice_is_refused():
     head = PooledHead(3, 3, 2, attn_layer=None)
     with pytest.raises(ValueError, match="each stage must run once"):
-        EarlyExitModel(Twice(), [head], ["stage1"], ["NCHW"], "fc", example_input=torch.zeros(1, 3, 4, 4))
+        EarlyExitModel(Twice(), [head], [stage("stage1")], "fc", example_input=torch.zeros(1, 3, 4, 4))
+
+
+def test_stage_names_instead_of_descriptions_are_refused():
+    head = PooledHead(3, 3, 2, attn_layer=None)
+    with pytest.raises(TypeError, match="distiller.stages"):
+        EarlyExitModel(Twice(), [head], ["stage1"], "fc")
 
 
 class Pair(nn.Module):
+    """Returns ``(x, extra)`` as PiT's and MViTv2's stages do; ``extra`` has the batch first too."""
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x.flip(0)
+        return x, x.mean((2, 3))
 
 
 class TupleStage(nn.Module):
@@ -296,17 +317,56 @@ class TupleStage(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
         self.stage1 = Pair()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, extra = self.stage1(self.conv(x))
+        return self.fc(torch.cat([features.amax((2, 3)), extra], 1))
+
+
+def test_tuple_stage_outputs_exit_with_every_element_shrunk():
+    torch.manual_seed(0)
+    model = TupleStage().eval()
+    head = PooledHead(4, 4, 2, attn_layer=None).eval()
+    exits = EarlyExitModel(model, [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4))
+    images = torch.randn(6, 3, 4, 4)
+    with torch.no_grad():
+        head_logits = head(model.conv(images))[0]
+        confidence = head_logits.softmax(-1).amax(-1)
+        exits.set_thresholds([confidence.median().item()])
+        out = exits(images)
+        leave = confidence >= exits.thresholds[0]
+    assert 0 < int(leave.sum()) < len(images)
+    assert out.exit_index.tolist() == [0 if gone else 1 for gone in leave.tolist()]
+    torch.testing.assert_close(out.logits[leave], head_logits[leave])
+    torch.testing.assert_close(out.logits[~leave], model(images[~leave]))
+
+
+class FoldingPair(nn.Module):
+    """Returns ``(x, pixels)`` where ``pixels`` folds the positions into the first axis (as TNT's
+    pixel embeddings do), so it cannot be cut by sample."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+class FoldingTupleStage(TupleStage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = FoldingPair()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.stage1(self.conv(x))[0].mean((2, 3)))
+        features, pixels = self.stage1(self.conv(x))
+        return self.fc(features.mean((2, 3)) + pixels.reshape(features.shape[0], -1, 4).mean(1))
 
 
-def test_tuple_stage_outputs_are_refused():
-    model = TupleStage()
+def test_a_tuple_stage_with_a_folded_batch_is_refused():
     head = PooledHead(4, 4, 2, attn_layer=None)
-    with pytest.raises(ValueError, match="stage 'stage1' returns tuple"):
-        EarlyExitModel(model, [head], ["stage1"], ["NCHW"], "fc", example_input=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="samples cannot leave at stage 'stage1'"):
+        EarlyExitModel(
+            FoldingTupleStage(), [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4)
+        )
 
 
 # -- calibration -------------------------------------------------------------------------------
@@ -356,6 +416,63 @@ def test_calibrate_keeps_the_accuracy_it_promises(resnet):
     assert accuracy >= 42 / 48 - 0.1 - 1e-9
     assert summary["flops_ratio"] < 1.0
     exits.set_thresholds(math.inf)
+
+
+def test_calibrate_within_a_budget_keeps_it(resnet):
+    exits, plain = resnet
+    x = images(48, seed=5)
+    with torch.no_grad():
+        targets = plain(x).argmax(-1)
+    targets[:6] = (targets[:6] + 1) % 5
+    try:
+        summary = exits.calibrate((x, targets), max_cost=0.6)
+        with torch.no_grad():
+            out = exits(x)
+        costs = exits.exit_costs(x[:1])
+        spent = costs.per_exit(exits.thresholds)[out.exit_index].mean().item() / costs.full
+        assert spent == pytest.approx(summary["flops_ratio"]) and spent <= 0.6
+        accuracy = (out.logits.argmax(-1) == targets).double().mean().item()
+        assert accuracy == pytest.approx(summary["accuracy"])
+        assert summary["accuracy_drop"] == pytest.approx(summary["full_accuracy"] - accuracy)
+        with pytest.raises(ValueError, match="not both"):
+            exits.calibrate((x, targets), max_accuracy_drop=0.01, max_cost=0.5)
+        with pytest.raises(ValueError, match="below the cheapest answer"):
+            exits.calibrate((x, targets), max_cost=0.01)
+    finally:
+        exits.set_thresholds(math.inf)
+
+
+def test_budget_search_finds_the_best_accuracy_of_one_head():
+    # One head; exiting costs 1, the classifier 10 (11 with the head on the way). Within a mean
+    # cost of 5.5 at most 4 of 10 samples may go on, so the head answers the six most confident
+    # and is wrong on one of them (0.7): 9 of 10.
+    confidence = torch.tensor([[0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]])
+    head_right = torch.tensor([1, 1, 1, 1, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    correct = torch.stack([head_right, torch.ones(10, dtype=torch.bool)])
+    costs = ExitCosts((0.0,), (1.0,), 10.0)
+    thresholds = choose_thresholds_within_cost(confidence, correct, costs, max_cost=0.55)
+    accuracy, cost = evaluate(confidence, correct, costs, thresholds)
+    assert cost <= 5.5
+    # Brute force over every threshold: a single head's exits are the samples at or above it.
+    best = max(
+        evaluate(confidence, correct, costs, [t])[0]
+        for t in [*confidence[0].tolist(), math.inf]
+        if evaluate(confidence, correct, costs, [t])[1] <= 5.5
+    )
+    assert accuracy == best == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("method", ["calibrate", "tradeoff", "profile"])
+def test_targets_outside_the_classes_are_refused(resnet, method):
+    exits, _ = resnet
+    x = images(8, seed=5)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    options = {"repeats": 1, "latency_images": 2, "batch_sizes": (1,)} if method == "profile" else {}
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\] for 5 classes"):
+        getattr(exits, method)((x, targets), **options)
+    with pytest.raises(TypeError, match="class indices"):
+        getattr(exits, method)((x, torch.rand(8, 5)), **options)
+    assert exits.thresholds == (math.inf,) * 3
 
 
 @settings(max_examples=30, deadline=None)
@@ -447,6 +564,7 @@ def test_state_dict_and_saved_files_round_trip(tmp_path, head_factory):
     user_model = timm.create_model("resnet18", num_classes=5)  # the user's own constructor
     loaded = EarlyExitModel.load(tmp_path, user_model, example_input=torch.zeros(1, 3, SIZE, SIZE))
     assert loaded.thresholds == exits.thresholds
+    assert loaded.stages == exits.stages
     assert [getattr(h, "pool_size", None) for h in loaded.heads] == [
         getattr(h, "pool_size", None) for h in exits.heads
     ]
@@ -455,6 +573,22 @@ def test_state_dict_and_saved_files_round_trip(tmp_path, head_factory):
             out = rebuilt(x)
         assert torch.equal(out.exit_index, expected.exit_index)
         assert torch.equal(out.logits, expected.logits)
+
+
+def test_folders_saved_by_version_0_2_still_load(tmp_path):
+    exits, _ = build("resnet18")
+    exits.save(tmp_path)
+    config = json.loads((tmp_path / "early_exit.json").read_text())
+    stages = config.pop("stages")
+    config["stage_names"] = [s["name"] for s in stages]
+    config["layouts"] = [s["layout"] for s in stages]
+    config["num_prefix_tokens"] = [s["num_prefix_tokens"] for s in stages]
+    (tmp_path / "early_exit.json").write_text(json.dumps(config))
+    loaded = EarlyExitModel.load(tmp_path, timm.create_model("resnet18", num_classes=5))
+    assert loaded.stage_names == exits.stage_names and loaded.layouts == exits.layouts
+    x = images(4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, exits(x).logits)
 
 
 def test_load_asks_for_heads_it_cannot_rebuild(tmp_path):

@@ -2,7 +2,11 @@
 methods, and the saved exit model rebuilt from the exported files alone."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +19,10 @@ from gsdnet.datasets import build_datasets
 from gsdnet.engine import Trainer
 from gsdnet.models import load_exported
 from gsdnet.transforms import eval_transform
+
+from gradual_sd.runtime import OnnxExitModel
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,6 +60,29 @@ def test_report_and_reload(tmp_path):
     assert shares == pytest.approx([row["share"] for row in report["report"]["exits"]])
     accuracy = (answered.logits.argmax(-1) == targets).double().mean().item()
     assert accuracy == pytest.approx(report["report"]["accuracy"])
+
+    # The same exits for ONNX Runtime: same answers, and deploy_exits.py on image files.
+    runtime = OnnxExitModel(out / "early_exit_onnx", threads=1)
+    assert runtime.class_names == [str(d) for d in range(10)]
+    assert runtime.thresholds == exits.thresholds
+    deployed = runtime(images.numpy())
+    assert deployed.exit_index.tolist() == answered.exit_index.tolist()
+    np.testing.assert_allclose(deployed.logits, answered.logits.numpy(), rtol=1e-4, atol=1e-4)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        test.load(i).save(folder / f"digit{i}.png")
+    printed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "deploy_exits.py"), str(out / "early_exit_onnx"), str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.split("|")[1:-1] for line in printed.splitlines() if line.startswith(f"| {folder}")]
+    exit_names = [*exits.stage_names, "fc (full model)"]
+    assert [(c.strip(), e.strip()) for _, c, e, _, _ in rows] == [
+        (str(int(answered.logits[i].argmax())), exit_names[int(answered.exit_index[i])]) for i in range(3)
+    ]
 
 
 def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeypatch):

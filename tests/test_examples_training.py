@@ -105,7 +105,7 @@ def test_one_epoch_per_layout(tmp_path, layout, capsys):
     assert metrics["early_exit"] is not None
     expected += ["early_exit.md", "early_exit.png"]
     if "model_final.pt" in expected:  # the exit model is saved with the final model
-        expected.append("early_exit")
+        expected += ["early_exit", "early_exit_onnx"]
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["metrics.json", "log.jsonl", "confusion_matrix.png", "train.log", *expected])
     saved = json.loads((out / "metrics.json").read_text())

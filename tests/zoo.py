@@ -47,6 +47,19 @@ def smallest_per_family() -> dict[str, str]:
     return chosen
 
 
+def cached_families(config) -> dict[str, str]:
+    """:func:`smallest_per_family`, cached in pytest's cache per timm version (choosing builds
+    about 300 models on the meta device)."""
+    cache = getattr(config, "cache", None)
+    key = f"gradual_sd/zoo/timm-{timm.__version__}"
+    families = cache.get(key, None) if cache is not None else None
+    if families is None:
+        families = smallest_per_family()
+        if cache is not None:
+            cache.set(key, families)
+    return families
+
+
 def train_two_steps(distiller, images: torch.Tensor, targets: torch.Tensor) -> None:
     """Two SGD steps of a zoo model's distiller: finite losses, and after the first backward
     every head parameter has a gradient (a head off the graph would not)."""

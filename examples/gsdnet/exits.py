@@ -19,10 +19,12 @@ from gradual_sd import EarlyExitModel, GradualSelfDistiller
 
 from .checkpoint import atomic_write
 from .datasets.common import log
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
-EXIT_MODEL = "early_exit"  # the folder of the deployable exit model (--save final)
-EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", EXIT_MODEL)  # what report_exits may write
+EXIT_MODEL = "early_exit"  # the folder of the exit model for PyTorch (--save final)
+EXIT_ONNX = "early_exit_onnx"  # the same exits for ONNX Runtime (examples/deploy_exits.py)
+EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", EXIT_MODEL, EXIT_ONNX)  # what report_exits may write
 CAPTION = (
     "Curve: one threshold shared by every head. At 1 no sample leaves early, yet every head still "
     "runs, so the curve ends right of 1.0x: the heads' own cost. Star: the calibrated thresholds, "
@@ -52,6 +54,7 @@ def report_exits(
     batch_size: int,
     out: Path,
     title: str,
+    classes: list[str],
     save: bool = True,
 ) -> dict | None:
     """Turn the trained heads into early exits and report them; return the summary for
@@ -65,7 +68,9 @@ def report_exits(
         batch_size: The batch of the loaders and of the second latency column.
         out: The run's folder, where ``early_exit.md`` and ``early_exit.png`` go.
         title: The reports' title, which names the model's epoch.
-        save: Also write the exit model (:func:`save_exit_model`) into ``out / EXIT_MODEL``.
+        classes: The class names, recorded in the ONNX folder.
+        save: Also write the exit model (:func:`save_exit_model`) into ``out / EXIT_MODEL``
+            and ``out / EXIT_ONNX``.
     """
     calibrate_on, report_on, how = calibration_split(evaluated, val)
     if len(calibrate_on) == 0 or len(report_on) == 0:
@@ -81,7 +86,7 @@ def report_exits(
     table = exits.profile(loader(report_on), batch_sizes=(1, batch_size), repeats=3, latency_images=32)
     curve = table.pop("tradeoff")  # from the same pass over report_on as the table
     if save:
-        save_exit_model(exits, out / EXIT_MODEL)
+        save_exit_model(exits, out, classes, example)
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
@@ -95,7 +100,7 @@ def report_exits(
         table["latency_ratio"][1],
         table["latency_ratio"][batch_size],
         batch_size,
-        f", {EXIT_MODEL}/" if save else "",
+        f", {EXIT_MODEL}/, {EXIT_ONNX}/" if save else "",
     )
     return {
         "how": how,
@@ -106,9 +111,14 @@ def report_exits(
     }
 
 
-def save_exit_model(exits: EarlyExitModel, folder: Path) -> None:
-    """Write the calibrated exit model, everything needed to run it, into ``folder``."""
-    exits.save(folder)
+def save_exit_model(exits: EarlyExitModel, out: Path, classes: list[str], example) -> None:
+    """Write the calibrated exit model into ``out``: ``early_exit/`` for PyTorch
+    (:meth:`EarlyExitModel.load`) and ``early_exit_onnx/`` for ONNX Runtime
+    (``gradual_sd.runtime.OnnxExitModel``, ``examples/deploy_exits.py``), with the class names
+    and the input normalisation the evaluation transform applies."""
+    exits.save(out / EXIT_MODEL)
+    metadata = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": list(example.shape[-2:])}
+    exits.export_onnx(out / EXIT_ONNX, example_input=example, class_names=classes, metadata=metadata)
 
 
 def exit_table(table: dict, calibrated: dict, how: str, batch_size: int) -> str:

@@ -131,6 +131,7 @@ def report(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained, repor
             config.batch_size,
             out,
             title,
+            data.classes,
             save="final" in config.save,  # the exit model holds a whole model, as --save final does
         )
         if metrics["early_exit"] is not None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..exit_policy import ExitCosts, choose_thresholds, evaluate
+from ..exit_policy import ExitCosts, choose_thresholds, choose_thresholds_within_cost, evaluate
 from .costs import exit_costs
 from .data import Data, collect, device_of, first_images
 
@@ -45,16 +45,33 @@ def curve(found: Outcomes, levels: Sequence[float]) -> list[dict[str, float]]:
 
 
 def calibrate(
-    exits: EarlyExitModel, data: Data, max_accuracy_drop: float, show_progress: bool | None
+    exits: EarlyExitModel,
+    data: Data,
+    max_accuracy_drop: float | None,
+    max_cost: float | None,
+    show_progress: bool | None,
 ) -> dict[str, Any]:
-    """Set ``exits``' thresholds by :func:`~gradual_sd.exit_policy.choose_thresholds`; what they
-    reach on ``data``."""
+    """Set ``exits``' thresholds for an accuracy target (:func:`~gradual_sd.exit_policy.choose_thresholds`)
+    or a compute budget (:func:`~gradual_sd.exit_policy.choose_thresholds_within_cost`); what
+    they reach on ``data``."""
+    if max_accuracy_drop is not None and max_cost is not None:
+        raise ValueError(
+            f"pass max_accuracy_drop ({max_accuracy_drop}) or max_cost ({max_cost}), not both: "
+            "one is the target, the other what it costs"
+        )
     _, _, confidence, correct, costs = outcomes(exits, data, show_progress, "calibrate")
-    exits.set_thresholds(choose_thresholds(confidence, correct, costs, max_accuracy_drop))
+    if max_cost is not None:
+        chosen = choose_thresholds_within_cost(confidence, correct, costs, max_cost)
+    else:
+        drop = 0.005 if max_accuracy_drop is None else max_accuracy_drop
+        chosen = choose_thresholds(confidence, correct, costs, drop)
+    exits.set_thresholds(chosen)
     accuracy, flops = evaluate(confidence, correct, costs, exits.thresholds)
+    full_accuracy = correct[-1].double().mean().item()
     return {
         "thresholds": list(exits.thresholds),
         "accuracy": accuracy,
-        "full_accuracy": correct[-1].double().mean().item(),
+        "full_accuracy": full_accuracy,
+        "accuracy_drop": full_accuracy - accuracy,
         "flops_ratio": flops / costs.full,
     }

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..losses import check_targets
 from .progress import progress
 
 if TYPE_CHECKING:
@@ -69,4 +70,11 @@ def collect(
             for store, logits in zip(per_exit, exits.exit_logits(images)):
                 store.append(logits.float().cpu())
             targets.append(labels.cpu())
-    return [torch.cat(z) for z in per_exit], torch.cat(targets)
+    logits, labels = [torch.cat(z) for z in per_exit], torch.cat(targets)
+    if labels.is_floating_point():
+        raise TypeError(
+            f"targets are {labels.dtype}; accuracy needs class indices (an integer tensor): pass "
+            "targets.argmax(1) for class probabilities"
+        )
+    check_targets(labels, logits[-1].shape[0], logits[-1].shape[1], check_range=True)
+    return logits, labels

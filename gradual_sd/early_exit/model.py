@@ -23,12 +23,15 @@ from torch.utils.hooks import RemovableHandle
 
 from .._lookup import find_module
 from ..exit_policy import ExitCosts
+from ..exit_thresholds import checked_thresholds, is_enabled
 from ..layout import LAYOUTS, Layout
+from ..outputs import StageInfo
+from ..probing import main_logits
 from ..taps import to_feature_map
-from . import calibration, costs, persistence, profiling
+from . import calibration, costs, deployment, persistence, profiling
 from .data import Data
 from .probe import check_exits, probe_batch
-from .routing import ExitOutput, Pass, Stop, nobody
+from .routing import ExitOutput, Pass, Stop, drop_samples, nobody
 
 __all__ = ["EarlyExitModel"]
 
@@ -36,29 +39,28 @@ __all__ = ["EarlyExitModel"]
 class EarlyExitModel(nn.Module):
     """A trained model with its auxiliary heads as real, per-sample early exits (inference only).
 
-    Usually built with :meth:`from_distiller`. Works for backbones whose later stages read only
-    the tapped stage's output (ResNet, ConvNeXt, EfficientNet, ViT, Swin...). At construction a
-    probe lets one sample leave at each stage in turn and checks that the others' logits are
+    Usually built with :meth:`from_distiller`. Works for every model the distiller trains whose
+    later stages read only the tapped stage's output (ResNet, ConvNeXt, EfficientNet, ViT,
+    Swin, Hugging Face classifiers...), whatever the stage layout (NCHW, NHWC, NLC tokens,
+    NCL sequences) and whether a stage returns a tensor or a tuple. At construction a probe
+    lets one sample leave at each stage in turn and checks that the others' logits are
     unchanged; a model where a later stage also reads an earlier tensor (HRNet, cross-stage
-    links) fails the probe and is refused with a ``ValueError`` naming the stage.
+    links) is refused with a ``ValueError`` naming the stage.
 
     The hooks do nothing outside :meth:`forward`, so ``exits.model(x)`` stays the plain model.
     Training mode raises: batch norm would then mix the samples of a batch that shrinks.
-    ``torch.compile`` cannot follow the data-dependent batch sizes; compile the plain model if
-    exits are not wanted.
+    :meth:`export_onnx` writes the exits for ONNX Runtime (:mod:`gradual_sd.runtime`).
 
     Args:
         model: The trained classifier (the distiller's ``model``).
         heads: One head per stage, ``head(x_nchw) -> (logits, feature)``.
-        stage_names: Tapped stages, shallow to deep.
-        layouts: Layout of each stage output (``"NCHW"``, ``"NHWC"`` or ``"NLC"``).
-        classifier_name: The model's own classifier (recorded in saved configs).
-        num_prefix_tokens: Class/register tokens that token stages drop before their head: one
-            count per stage, or one for all.
+        stages: The tapped stages, shallow to deep, as the distiller describes them
+            (``distiller.stages``: name, layout, prefix tokens, tapped tuple element).
+        classifier_name: The model's own classifier (named in reports and saved configs).
         thresholds: One per head (see :meth:`set_thresholds`); default all disabled.
         example_input: A batch for the probe (one with fewer than 3 samples is replaced by 4
-            random inputs of its shape); default 4 random images at the model's configured
-            input size (timm), else 3x224x224.
+            random inputs of its shape); default 4 random inputs at the model's configured
+            size (:func:`~gradual_sd.stages.default_example_input`).
         check: Run the probe (and refuse models that fail it).
     """
 
@@ -66,42 +68,40 @@ class EarlyExitModel(nn.Module):
         self,
         model: nn.Module,
         heads: Sequence[nn.Module],
-        stage_names: Sequence[str],
-        layouts: Sequence[Layout],
+        stages: Sequence[StageInfo],
         classifier_name: str,
-        num_prefix_tokens: int | Sequence[int] = 0,
         *,
         thresholds: Sequence[float] | None = None,
         example_input: torch.Tensor | None = None,
         check: bool = True,
     ) -> None:
         super().__init__()
-        names = list(stage_names)
-        if not names:
-            raise ValueError("stage_names is empty; early exit needs at least one auxiliary head")
-        if len(heads) != len(names) or len(layouts) != len(names):
-            raise ValueError(
-                f"need one head and one layout per stage: {len(names)} stages {names}, "
-                f"{len(heads)} heads, {len(layouts)} layouts"
+        stages = tuple(stages)
+        if not stages:
+            raise ValueError("stages is empty; early exit needs at least one auxiliary head")
+        if not all(isinstance(stage, StageInfo) for stage in stages):
+            raise TypeError(
+                "stages must be StageInfo descriptions (distiller.stages, or "
+                "gradual_sd.describe_stages(model, names).stages), got "
+                f"{[type(stage).__name__ for stage in stages]}"
             )
-        bad = [layout for layout in layouts if layout not in LAYOUTS]
+        if len(heads) != len(stages):
+            raise ValueError(
+                f"need one head per stage: {len(stages)} stages {[s.name for s in stages]}, {len(heads)} heads"
+            )
+        bad = [stage.layout for stage in stages if stage.layout not in LAYOUTS]
         if bad:
             raise ValueError(f"layouts {bad} are not among {LAYOUTS}")
         self.model = model
         self.heads = nn.ModuleList(heads)
-        self.stage_names: tuple[str, ...] = tuple(names)
-        self.layouts: tuple[Layout, ...] = tuple(layouts)
+        self.stages: tuple[StageInfo, ...] = stages
         self.classifier_name = classifier_name
-        prefix = [num_prefix_tokens] * len(names) if isinstance(num_prefix_tokens, int) else num_prefix_tokens
-        self.num_prefix_tokens: tuple[int, ...] = tuple(int(p) for p in prefix)
-        if len(self.num_prefix_tokens) != len(names):
-            raise ValueError(f"need one num_prefix_tokens per stage, got {num_prefix_tokens!r} for {names}")
-        self.thresholds: tuple[float, ...] = (math.inf,) * len(names)
+        self.thresholds: tuple[float, ...] = (math.inf,) * len(stages)
         self.set_thresholds(thresholds if thresholds is not None else self.thresholds)
         self._pass: Pass | None = None
         self._handles: list[RemovableHandle] = []
-        for k, name in enumerate(names):
-            module = find_module(model, name)
+        for k, stage in enumerate(stages):
+            module = find_module(model, stage.name)
             self._handles.append(module.register_forward_hook(partial(self._at_stage, k)))
         self.eval()
         if check:
@@ -110,6 +110,21 @@ class EarlyExitModel(nn.Module):
             except BaseException:
                 self.remove()
                 raise
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The tapped stages' names, shallow to deep."""
+        return tuple(stage.name for stage in self.stages)
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """Each stage output's layout."""
+        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
+
+    @property
+    def num_prefix_tokens(self) -> tuple[int, ...]:
+        """Class/register tokens each token stage drops before its head."""
+        return tuple(stage.num_prefix_tokens for stage in self.stages)
 
     @classmethod
     def from_distiller(
@@ -120,16 +135,14 @@ class EarlyExitModel(nn.Module):
         example_input: torch.Tensor | None = None,
         check: bool = True,
     ) -> EarlyExitModel:
-        """Take a trained :class:`~gradual_sd.GradualSelfDistiller`'s model and heads; the
-        distiller's hooks are removed (it cannot train any more)."""
+        """Take a trained :class:`~gradual_sd.GradualSelfDistiller`'s model, heads and stage
+        descriptions; the distiller's hooks are removed (it cannot train any more)."""
         distiller.remove()
         return cls(
             distiller.model,
             list(distiller.heads),
-            distiller.stage_names,
-            distiller.layouts,
+            distiller.stages,
             distiller.classifier_name,
-            distiller.num_prefix_tokens,
             thresholds=thresholds,
             example_input=example_input,
             check=check,
@@ -141,31 +154,22 @@ class EarlyExitModel(nn.Module):
         """One threshold per auxiliary head (a single number applies to all): a sample leaves at
         a head when its top softmax probability is ``>=`` the threshold. 0 takes every sample;
         above 1 (e.g. ``math.inf``) disables the head, which then is not run at all."""
-        single = isinstance(thresholds, (int, float))
-        values = [float(thresholds)] * len(self.heads) if single else list(thresholds)
-        if len(values) != len(self.heads):
-            raise ValueError(
-                f"need {len(self.heads)} thresholds (one per head after {list(self.stage_names)}), "
-                f"got {len(values)}: {values}"
-            )
-        bad = [v for v in values if not isinstance(v, (int, float)) or math.isnan(v) or v < 0]
-        if bad:
-            raise ValueError(f"thresholds must be numbers >= 0 (above 1 disables a head), got {bad}")
-        self.thresholds = tuple(float(v) for v in values)
+        self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
-    def _at_stage(self, k: int, module: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
+    def _at_stage(self, k: int, module: nn.Module, args: tuple, output: object) -> object:
         run = self._pass
         if run is None:
             return None
-        name = self.stage_names[k]
-        if not isinstance(output, torch.Tensor):
+        stage = self.stages[k]
+        tapped = output if stage.element is None else output[stage.element]  # type: ignore[index]
+        if not isinstance(tapped, torch.Tensor):
             raise ValueError(
-                f"stage {name!r} returns {type(output).__name__}; early exit needs a tensor with "
+                f"stage {stage.name!r} returns {type(output).__name__}; early exit needs a tensor with "
                 "the batch first, to drop the samples that leave"
             )
-        if output.shape[0] != run.remaining.numel():
+        if tapped.shape[0] != run.remaining.numel():
             raise RuntimeError(
-                f"stage {name!r} got a batch of {output.shape[0]} samples but "
+                f"stage {stage.name!r} got a batch of {tapped.shape[0]} samples but "
                 f"{run.remaining.numel()} are still running: the model mixes tensors from before "
                 "an earlier exit, so samples cannot leave there"
             )
@@ -174,7 +178,7 @@ class EarlyExitModel(nn.Module):
             raise Stop
         if not run.active[k]:
             return None
-        logits, _ = self.heads[k](to_feature_map(output, self.layouts[k], self.num_prefix_tokens[k]))
+        logits, _ = self.heads[k](to_feature_map(tapped, stage.layout, stage.num_prefix_tokens))
         if run.record is not None:
             run.record[k] = logits
         leave = run.leave(k, logits)
@@ -182,10 +186,11 @@ class EarlyExitModel(nn.Module):
             return None
         keep = ~leave
         run.left.append((k, run.remaining[leave], logits[leave]))
+        batch = run.remaining.numel()
         run.remaining = run.remaining[keep]
         if run.remaining.numel() == 0:
             raise Stop
-        return output[keep]
+        return drop_samples(output, keep, batch)
 
     def _run(self, images: torch.Tensor, run: Pass) -> torch.Tensor | None:
         """The model's forward with ``run`` in charge of the hooks; ``None`` if every sample
@@ -199,7 +204,7 @@ class EarlyExitModel(nn.Module):
             )
         self._pass = run
         try:
-            logits = self.model(images)
+            logits = main_logits(self.model(images))
         except Stop:
             return None
         finally:
@@ -217,7 +222,7 @@ class EarlyExitModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> ExitOutput:
         """Classify ``images``, each sample at the first head confident enough."""
-        active = [t <= 1 for t in self.thresholds]
+        active = [is_enabled(t) for t in self.thresholds]
         run = Pass(images.shape[0], images.device, active, self._by_threshold)
         return run.result(self._run(images, run), images.shape[0], len(self.heads))
 
@@ -232,7 +237,7 @@ class EarlyExitModel(nn.Module):
     def _forced(self, images: torch.Tensor, exit: int) -> ExitOutput:
         """Every sample answers at ``exit``; the enabled heads before it still run (as they would
         for a sample that exits there), for timing an exit."""
-        active = [t <= 1 or k == exit for k, t in enumerate(self.thresholds)]
+        active = [is_enabled(t) or k == exit for k, t in enumerate(self.thresholds)]
         everyone = lambda k, z: torch.full((z.shape[0],), k == exit, device=z.device)  # noqa: E731
         run = Pass(images.shape[0], images.device, active, everyone)
         return run.result(self._run(images, run), images.shape[0], len(self.heads))
@@ -246,23 +251,33 @@ class EarlyExitModel(nn.Module):
         return costs.exit_costs(self, example)
 
     def calibrate(
-        self, data: Data, max_accuracy_drop: float = 0.005, *, progress: bool | None = None
+        self,
+        data: Data,
+        max_accuracy_drop: float | None = None,
+        *,
+        max_cost: float | None = None,
+        progress: bool | None = None,
     ) -> dict[str, Any]:
         """Choose the thresholds on held-out ``data`` (an ``(images, targets)`` pair or an
-        iterable of such batches): the lowest expected FLOPs whose accuracy on ``data`` stays
-        within ``max_accuracy_drop`` (a fraction) of the model's own classifier.
+        iterable of such batches), for one of two targets:
 
-        Every exit's logits come from one full pass over ``data``; the search is
-        :func:`~gradual_sd.exit_policy.choose_thresholds` (coordinate descent over the observed
-        confidences). Sets and returns the thresholds with the accuracy and relative FLOPs they
-        reach on ``data``. On new data the drop can be larger: on a few hundred images the
-        thresholds fit the set's noise (docs/early-exit.md), so calibrate on as many held-out
-        images as there are.
+        - ``max_accuracy_drop`` (default 0.005 when neither is given): the lowest expected FLOPs
+          whose accuracy stays within that fraction of the model's own classifier;
+        - ``max_cost``: the best accuracy at or under that mean cost, as a fraction of the
+          model's FLOPs (0.5: half), as a deployment budget is stated.
+
+        Every exit's logits come from one full pass over ``data``; the searches are
+        :func:`~gradual_sd.exit_policy.choose_thresholds` and
+        :func:`~gradual_sd.exit_policy.choose_thresholds_within_cost`. Sets and returns the
+        thresholds with the accuracy, its drop and the relative FLOPs they reach on ``data``. On
+        new data the result can be worse: on a few hundred images the thresholds fit the set's
+        noise (docs/early-exit.md), so calibrate on as many held-out images as there are.
+        Targets must be class indices of the classifier's classes.
 
         ``progress``: a bar over the batches of ``data`` (tqdm, when installed) on stderr;
         the default shows it only when stderr is a terminal, ``False`` never.
         """
-        return calibration.calibrate(self, data, max_accuracy_drop, progress)
+        return calibration.calibrate(self, data, max_accuracy_drop, max_cost, progress)
 
     def tradeoff(
         self,
@@ -304,6 +319,38 @@ class EarlyExitModel(nn.Module):
         size, as in :meth:`calibrate`.
         """
         return profiling.profile(self, data, batch_sizes, repeats, latency_images, levels, progress)
+
+    # -- deployment (deployment.py, split.py) ------------------------------------------------
+
+    def export_onnx(
+        self,
+        directory: str | Path,
+        *,
+        example_input: torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the exits for ONNX Runtime into ``directory``; returns it.
+
+        The model's exported graph is cut after each tapped stage (``torch.export`` keeps the
+        stages' call signatures, so no stage list is written by hand): ``segment_k.onnx`` takes
+        the previous segment's outputs (the images for the first) and returns stage ``k``'s,
+        the last returns the logits; ``head_k.onnx`` takes stage ``k``'s tapped output and
+        returns that head's logits. Every file has a dynamic batch axis. ``manifest.json``
+        holds the thresholds, the class names (``class_names``, else the model's own
+        ``id2label``/``label_names`` if it has them), the input's shape and dtype (float32),
+        the stages with their layouts, the FLOPs of each part, the library version, the
+        sha256 of every file and ``metadata`` (anything JSON can hold that a deployment needs,
+        such as the input normalisation). :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
+        numpy and onnxruntime alone.
+
+        The cut is refused (``ValueError`` naming the stage and what crosses it) where a later
+        part of the model reads a tensor from before a stage, and where ``torch.export`` cannot
+        trace the model with a dynamic batch. The segments are checked against this model on
+        ``example_input`` (default: random inputs at the model's configured size) before any
+        file is written. Needs ``onnx`` and ``onnxscript`` (the ``deploy`` extra).
+        """
+        return deployment.export_onnx(self, directory, example_input, class_names, metadata)
 
     # -- saving and loading (persistence.py) --------------------------------------------------
 

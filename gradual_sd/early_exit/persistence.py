@@ -13,6 +13,7 @@ from torch import nn
 
 from ..attention import ACAM, NormalizedACAM
 from ..heads import BottleneckHead, PooledHead
+from ..outputs import StageInfo
 
 if TYPE_CHECKING:
     from .model import EarlyExitModel
@@ -23,10 +24,8 @@ _ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}
 
 def config(exits: EarlyExitModel) -> dict[str, Any]:
     return {
-        "stage_names": list(exits.stage_names),
-        "layouts": list(exits.layouts),
+        "stages": [{**stage._asdict(), "shape": list(stage.shape)} for stage in exits.stages],
         "classifier_name": exits.classifier_name,
-        "num_prefix_tokens": list(exits.num_prefix_tokens),
         "thresholds": [t if t <= 1 else None for t in exits.thresholds],
         "heads": [head_spec(head) for head in exits.heads],
     }
@@ -51,7 +50,8 @@ def load(
 ) -> EarlyExitModel:
     directory = Path(directory)
     saved = json.loads((directory / CONFIG_FILE).read_text())
-    trained = f"stages {saved['stage_names']}, classifier {saved['classifier_name']!r}"
+    stages = saved_stages(saved)
+    trained = f"stages {[s.name for s in stages]}, classifier {saved['classifier_name']!r}"
     load_weights(
         model,
         directory / MODEL_FILE,
@@ -71,14 +71,23 @@ def load(
     return cls(
         model,
         list(head_list),
-        saved["stage_names"],
-        saved["layouts"],
+        stages,
         saved["classifier_name"],
-        saved["num_prefix_tokens"],
         thresholds=thresholds,
         example_input=example_input,
         check=check,
     )
+
+
+def saved_stages(saved: dict[str, Any]) -> list[StageInfo]:
+    """The stage descriptions of a saved config; folders written by gradual-sd 0.2 kept
+    parallel lists of names, layouts and prefix-token counts instead."""
+    if "stages" in saved:
+        return [StageInfo(**{**stage, "shape": tuple(stage["shape"])}) for stage in saved["stages"]]
+    return [
+        StageInfo(name, (), layout, None, None, prefix)
+        for name, layout, prefix in zip(saved["stage_names"], saved["layouts"], saved["num_prefix_tokens"])
+    ]
 
 
 def load_weights(module: nn.Module, path: Path, fix: str) -> None:

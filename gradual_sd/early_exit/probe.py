@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..probing import main_logits
 from ..stages import default_example_input
 from .routing import Pass
 
@@ -19,9 +20,12 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
     """Let sample 0 leave at each stage in turn and check the others' logits are unchanged."""
     heads, names = len(exits.heads), exits.stage_names
     with torch.no_grad():
-        reference = exits.model(batch)
+        reference = main_logits(exits.model(batch))
         if not isinstance(reference, torch.Tensor) or reference.dim() != 2:
-            raise ValueError("the model must return (N, num_classes) logits for early exit")
+            raise ValueError(
+                "early exit needs (N, num_classes) logits from the model (a tensor, a .logits "
+                "field or a tuple's first element)"
+            )
         run = Pass(batch.shape[0], batch.device, [False] * heads, lambda k, z: z)
         exits._run(batch, run)
         if run.fired != list(range(heads)):

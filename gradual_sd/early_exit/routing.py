@@ -71,3 +71,17 @@ def nobody(k: int, logits: torch.Tensor) -> torch.Tensor:
 def everybody(k: int, logits: torch.Tensor) -> torch.Tensor:
     """A ``leave`` rule: every sample leaves."""
     return torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+
+
+def drop_samples(output: object, keep: torch.Tensor, batch: int) -> object:
+    """``output`` with only the ``keep`` samples: every tensor whose first axis is the batch of
+    ``batch`` is indexed, inside tuples and lists too (a stage's ``(x, extra)``); anything else
+    (sizes, ``None``) is passed on as it is."""
+    if isinstance(output, torch.Tensor):
+        return output[keep] if output.dim() and output.shape[0] == batch else output
+    if isinstance(output, (tuple, list)):
+        dropped = [drop_samples(item, keep, batch) for item in output]
+        if hasattr(output, "_fields"):  # a named tuple
+            return type(output)(*dropped)
+        return type(output)(dropped)
+    return output

@@ -1,0 +1,93 @@
+"""Answer images with an exported exit folder and ONNX Runtime alone (no torch, no training code).
+
+    python examples/deploy_exits.py runs/digits-gsd-acam/seed0/early_exit_onnx photos/ a.png b.jpg
+
+For each image (files, or every image in a folder): the class, the exit that answered (a stage's
+head or the model's own classifier), the confidence (top softmax probability) and the time it
+took, one image at a time as a stream would arrive. Images are read with Pillow, converted to
+RGB, resized to the folder's input size and normalised with the mean and std the folder's
+manifest records (``metadata``), as the training example's evaluation transform does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from gradual_sd.runtime import OnnxExitModel
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files named, and the images inside the folders named, in sorted order."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"error: {path} is neither an image file nor a folder")
+    if not files:
+        raise SystemExit(f"error: no images ({', '.join(sorted(SUFFIXES))}) in {', '.join(map(str, paths))}")
+    return files
+
+
+def load(path: Path, shape: tuple[int, ...], metadata: dict) -> np.ndarray:
+    """One image as a ``(1, C, H, W)`` float32 batch, preprocessed as the manifest says."""
+    from PIL import Image
+
+    channels, height, width = shape
+    with Image.open(path) as image:
+        image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = pixels.reshape(height, width, channels).transpose(2, 0, 1)
+    mean = np.asarray(metadata.get("mean", [0.0] * channels), dtype=np.float32)[:, None, None]
+    std = np.asarray(metadata.get("std", [1.0] * channels), dtype=np.float32)[:, None, None]
+    return ((pixels - mean) / std)[None].astype(np.float32)
+
+
+def softmax_top(logits: np.ndarray) -> tuple[int, float]:
+    shifted = np.exp(logits - logits.max())
+    probabilities = shifted / shifted.sum()
+    index = int(probabilities.argmax())
+    return index, float(probabilities[index])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="an exit folder written by EarlyExitModel.export_onnx")
+    parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per graph (default 1)")
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", help="override the folder's thresholds (one per head, or one for all)"
+    )
+    args = parser.parse_args(argv)
+    model = OnnxExitModel(args.folder, threads=args.threads)
+    if args.thresholds:
+        model.set_thresholds(args.thresholds[0] if len(args.thresholds) == 1 else args.thresholds)
+    if len(model.input_shape) != 3:
+        raise SystemExit(f"error: the folder takes inputs of shape {model.input_shape}, not (C, H, W) images")
+    metadata = model.manifest.get("metadata") or {}
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    exits = [*model.stage_names, model.manifest["classifier_name"] + " (full model)"]
+    print(f"{model.manifest['input']['shape']} inputs; exits: {exits}; thresholds {list(model.thresholds)}")
+    print("| image | class | exit | confidence | ms |")
+    print("|---|---|---|---|---|")
+    for path in image_files(args.images):
+        batch = load(path, model.input_shape, metadata)
+        start = time.perf_counter()
+        out = model(batch)
+        elapsed = 1000 * (time.perf_counter() - start)
+        index, confidence = softmax_top(out.logits[0])
+        print(f"| {path} | {names[index]} | {exits[int(out.exit_index[0])]} | {confidence:.3f} | {elapsed:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Every model the distiller zoo tests train, as early exits: timm's families and Hugging Face's
+image classifiers, built as in ``test_zoo.py`` and ``test_hf_zoo.py``.
+
+Each either exits correctly (``exit_zoo.check_exits``) or is refused at construction with a
+``ValueError`` naming the stage (the models in ``REFUSED``). Exported to ONNX, the runtime must
+give the same exits (``exit_zoo.check_runtime``): CI runs that for the models in ``ONNX_CI``,
+one per kind of stage output (NCHW, NHWC, tokens with a class token, tuple stages, Hugging Face
+outputs), as the export takes tens of seconds per model; ``GRADUAL_SD_ONNX_ZOO=all`` runs it for
+every model that exits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gradual_sd import EarlyExitModel, GradualSelfDistiller
+from gradual_sd.stages import default_example_input
+
+from exit_zoo import check_exits, check_runtime
+from test_zoo import REFUSED as TIMM_TRAIN_REFUSED
+from test_zoo import wrap_as_a_user_would
+from zoo import cached_families
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+ALL_ONNX = os.environ.get("GRADUAL_SD_ONNX_ZOO") == "all"
+
+# Models whose exits are refused, and what the refusal says.
+REFUSED: dict[str, str] = {
+    # Serial and parallel blocks that exchange maps at several scales.
+    "coat": "samples cannot leave at stage 'serial_blocks1.1'",
+    # Two encoders (SAM and CLIP) whose features are combined.
+    "deepseek_vit": "samples cannot leave at stage 'encoder.blocks.7'",
+    # The classifier reads every stage's output (a multi-stage head).
+    "efficientvim": "samples cannot leave at stage 'stages.1'",
+    # Fuse layers mix every resolution branch.
+    "hrnet": "samples cannot leave at stage 'incre_modules.1'",
+}
+# Models the exporter refuses (with a ValueError saying why), among those that exit in PyTorch.
+ONNX_REFUSED: dict[str, str] = {}
+# Exported in CI: one of each kind of stage output.
+ONNX_CI = {
+    "resnet",  # NCHW
+    "vision_transformer",  # tokens with a class token
+    "swin_transformer",  # NHWC
+    "pit",  # stages that return (tokens, class tokens)
+    "ResNetForImageClassification",  # Hugging Face outputs, tuple stages
+    "ViTForImageClassification",
+    "ConvNextForImageClassification",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "family" in metafunc.fixturenames:
+        families = {f: m for f, m in cached_families(metafunc.config).items() if f not in TIMM_TRAIN_REFUSED}
+        metafunc.parametrize("family,model_name", sorted(families.items()), ids=sorted(families))
+    if "class_name" in metafunc.fixturenames:
+        hf_zoo = pytest.importorskip("hf_zoo")
+        from test_hf_zoo import NEEDS
+        from test_hf_zoo import REFUSED as HF_TRAIN_REFUSED
+
+        cases = [(t, c) for t, c in hf_zoo.image_classifiers() if c not in HF_TRAIN_REFUSED and c not in NEEDS]
+        metafunc.parametrize("model_type,class_name", cases, ids=[c for _, c in cases])
+
+
+def batch_like(example: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    return torch.randn((count, *example.shape[1:]), generator=torch.Generator().manual_seed(seed))
+
+
+def check(distiller: GradualSelfDistiller, name: str, example: torch.Tensor, tmp_path) -> None:
+    """Exit correctly or be refused as ``REFUSED`` says; export where asked."""
+    distiller.eval()
+    probe = batch_like(example, 4, seed=0)
+    if name in REFUSED:
+        with pytest.raises(ValueError) as refusal:
+            EarlyExitModel.from_distiller(distiller, example_input=probe)
+        assert REFUSED[name] in str(refusal.value), refusal.value
+        return
+    exits = EarlyExitModel.from_distiller(distiller, example_input=probe)
+    # Room for samples to leave at every exit; fewer for models that only run at a large size
+    # (SAM2's Hiera at 1024 px), where every pass is seconds.
+    per_exit = 3 if example[0].numel() <= 3 * 256 * 256 else 1
+    images = batch_like(example, per_exit * (len(exits.heads) + 1) + 1, seed=1)
+    thresholds = check_exits(exits, images)
+    if not (ALL_ONNX or name in ONNX_CI):
+        return
+    assert thresholds is not None, f"{name}: no batch where samples leave at every exit"
+    if name in ONNX_REFUSED:
+        with pytest.raises(ValueError) as refusal:
+            exits.export_onnx(tmp_path, example_input=images)
+        assert ONNX_REFUSED[name] in str(refusal.value), refusal.value
+        return
+    check_runtime(exits, images, tmp_path)
+
+
+def test_timm_family(family: str, model_name: str, tmp_path) -> None:
+    distiller, size, _ = wrap_as_a_user_would(model_name)
+    check(distiller, family, torch.zeros(1, 3, size, size), tmp_path)
+
+
+def test_hf_class(model_type: str, class_name: str, tmp_path) -> None:
+    from hf_zoo import build
+
+    model = build(model_type, class_name)
+    example = default_example_input(model)
+    if not example.is_floating_point():
+        pytest.skip("token-id inputs (ImageGPT): exits run, but the runtime takes float32 images")
+    check(GradualSelfDistiller(model), class_name, example, tmp_path)
