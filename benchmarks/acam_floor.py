@@ -16,7 +16,7 @@ import sys
 import torch
 
 import cost
-import gradual_sd.pooled_gate as pooled_gate
+import gradual_sd._pooled_gate as pooled_gate
 from _harness import (
     command_line,
     format_ratio,

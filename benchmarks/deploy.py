@@ -39,7 +39,14 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from _harness import command_line, format_ratio, interleaved_times, machine_line, markdown_table, paired_ratios
+from _harness import (
+    command_line,
+    format_ratio,
+    interleaved_times,
+    machine_line,
+    markdown_table,
+    paired_ratios,
+)
 
 from gradual_sd import ACAM, BottleneckHead, EarlyExitModel, GradualSelfDistiller
 from gradual_sd.runtime import OnnxExitModel
@@ -227,11 +234,19 @@ def benchmark_stand_in(run: Path, work: Path, args) -> str:
         label = "1 thread" if threads == 1 else f"all {os.cpu_count()} cores"
         for batch in args.batch_sizes:
             ratios = time_variants(
-                runtime, whole, {}, images.numpy(), threads, batch, args.repeats, {"calibrated exits": thresholds}
+                runtime,
+                whole,
+                {},
+                images.numpy(),
+                threads,
+                batch,
+                args.repeats,
+                {"calibrated exits": thresholds},
             )
             rows.append([label, batch, format_ratio(ratios["calibrated exits"])])
     return (
-        f"### Trained stand-in ({config['model_name']} at {config['img_size']} px, digits), calibrated thresholds\n\n"
+        f"### Trained stand-in ({config['model_name']} at {config['img_size']} px, digits), "
+        "calibrated thresholds\n\n"
         f"{len(targets)} test images; thresholds {['off' if t > 1 else round(t, 3) for t in thresholds]}; "
         f"runtime accuracy {100 * accuracy:.2f} % against the whole model's {100 * full:.2f} %; "
         f"share per exit {[round(s, 3) for s in shares]}\n\n"
@@ -249,7 +264,9 @@ def main() -> None:
         "--threads", type=int, nargs="+", default=[1, 0], help="intra-op threads per graph; 0: all cores"
     )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--stand-in", type=Path, help="a seed folder of the digits stand-in run with --save final")
+    parser.add_argument(
+        "--stand-in", type=Path, help="a seed folder of the digits stand-in run with --save final"
+    )
     args = parser.parse_args()
     args.threads = [t if t > 0 else None for t in args.threads]
     torch.set_num_threads(1)

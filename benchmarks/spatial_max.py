@@ -5,7 +5,7 @@ paired ratios to ``mean`` over the same map (see ``_harness``).
     python benchmarks/spatial_max.py --device cuda
 
 ACAM's training path needs the argmax (its gradient goes there); which kernel finds it fastest
-differs by device and by memory layout. ``gradual_sd.pooled_gate.spatial_max`` is what ACAM
+differs by device and by memory layout. ``gradual_sd._pooled_gate.spatial_max`` is what ACAM
 uses; the other rows are the candidates it was chosen from. ``amax`` and ``mean`` find no
 position and are there as the floor: a reduction that reads the map once. A channels-last copy
 costs one extra pass over the map, which ACAM's pass budget allows only if the pool it enables
@@ -31,7 +31,7 @@ from _harness import (
     markdown_table,
     paired_ratios,
 )
-from gradual_sd.pooled_gate import spatial_max
+from gradual_sd._pooled_gate import spatial_max
 
 Candidate = Callable[[torch.Tensor], object]
 

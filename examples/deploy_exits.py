@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of images")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per graph (default 1)")
     parser.add_argument(
-        "--thresholds", type=float, nargs="+", help="override the folder's thresholds (one per head, or one for all)"
+        "--thresholds",
+        type=float,
+        nargs="+",
+        help="override the folder's thresholds (one per head, or one for all)",
     )
     args = parser.parse_args(argv)
     model = OnnxExitModel(args.folder, threads=args.threads)
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         out = model(batch)
         elapsed = 1000 * (time.perf_counter() - start)
         index, confidence = softmax_top(out.logits[0])
-        print(f"| {path} | {names[index]} | {exits[int(out.exit_index[0])]} | {confidence:.3f} | {elapsed:.2f} |")
+        answered_at = exits[int(out.exit_index[0])]
+        print(f"| {path} | {names[index]} | {answered_at} | {confidence:.3f} | {elapsed:.2f} |")
     return 0
 
 

@@ -1,7 +1,9 @@
 """gradual-sd: GSDNet's gradual self distillation and ACAM attention for any PyTorch backbone.
 
 The public names below load on first use, so ``import gradual_sd.runtime`` (numpy and
-onnxruntime only) works where torch is not installed.
+onnxruntime only) works where torch is not installed. The public API is these names and the
+``gradual_sd.early_exit`` (calibration policy) and ``gradual_sd.runtime`` (ONNX Runtime)
+subpackages; modules whose names start with an underscore are internal.
 """
 
 from __future__ import annotations
@@ -13,28 +15,31 @@ __version__ = "0.3.0.dev0"
 
 # Each public name and the module that defines it.
 _SOURCES = {
-    "ACAM": "attention",
-    "NormalizedACAM": "attention",
-    "GradualSelfDistiller": "distiller",
-    "DistillerOutput": "distiller",
-    "default_stage_names": "stages",
-    "describe_stages": "stages",
-    "list_stages": "stages",
-    "find_classifier_name": "stages",
-    "StageInfo": "stages",
-    "ModelStages": "stages",
-    "EarlyExitModel": "early_exit",
-    "ExitOutput": "early_exit",
-    "GradualDistillationLoss": "losses",
-    "soft_cross_entropy": "losses",
-    "kl_divergence": "losses",
-    "feature_l2": "losses",
-    "feature_mse": "losses",
-    "BottleneckHead": "heads",
-    "PooledHead": "heads",
-    "HeadFactory": "heads",
-    "insert_after": "surgery",
-    "replace_squeeze_excite": "surgery",
+    "ACAM": "_attention",
+    "NormalizedACAM": "_attention",
+    "GradualSelfDistiller": "_distiller",
+    "DistillerOutput": "_distiller",
+    "FiniteCheck": "_finite",
+    "default_stage_names": "_stages",
+    "describe_stages": "_stages",
+    "list_stages": "_stages",
+    "find_classifier_name": "_stages",
+    "StageInfo": "_stages",
+    "ModelStages": "_stages",
+    "EarlyExitModel": "early_exit._model",
+    "ExitOutput": "early_exit._routing",
+    "GradualDistillationLoss": "_losses",
+    "soft_cross_entropy": "_losses",
+    "kl_divergence": "_losses",
+    "feature_l2": "_losses",
+    "feature_mse": "_losses",
+    "BottleneckHead": "_heads",
+    "PooledHead": "_heads",
+    "HeadFactory": "_heads",
+    "insert_after": "_surgery",
+    "replace_squeeze_excite": "_surgery",
+    "ChannelsLast": "_surgery",
+    "squeeze_excite_kinds": "_surgery",
 }
 
 __all__ = [*_SOURCES, "__version__"]
@@ -53,13 +58,13 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-if TYPE_CHECKING:
-    from .attention import ACAM, NormalizedACAM
-    from .distiller import DistillerOutput, GradualSelfDistiller
-    from .early_exit import EarlyExitModel, ExitOutput
-    from .heads import BottleneckHead, HeadFactory, PooledHead
-    from .losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
-    from .stages import (
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
+    from ._attention import ACAM, NormalizedACAM
+    from ._distiller import DistillerOutput, GradualSelfDistiller
+    from ._finite import FiniteCheck
+    from ._heads import BottleneckHead, HeadFactory, PooledHead
+    from ._losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
+    from ._stages import (
         ModelStages,
         StageInfo,
         default_stage_names,
@@ -67,4 +72,6 @@ if TYPE_CHECKING:
         find_classifier_name,
         list_stages,
     )
-    from .surgery import insert_after, replace_squeeze_excite
+    from ._surgery import ChannelsLast, insert_after, replace_squeeze_excite, squeeze_excite_kinds
+    from .early_exit._model import EarlyExitModel
+    from .early_exit._routing import ExitOutput

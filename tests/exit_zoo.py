@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gradual_sd import EarlyExitModel
-from gradual_sd.probing import main_logits
+from gradual_sd._probing import main_logits
 
 # Thresholds sit halfway between two neighbouring confidences at least this far apart, so that
 # float32 rounding in another runtime cannot move a sample across one.

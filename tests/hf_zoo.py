@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from gradual_sd.probing import main_logits
+from gradual_sd._probing import main_logits
 
 NUM_LABELS = 5
 

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradual_sd import ACAM, NormalizedACAM
-from gradual_sd import pooled_gate as pooled_gate_module
-from gradual_sd.pooled_gate import CompiledPath, FusedPath, spatial_max
+from gradual_sd import _pooled_gate as pooled_gate_module
+from gradual_sd._pooled_gate import CompiledPath, FusedPath, spatial_max
 
 
 def plain_acam(module: ACAM, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradual_sd import EarlyExitModel, GradualSelfDistiller, PooledHead
-from gradual_sd.early_exit.split import SplitError, run_segments, split_model
+from gradual_sd.early_exit._split import SplitError, run_segments, split_model
 
 from exit_zoo import check_exits, check_runtime, thresholds_for_every_exit
 
@@ -66,7 +66,9 @@ class Sequence1d(nn.Module):
         return self.fc(self.stage2(self.stage1(self.stem(x))).mean(-1))
 
 
-def make_exits(model: nn.Module, stages: list[str], example: torch.Tensor, check: bool = True) -> EarlyExitModel:
+def make_exits(
+    model: nn.Module, stages: list[str], example: torch.Tensor, check: bool = True
+) -> EarlyExitModel:
     torch.manual_seed(0)
     distiller = GradualSelfDistiller(model, stages, example_input=example[:1], head_factory=PooledHead)
     with torch.no_grad():  # spread the random heads' confidences over (0, 1)
@@ -117,8 +119,10 @@ def test_manifest_describes_the_folder(exported):
 
     assert manifest["gradual_sd_version"] == gradual_sd.__version__
     files = sorted(p.name for p in directory.iterdir() if p.name != "manifest.json")
-    assert sorted(manifest["files"]) == files == sorted(
-        [f"segment_{k}.onnx" for k in range(4)] + [f"head_{k}.onnx" for k in range(3)]
+    assert (
+        sorted(manifest["files"])
+        == files
+        == sorted([f"segment_{k}.onnx" for k in range(4)] + [f"head_{k}.onnx" for k in range(3)])
     )
     costs = exits.exit_costs(batch[:1])
     assert manifest["flops"] == {"stages": list(costs.stages), "heads": list(costs.heads), "full": costs.full}
@@ -265,13 +269,16 @@ def test_segments_reproduce_the_model_at_any_batch():
             head_inputs, logits = run_segments(segments, x)
             expected = exits.exit_logits(x)
             assert torch.equal(logits, expected[-1])
-            for k, (head, stage) in enumerate(zip(exits.heads, exits.stages)):
+            for k, head in enumerate(exits.heads):
                 assert torch.equal(head(head_inputs[k])[0], expected[k])
 
 
 def test_a_cross_stage_link_is_refused_naming_the_stage_and_the_tensor(tmp_path):
     exits = make_exits(Net(link=True), ["stage1", "stage2"], images(4), check=False)
-    expected = "samples cannot leave at stage 'stage1': a tensor computed in 'stem.2' from before it is read after stage 'stage2'"
+    expected = (
+        "samples cannot leave at stage 'stage1': a tensor computed in 'stem.2' from before it is "
+        "read after stage 'stage2'"
+    )
     with pytest.raises(SplitError, match=expected) as refusal:
         exits.export_onnx(tmp_path, example_input=images(4))
     assert "cross-stage" in str(refusal.value)

@@ -4,10 +4,10 @@ output is (``describe``) and which outputs are the default stages (``choose_stag
 
 import pytest
 
-from gradual_sd.discovery import Ran, choose_stages, default_stages, share_after
-from gradual_sd.layout import LayoutError
-from gradual_sd.outputs import NotAStage, Observation, Reason, StageInfo, describe
-from gradual_sd.probing import Output
+from gradual_sd._discovery import Ran, choose_stages, default_stages, share_after
+from gradual_sd._layout import LayoutError
+from gradual_sd._outputs import NotAStage, Observation, Reason, StageInfo, describe
+from gradual_sd._probing import Output
 
 
 def seen(shape, other=None, *, scaled=True, positions=(32, 32), **evidence):

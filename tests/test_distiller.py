@@ -19,7 +19,7 @@ from gradual_sd import (
     PooledHead,
     default_stage_names,
 )
-from gradual_sd.finite import FiniteCheck
+from gradual_sd._finite import FiniteCheck
 
 FAMILIES = {
     # name: (create_model kwargs, input size, expected default stages, expected layout)

@@ -299,8 +299,10 @@ def signature_problems(span: str, obj: Any) -> list[str]:
 
 def defaults_equal(documented: Any, real: Any) -> bool:
     if isinstance(documented, float) or isinstance(real, float):
-        return isinstance(documented, (int, float)) and isinstance(real, (int, float)) and math.isclose(
-            documented, real, rel_tol=1e-12
+        return (
+            isinstance(documented, (int, float))
+            and isinstance(real, (int, float))
+            and math.isclose(documented, real, rel_tol=1e-12)
         )
     return documented is real or (type(documented) is type(real) and documented == real)
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradual_sd import BottleneckHead, EarlyExitModel, GradualSelfDistiller, PooledHead, StageInfo
-from gradual_sd.exit_policy import (
+from gradual_sd.early_exit import (
     ExitCosts,
     choose_thresholds,
     choose_thresholds_within_cost,
@@ -26,7 +26,7 @@ from gradual_sd.exit_policy import (
     expected_calibration_error,
     route,
 )
-from gradual_sd.taps import to_feature_map
+from gradual_sd._taps import to_feature_map
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -328,7 +328,9 @@ def test_tuple_stage_outputs_exit_with_every_element_shrunk():
     torch.manual_seed(0)
     model = TupleStage().eval()
     head = PooledHead(4, 4, 2, attn_layer=None).eval()
-    exits = EarlyExitModel(model, [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4))
+    exits = EarlyExitModel(
+        model, [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4)
+    )
     images = torch.randn(6, 3, 4, 4)
     with torch.no_grad():
         head_logits = head(model.conv(images))[0]
@@ -365,7 +367,11 @@ def test_a_tuple_stage_with_a_folded_batch_is_refused():
     head = PooledHead(4, 4, 2, attn_layer=None)
     with pytest.raises(ValueError, match="samples cannot leave at stage 'stage1'"):
         EarlyExitModel(
-            FoldingTupleStage(), [head], [stage("stage1", element=0)], "fc", example_input=torch.zeros(1, 3, 4, 4)
+            FoldingTupleStage(),
+            [head],
+            [stage("stage1", element=0)],
+            "fc",
+            example_input=torch.zeros(1, 3, 4, 4),
         )
 
 

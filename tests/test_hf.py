@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradual_sd import GradualSelfDistiller, insert_after
-from gradual_sd.stages import default_example_input
+from gradual_sd._stages import default_example_input
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from gradual_sd import GradualSelfDistiller
-from gradual_sd.stages import default_example_input, main_logits
-from gradual_sd.taps import tapped_by
+from gradual_sd._stages import default_example_input, main_logits
+from gradual_sd._taps import tapped_by
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradual_sd import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
-from gradual_sd.losses import distillation_pairs
+from gradual_sd._losses import distillation_pairs
 
 
 def np_log_softmax(z):

@@ -2,7 +2,12 @@
 the API reference lists the public API, and CI runs the README's two test commands with what
 they need installed."""
 
+import ast
+import importlib
+import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,6 +17,7 @@ import gradual_sd
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PACKAGE_PAGE = ROOT / "docs" / "index.md"
+PUBLIC_SUBPACKAGES = {"early_exit", "runtime"}
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -56,39 +62,37 @@ def test_api_reference_lists_every_public_name():
     reference = (ROOT / "docs" / "reference.md").read_text()
     documented = re.findall(r"^::: gradual_sd\.(\w+)$", reference, flags=re.M)
     assert len(documented) == len(set(documented)), "a name is listed twice"
-    assert set(documented) == set(gradual_sd.__all__) - {"__version__"}
+    assert set(documented) == set(gradual_sd.__all__) - {"__version__"} | PUBLIC_SUBPACKAGES
 
 
-def test_ci_runs_both_readme_test_commands_and_ends_with_the_full_suite():
-    bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    assert len(bash) >= 3, "README needs its set-up command and the two test commands"
-    quick = bash[1].strip().split("&&")[-1].strip()
-    full = bash[2].strip()
-    assert quick == "python -m pytest", "the quick tier is pytest's default selection"
-    assert '-m "slow or not slow"' in full
-    ci = (ROOT / ".ci" / "run").read_text()
-    commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
-    assert quick in commands, ".ci/run does not run the quick tier"
-    assert commands[-1] == full, "the full suite must come last: its summary closes the log"
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r"""^addopts = ".*-m 'not slow'""", pyproject, flags=re.M), "the default skips slow"
-    assert re.search(r'^    "slow: ', pyproject, flags=re.M), "the slow marker must be registered"
+def test_only_the_public_api_is_unprefixed():
+    """Every module but the public subpackages is internal (a leading underscore, as timm's are),
+    so each public name has one import path: ``gradual_sd`` or a public subpackage."""
+    found = {info.name for info in pkgutil.iter_modules(gradual_sd.__path__)}
+    assert {name for name in found if not name.startswith("_")} == PUBLIC_SUBPACKAGES
+    for name in PUBLIC_SUBPACKAGES:
+        package = importlib.import_module(f"gradual_sd.{name}")
+        inner = {info.name for info in pkgutil.iter_modules(package.__path__)}
+        assert all(module.startswith("_") for module in inner), f"gradual_sd.{name}: {inner}"
+        assert set(package.__all__).isdisjoint(gradual_sd.__all__)
 
 
-def pip_extras(command: str) -> set[str]:
-    """The extras of the editable install in a shell command (``pip install -e ".[a,b]"``)."""
-    match = re.search(r"""pip install[^\n]*-e ["']?\.\[([^\]]*)\]""", command)
-    assert match, f"no editable install with extras in {command!r}"
-    return {extra.strip() for extra in match.group(1).split(",")}
+def test_importing_the_package_loads_nothing_until_a_name_is_used():
+    code = "import sys, gradual_sd; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_quick_tier_command_installs_what_the_tests_skip_without_and_ci_installs_it():
-    bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    readme_extras = pip_extras(bash[1])
-    tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
-    skipped_without = set(re.findall(r"importorskip\([^)]*reason=\"the (\w+) extra", tests))
-    assert skipped_without, "no test module names the extra it skips without"
-    missing = skipped_without - readme_extras
-    assert not missing, f"the README's test command skips the tests that need {sorted(missing)}"
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert readme_extras <= pip_extras(ci), ".ci/run must install what the README's command installs"
+def test_the_library_names_no_private_timm_module_and_no_torchvision_in_its_imports():
+    """The squeeze-excite classes of torchvision and timm's private blocks are looked up when
+    replace_squeeze_excite runs (``squeeze_excite_kinds``), not imported with the library."""
+    for path in (ROOT / "gradual_sd").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("torchvision"), (path.name, module)
+                assert not (module.startswith("timm") and "._" in module), (path.name, module)

@@ -18,11 +18,11 @@ from gradual_sd import (
     insert_after,
     list_stages,
 )
-from gradual_sd.discovery import spread
-from gradual_sd.layout import count_prefix_tokens, resolve_layout
-from gradual_sd.stages import default_example_input
-from gradual_sd.surgery import ChannelsLast
-from gradual_sd.taps import tapped_by
+from gradual_sd._discovery import spread
+from gradual_sd._layout import count_prefix_tokens, resolve_layout
+from gradual_sd._stages import default_example_input
+from gradual_sd._surgery import ChannelsLast
+from gradual_sd._taps import tapped_by
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

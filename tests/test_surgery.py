@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from gradual_sd import ACAM, NormalizedACAM, insert_after, replace_squeeze_excite
-from gradual_sd.surgery import SQUEEZE_EXCITE_KINDS
+from gradual_sd import squeeze_excite_kinds
 
 
 def test_appends_to_sequential_stage_and_keeps_weight_names():
@@ -64,7 +64,8 @@ def test_errors_name_the_problem():
     with pytest.raises(KeyError, match=r"no submodule 'layer9'"):
         insert_after(model, "layer9")
     with pytest.raises(
-        ValueError, match=r"stage 'global_pool' outputs a tensor of shape \(1, 512\), a pooled \(N, C\) vector"
+        ValueError,
+        match=r"stage 'global_pool' outputs a tensor of shape \(1, 512\), a pooled \(N, C\) vector",
     ):
         insert_after(model, "global_pool", example_input=torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match="names is empty"):
@@ -199,7 +200,7 @@ def test_kinds_accepts_the_names_its_error_lists():
     with pytest.raises(ValueError, match="no squeeze-excite module") as info:
         replace_squeeze_excite(no_se)
     listed = re.search(r"kinds looked for \((.*?)\)", str(info.value)).group(1).split(", ")
-    assert len(listed) == len(SQUEEZE_EXCITE_KINDS)
+    assert len(listed) == len(squeeze_excite_kinds())
     for name in listed:
         with pytest.raises(ValueError, match=re.escape(f"kinds looked for ({name})")):
             replace_squeeze_excite(no_se, kinds=[name])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradual_sd.taps import Hooks, StageTaps, tapped_by
+from gradual_sd._taps import Hooks, StageTaps, tapped_by
 
 
 class PairStage(nn.Module):

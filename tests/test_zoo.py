@@ -15,10 +15,10 @@ import torch
 import torchvision
 
 from gradual_sd import GradualSelfDistiller, default_stage_names, list_stages
-from gradual_sd.stages import default_example_input
-from gradual_sd.taps import tapped_by
+from gradual_sd._stages import default_example_input
+from gradual_sd._taps import tapped_by
 
-from zoo import smallest_per_family, train_two_steps
+from zoo import cached_families, train_two_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,14 +37,7 @@ REFUSED = {
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "family" not in metafunc.fixturenames:
         return
-    # Choosing builds about 300 models on the meta device, so the choice is cached per timm.
-    cache = getattr(metafunc.config, "cache", None)
-    key = f"gradual_sd/zoo/timm-{timm.__version__}"
-    families = cache.get(key, None) if cache is not None else None
-    if families is None:
-        families = smallest_per_family()
-        if cache is not None:
-            cache.set(key, families)
+    families = cached_families(metafunc.config)
     metafunc.parametrize("family,model_name", sorted(families.items()), ids=sorted(families))
 
 

@@ -7,6 +7,7 @@ first few is taken; counting builds each candidate on the meta device, which all
 
 from __future__ import annotations
 
+import functools
 import re
 
 import timm
@@ -37,6 +38,7 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.cache
 def smallest_per_family() -> dict[str, str]:
     """``{family: model name}`` for every module of ``timm.models`` that registers a model."""
     chosen = {}

@@ -8,7 +8,7 @@ import argparse
 import os
 from pathlib import Path
 
-from gradual_sd.losses import FORMULATIONS, TEACHERS
+from gradual_sd import GradualDistillationLoss
 
 from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int, timm_model
 from .config import RunConfig
@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--lr-gamma", type=positive_float, default=0.9, help="learning-rate factor per epoch")
     p.add_argument(
         "--teacher",
-        choices=TEACHERS,
+        choices=GradualDistillationLoss.TEACHERS,
         default="neighbour",
         help="neighbour: GSDNet's gradual pairs; deepest: BYOT-style, the last classifier teaches all",
     )
@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
     loss.add_argument(
         "--formulation",
-        choices=FORMULATIONS,
+        choices=GradualDistillationLoss.FORMULATIONS,
         default=PAPER_LOSS["formulation"],
         help="reference: the paper's code (KL without T^2, torch.dist features); "
         "normalized: T^2-scaled KL, per-sample squared feature distance",

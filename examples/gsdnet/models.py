@@ -38,7 +38,7 @@ from gradual_sd import (
     find_classifier_name,
     insert_after,
 )
-from gradual_sd.finite import FiniteCheck
+from gradual_sd import FiniteCheck
 
 from .shipped import ShippedGSDNet, ShippedHead, reference_init
 from .weights import (

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gradual_sd import BottleneckHead, DistillerOutput, GradualSelfDistiller
-from gradual_sd.finite import FiniteCheck
+from gradual_sd import FiniteCheck
 
 
 class ShippedHead(BottleneckHead):

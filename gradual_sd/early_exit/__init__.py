@@ -1,15 +1,27 @@
-"""Early exit: answer each input at the first head that is confident enough, skip the rest.
+"""Early exit's calibration policy: pure functions from per-exit confidences to thresholds.
 
-:class:`EarlyExitModel` keeps a trained model and the auxiliary heads of a
-:class:`~gradual_sd.GradualSelfDistiller` and routes every sample through them
-(:mod:`.model`, with one pass's bookkeeping in :mod:`.routing` and the construction check in
-:mod:`.probe`). The rest works from held-out data (:mod:`.data`): FLOP counting
-(:mod:`.costs`), calibration and the trade-off curve (:mod:`.calibration`), the per-exit report
-with latency (:mod:`.profiling`, with optional bars from :mod:`.progress`), and saving and
-loading (:mod:`.persistence`). The public names are the two below; the modules are internal.
+:class:`~gradual_sd.EarlyExitModel` (imported from ``gradual_sd``) uses these to calibrate; they
+work on plain tensors, for users who collect confidences their own way. The modules of this
+package are internal: the routing model (``_model``, with one pass's bookkeeping in
+``_routing`` and the construction check in ``_probe``), FLOP counting (``_costs``), calibration
+and the trade-off curve (``_calibration``), the per-exit report (``_profiling``), saving and
+loading (``_persistence``) and the ONNX export (``_split``, ``_deployment``).
 """
 
-from .model import EarlyExitModel
-from .routing import ExitOutput
+from ._policy import (
+    ExitCosts,
+    choose_thresholds,
+    choose_thresholds_within_cost,
+    evaluate,
+    expected_calibration_error,
+    route,
+)
 
-__all__ = ["EarlyExitModel", "ExitOutput"]
+__all__ = [
+    "ExitCosts",
+    "route",
+    "evaluate",
+    "choose_thresholds",
+    "choose_thresholds_within_cost",
+    "expected_calibration_error",
+]

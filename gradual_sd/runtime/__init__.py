@@ -5,7 +5,7 @@
 confident enough, as :class:`gradual_sd.EarlyExitModel` does in PyTorch.
 """
 
-from .exits import ExitResult, OnnxExitModel
-from .manifest import ManifestError
+from ._exits import ExitResult, OnnxExitModel
+from ._manifest import ManifestError
 
 __all__ = ["OnnxExitModel", "ExitResult", "ManifestError"]

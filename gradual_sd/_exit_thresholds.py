@@ -29,9 +29,7 @@ def checked_thresholds(thresholds: Sequence[float] | float, stage_names: Sequenc
             f"got {len(values)}: {values}"
         )
     bad = [
-        v
-        for v in values
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0
+        v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v < 0
     ]
     if bad:
         raise ValueError(f"thresholds must be numbers >= 0 (above 1 disables a head), got {bad}")

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from .tuning import (
+from ._tuning import (
     DEEP_RESOLUTIONS,
     DEFAULT_MAX_HEADS,
     FINER,

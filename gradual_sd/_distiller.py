@@ -16,16 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .classifier import pre_logits
-from .finite import FiniteCheck
-from .heads import BottleneckHead, HeadFactory
-from .inputs import checked_example, checked_forward
-from .layout import Layout
-from .losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
-from .probing import checked_model
-from .stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
-from .taps import StageTaps, tapped_by, to_feature_map
-from .tuning import DEFAULT_MAX_HEADS
+from ._classifier import pre_logits
+from ._finite import FiniteCheck
+from ._heads import BottleneckHead, HeadFactory
+from ._inputs import checked_example, checked_forward
+from ._layout import Layout
+from ._losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
+from ._probing import checked_model
+from ._stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
+from ._taps import StageTaps, tapped_by, to_feature_map
+from ._tuning import DEFAULT_MAX_HEADS
 
 __all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names", "find_classifier_name"]
 

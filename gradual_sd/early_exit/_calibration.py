@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..exit_policy import ExitCosts, choose_thresholds, choose_thresholds_within_cost, evaluate
-from .costs import exit_costs
-from .data import Data, collect, device_of, first_images
+from ._policy import ExitCosts, choose_thresholds, choose_thresholds_within_cost, evaluate
+from ._costs import exit_costs
+from ._data import Data, collect, device_of, first_images
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 
 class Outcomes(NamedTuple):
@@ -51,8 +51,8 @@ def calibrate(
     max_cost: float | None,
     show_progress: bool | None,
 ) -> dict[str, Any]:
-    """Set ``exits``' thresholds for an accuracy target (:func:`~gradual_sd.exit_policy.choose_thresholds`)
-    or a compute budget (:func:`~gradual_sd.exit_policy.choose_thresholds_within_cost`); what
+    """Set ``exits``' thresholds for an accuracy target (:func:`~gradual_sd.early_exit.choose_thresholds`)
+    or a compute budget (:func:`~gradual_sd.early_exit.choose_thresholds_within_cost`); what
     they reach on ``data``."""
     if max_accuracy_drop is not None and max_cost is not None:
         raise ValueError(

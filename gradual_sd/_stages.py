@@ -1,6 +1,6 @@
 """What a model looks like to the distiller: its stages, their layouts, and its classifier.
 
-At most two dry runs in eval mode without gradients (:class:`~gradual_sd.probing.DryRuns`; the
+At most two dry runs in eval mode without gradients (:class:`~gradual_sd._probing.DryRuns`; the
 second only where the first leaves something open) describe every tapped stage, in the spirit
 of timm's ``FeatureInfo``: :func:`describe_stages` is what
 :class:`~gradual_sd.GradualSelfDistiller` and :func:`~gradual_sd.insert_after` build on, and
@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from ._lookup import find_module
-from .classifier import choose_classifier, classifier_candidates, find_classifier_name, pre_logits_width
-from .discovery import Ran, default_stages, spread
-from .evidence import FeatureInfo, observe
-from .inputs import checked_example, default_example_input
-from .layout import Layout, LayoutError
-from .outputs import NotAStage, Reason, StageInfo, describe, select
-from .probing import DryRuns, checked_model, main_logits
-from .tuning import DEFAULT_MAX_HEADS, STEM_REDUCTION
+from ._classifier import choose_classifier, classifier_candidates, find_classifier_name, pre_logits_width
+from ._discovery import Ran, default_stages, spread
+from ._evidence import FeatureInfo, observe
+from ._inputs import checked_example, default_example_input
+from ._layout import Layout, LayoutError
+from ._outputs import NotAStage, Reason, StageInfo, describe, select
+from ._probing import DryRuns, checked_model, main_logits
+from ._tuning import DEFAULT_MAX_HEADS, STEM_REDUCTION
 
 __all__ = [
     "StageInfo",
@@ -181,7 +181,7 @@ def _taps_features(survey: _Survey, name: str) -> bool:
 
 def _default_names(survey: _Survey, max_heads: int | None) -> list[str]:
     """The default stages, the last included: timm's ``feature_info`` stages where they can be
-    tapped, else those :func:`~gradual_sd.discovery.default_stages` finds from the shapes."""
+    tapped, else those :func:`~gradual_sd._discovery.default_stages` finds from the shapes."""
     names = survey.info.stages(STEM_REDUCTION)
     if len(names) >= 2 and all(_taps_features(survey, n) for n in names):
         order = survey.runs.first.order

@@ -1,10 +1,10 @@
 """One module's output described from what the dry runs showed of it: a pure decision.
 
 :class:`Observation` is the typed record of one module's output: its shapes in the dry runs
-and the evidence about its layout (:func:`gradual_sd.evidence.observe` gathers it).
+and the evidence about its layout (:func:`gradual_sd._evidence.observe` gathers it).
 :func:`describe` decides from it alone what :class:`StageInfo` the output has, or raises
 :class:`NotAStage` with the :class:`Reason` it is none, or a
-:class:`~gradual_sd.layout.LayoutError` where the evidence does not settle its layout.
+:class:`~gradual_sd._layout.LayoutError` where the evidence does not settle its layout.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .layout import (
+from ._layout import (
     CHANNEL_AXIS,
     SEQUENCE_LAYOUTS,
     SPATIAL_AXES,
@@ -24,8 +24,8 @@ from .layout import (
     count_prefix_tokens,
     resolve_layout,
 )
-from .probing import Output, Shape
-from .tuning import MAX_PREFIX
+from ._probing import Output, Shape
+from ._tuning import MAX_PREFIX
 
 __all__ = ["NotAStage", "Observation", "Reason", "StageInfo", "describe", "select"]
 

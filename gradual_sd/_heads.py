@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ACAM
+from ._attention import ACAM
 
 __all__ = ["HeadFactory", "BottleneckHead", "PooledHead"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Literal
 
-from .tuning import PADDING_PIXELS, SCALE
+from ._tuning import PADDING_PIXELS, SCALE
 
 __all__ = [
     "Layout",

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
-from ..taps import to_feature_map
-from .data import device_of
-from .probe import probe_batch
-from .split import Segment, batch_dynamic_shapes, run_segments, split_model
+from ..runtime._manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
+from .._taps import to_feature_map
+from ._data import device_of
+from ._probe import probe_batch
+from ._split import Segment, batch_dynamic_shapes, run_segments, split_model
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 # How far the segments' results may differ from the model's own before the split is refused:
 # float32 kernels on differently shaped graphs round differently, not more.
@@ -61,14 +61,30 @@ def export_onnx(
         name, head_name = f"segment_{k}.onnx", f"head_{k}.onnx"
         with torch.no_grad():
             produced = segment.module(*carried)
-        _write(segment.module, carried, directory / name, _input_names(k, len(carried)), _output_names(produced), files)
+        _write(
+            segment.module,
+            carried,
+            directory / name,
+            _input_names(k, len(carried)),
+            _output_names(produced),
+            files,
+        )
         head = _HeadGraph(exits.heads[k], stage.layout, stage.num_prefix_tokens).eval()
-        _write(head, (produced[segment.head_input],), directory / head_name, ["stage_output"], ["logits"], files)
+        _write(
+            head, (produced[segment.head_input],), directory / head_name, ["stage_output"], ["logits"], files
+        )
         entry = {**stage._asdict(), "shape": list(stage.shape)}
         stage_entries.append({**entry, "segment": name, "head": head_name, "head_input": segment.head_input})
         carried = produced
     final = f"segment_{len(exits.stages)}.onnx"
-    _write(segments[-1].module, carried, directory / final, _input_names(len(exits.stages), len(carried)), ["logits"], files)
+    _write(
+        segments[-1].module,
+        carried,
+        directory / final,
+        _input_names(len(exits.stages), len(carried)),
+        ["logits"],
+        files,
+    )
     manifest = _manifest(exits, example, class_names, stage_entries, final, files)
     manifest["metadata"] = json.loads(metadata_text)
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

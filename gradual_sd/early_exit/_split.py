@@ -23,9 +23,9 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .._lookup import find_module
-from ..outputs import StageInfo
-from ..probing import main_logits
+from .._outputs import StageInfo
+from .._probing import main_logits
+from .._taps import Hooks
 
 __all__ = ["Segment", "SplitError", "split_model", "run_segments", "batch_dynamic_shapes"]
 
@@ -76,19 +76,17 @@ def _marked_stages(model: nn.Module, stages: Sequence[StageInfo]) -> Iterator[di
     which of its flattened outputs its head reads (filled as the model runs)."""
     tapped: dict[int, int] = {}
 
-    def mark(k: int, module: nn.Module, args: tuple, output: object) -> object:
+    def mark(k: int, name: str, output: object) -> object:
         leaves, spec = pytree.tree_flatten(output)
         element = output if stages[k].element is None else output[stages[k].element]  # type: ignore[index]
         tapped[k] = next(i for i, leaf in enumerate(leaves) if leaf is element)
         marked = [_MARKER(x, k, i) if isinstance(x, torch.Tensor) else x for i, x in enumerate(leaves)]
         return pytree.tree_unflatten(marked, spec)
 
-    handles = [find_module(model, s.name).register_forward_hook(partial(mark, k)) for k, s in enumerate(stages)]
-    try:
+    with Hooks(model) as hooks:
+        for k, stage in enumerate(stages):
+            hooks.on_output(stage.name, partial(mark, k))
         yield tapped
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def export_program(
@@ -98,7 +96,9 @@ def export_program(
     outputs marked; and which marked output each head reads."""
     try:
         with _marked_stages(model, stages) as tapped:
-            program = torch.export.export(model, (example,), dynamic_shapes=batch_dynamic_shapes(1), strict=False)
+            program = torch.export.export(
+                model, (example,), dynamic_shapes=batch_dynamic_shapes(1), strict=False
+            )
     except Exception as error:  # torch.export raises many types; all mean "cannot export"
         raise SplitError(
             f"torch.export cannot trace {type(model).__name__} with a dynamic batch size "
@@ -170,7 +170,9 @@ class _Cut:
             self.constants[name] = value if value is not None else program.constants[target]
         for name, target in signature.inputs_to_lifted_tensor_constants.items():
             self.constants[name] = program.constants[target]
-        user_inputs = [n for n in self.graph.nodes if n.op == "placeholder" and n.name in signature.user_inputs]
+        user_inputs = [
+            n for n in self.graph.nodes if n.op == "placeholder" and n.name in signature.user_inputs
+        ]
         if len(user_inputs) != 1:
             raise SplitError(f"the model takes {len(user_inputs)} tensor inputs; exits need one (the images)")
         self.images = user_inputs[0]
@@ -206,7 +208,9 @@ class _Cut:
         if not markers or k not in tapped:
             raise SplitError(f"stage {name!r} did not run when the model was traced")
         if len(set(leaves)) != len(leaves):
-            raise SplitError(f"stage {name!r} runs more than once in the traced model; tap a module that runs once")
+            raise SplitError(
+                f"stage {name!r} runs more than once in the traced model; tap a module that runs once"
+            )
         markers.sort(key=lambda n: n.args[2])
         leaves = [n.args[2] for n in markers]
         if tapped[k] not in leaves:
@@ -308,7 +312,9 @@ class _Cut:
         )
 
 
-def run_segments(segments: Sequence[Segment], images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def run_segments(
+    segments: Sequence[Segment], images: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Run ``segments`` in a chain: each head's input and the logits."""
     carried: tuple[torch.Tensor, ...] = (images,)
     head_inputs = []
@@ -317,4 +323,3 @@ def run_segments(segments: Sequence[Segment], images: torch.Tensor) -> tuple[lis
         if segment.head_input is not None:
             head_inputs.append(carried[segment.head_input])
     return head_inputs, carried[0]
-

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._lookup import find_module
-from .layout import Layout
+from ._layout import Layout
 
 __all__ = ["Hooks", "StageTaps", "Tapped", "to_feature_map", "tapped_by"]
 

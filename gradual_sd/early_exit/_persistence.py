@@ -11,12 +11,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..attention import ACAM, NormalizedACAM
-from ..heads import BottleneckHead, PooledHead
-from ..outputs import StageInfo
+from .._attention import ACAM, NormalizedACAM
+from .._heads import BottleneckHead, PooledHead
+from .._outputs import StageInfo
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 CONFIG_FILE, MODEL_FILE, HEADS_FILE = "early_exit.json", "model.pt", "heads.pt"
 _ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}

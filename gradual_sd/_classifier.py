@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ._lookup import find_module
-from .inputs import checked_example
-from .probing import Output, Probe, checked_model, main_logits, run_probe
-from .taps import Hooks
+from ._inputs import checked_example
+from ._probing import Output, Probe, checked_model, main_logits, run_probe
+from ._taps import Hooks
 
 __all__ = [
     "choose_classifier",
@@ -179,7 +179,7 @@ def find_classifier_name(
     model: nn.Module, classifier_name: str | None = None, example_input: torch.Tensor | None = None
 ) -> str:
     """Name of the layer that outputs the model's logits: among the linear and 1x1-conv layers
-    of its classifier (:func:`~gradual_sd.classifier.classifier_candidates`) that ran with
+    of its classifier (:func:`~gradual_sd._classifier.classifier_candidates`) that ran with
     ``num_classes`` outputs in one dry run, the one whose output is the returned logits; else
     the last to run of those the logits are computed from (both heads of an averaged pair). An
     auxiliary head the logits do not depend on is never chosen; where none is left, the error

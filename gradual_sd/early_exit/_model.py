@@ -19,19 +19,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from .._lookup import find_module
-from ..exit_policy import ExitCosts
-from ..exit_thresholds import checked_thresholds, is_enabled
-from ..layout import LAYOUTS, Layout
-from ..outputs import StageInfo
-from ..probing import main_logits
-from ..taps import to_feature_map
-from . import calibration, costs, deployment, persistence, profiling
-from .data import Data
-from .probe import check_exits, probe_batch
-from .routing import ExitOutput, Pass, Stop, drop_samples, nobody
+from ._policy import ExitCosts
+from .._exit_thresholds import checked_thresholds, is_enabled
+from .._layout import LAYOUTS, Layout
+from .._outputs import StageInfo
+from .._probing import main_logits
+from .._taps import Hooks, to_feature_map
+from . import _calibration as calibration
+from . import _costs as costs
+from . import _deployment as deployment
+from . import _persistence as persistence
+from . import _profiling as profiling
+from ._data import Data
+from ._probe import check_exits, probe_batch
+from ._routing import ExitOutput, Pass, Stop, drop_samples, nobody
 
 __all__ = ["EarlyExitModel"]
 
@@ -40,16 +42,11 @@ class EarlyExitModel(nn.Module):
     """A trained model with its auxiliary heads as real, per-sample early exits (inference only).
 
     Usually built with :meth:`from_distiller`. Works for every model the distiller trains whose
-    later stages read only the tapped stage's output (ResNet, ConvNeXt, EfficientNet, ViT,
-    Swin, Hugging Face classifiers...), whatever the stage layout (NCHW, NHWC, NLC tokens,
-    NCL sequences) and whether a stage returns a tensor or a tuple. At construction a probe
-    lets one sample leave at each stage in turn and checks that the others' logits are
-    unchanged; a model where a later stage also reads an earlier tensor (HRNet, cross-stage
-    links) is refused with a ``ValueError`` naming the stage.
-
-    The hooks do nothing outside :meth:`forward`, so ``exits.model(x)`` stays the plain model.
-    Training mode raises: batch norm would then mix the samples of a batch that shrinks.
-    :meth:`export_onnx` writes the exits for ONNX Runtime (:mod:`gradual_sd.runtime`).
+    later stages read only the tapped stage's output, in every stage layout; a model where a
+    later stage also reads an earlier tensor is refused at construction with a ``ValueError``
+    naming the stage (docs/early-exit.md says how the probe decides). ``exits.model(x)`` stays
+    the plain model; training mode raises. :meth:`export_onnx` writes the exits for ONNX
+    Runtime (:mod:`gradual_sd.runtime`).
 
     Args:
         model: The trained classifier (the distiller's ``model``).
@@ -59,8 +56,8 @@ class EarlyExitModel(nn.Module):
         classifier_name: The model's own classifier (named in reports and saved configs).
         thresholds: One per head (see :meth:`set_thresholds`); default all disabled.
         example_input: A batch for the probe (one with fewer than 3 samples is replaced by 4
-            random inputs of its shape); default 4 random inputs at the model's configured
-            size (:func:`~gradual_sd.stages.default_example_input`).
+            random inputs of its shape); default 4 random inputs of the distiller's default
+            example (the model's configured input size).
         check: Run the probe (and refuse models that fail it).
     """
 
@@ -86,9 +83,8 @@ class EarlyExitModel(nn.Module):
                 f"{[type(stage).__name__ for stage in stages]}"
             )
         if len(heads) != len(stages):
-            raise ValueError(
-                f"need one head per stage: {len(stages)} stages {[s.name for s in stages]}, {len(heads)} heads"
-            )
+            names = [stage.name for stage in stages]
+            raise ValueError(f"need one head per stage: {len(stages)} stages {names}, {len(heads)} heads")
         bad = [stage.layout for stage in stages if stage.layout not in LAYOUTS]
         if bad:
             raise ValueError(f"layouts {bad} are not among {LAYOUTS}")
@@ -99,10 +95,9 @@ class EarlyExitModel(nn.Module):
         self.thresholds: tuple[float, ...] = (math.inf,) * len(stages)
         self.set_thresholds(thresholds if thresholds is not None else self.thresholds)
         self._pass: Pass | None = None
-        self._handles: list[RemovableHandle] = []
+        self._hooks = Hooks(model)
         for k, stage in enumerate(stages):
-            module = find_module(model, stage.name)
-            self._handles.append(module.register_forward_hook(partial(self._at_stage, k)))
+            self._hooks.on_output(stage.name, partial(self._at_stage, k))
         self.eval()
         if check:
             try:
@@ -156,7 +151,7 @@ class EarlyExitModel(nn.Module):
         above 1 (e.g. ``math.inf``) disables the head, which then is not run at all."""
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
-    def _at_stage(self, k: int, module: nn.Module, args: tuple, output: object) -> object:
+    def _at_stage(self, k: int, name: str, output: object) -> object:
         run = self._pass
         if run is None:
             return None
@@ -195,7 +190,7 @@ class EarlyExitModel(nn.Module):
     def _run(self, images: torch.Tensor, run: Pass) -> torch.Tensor | None:
         """The model's forward with ``run`` in charge of the hooks; ``None`` if every sample
         left before the end."""
-        if not self._handles:
+        if not self._hooks.active:
             raise RuntimeError("this EarlyExitModel's hooks were removed (remove()); build it again")
         if self.training:
             raise RuntimeError(
@@ -267,8 +262,8 @@ class EarlyExitModel(nn.Module):
           model's FLOPs (0.5: half), as a deployment budget is stated.
 
         Every exit's logits come from one full pass over ``data``; the searches are
-        :func:`~gradual_sd.exit_policy.choose_thresholds` and
-        :func:`~gradual_sd.exit_policy.choose_thresholds_within_cost`. Sets and returns the
+        :func:`~gradual_sd.early_exit.choose_thresholds` and
+        :func:`~gradual_sd.early_exit.choose_thresholds_within_cost`. Sets and returns the
         thresholds with the accuracy, its drop and the relative FLOPs they reach on ``data``. On
         new data the result can be worse: on a few hundred images the thresholds fit the set's
         noise (docs/early-exit.md), so calibrate on as many held-out images as there are.
@@ -394,9 +389,7 @@ class EarlyExitModel(nn.Module):
     def remove(self) -> None:
         """Detach the hooks from the model; safe to call more than once. The model stays usable,
         this wrapper does not."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def extra_repr(self) -> str:
         return f"stage_names={list(self.stage_names)}, thresholds={list(self.thresholds)}"

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..exit_thresholds import checked_thresholds, is_enabled
-from .manifest import read_manifest
+from .._exit_thresholds import checked_thresholds, is_enabled
+from ._manifest import read_manifest
 
 __all__ = ["OnnxExitModel", "ExitResult"]
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import create_act_layer, make_divisible
 from torch import nn
 
-from .pooled_gate import gate_path, grouped_linear, weighted_linear_sum
+from ._pooled_gate import gate_path, grouped_linear, weighted_linear_sum
 
 __all__ = ["ACAM", "NormalizedACAM"]
 

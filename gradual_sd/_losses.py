@@ -16,7 +16,7 @@ the student, so both give the same gradients up to the ``T**2`` factor.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 from collections.abc import Sequence
 
 import torch
@@ -173,6 +173,9 @@ class GradualDistillationLoss(nn.Module):
             sync per call (unchecked, an out-of-range index ends in a device-side assert there).
             :class:`GradualSelfDistiller` checks accelerator targets itself, without a sync.
     """
+
+    TEACHERS: ClassVar[tuple[str, ...]] = TEACHERS  # the values ``teacher`` takes
+    FORMULATIONS: ClassVar[tuple[str, ...]] = FORMULATIONS  # the values ``formulation`` takes
 
     def __init__(
         self,

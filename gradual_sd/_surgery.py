@@ -4,45 +4,55 @@ submodules or in place of its squeeze-excite modules."""
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-import timm.layers
+import importlib
 import torch
 from einops import rearrange
-from timm.models import _efficientnet_blocks, hgnet, senet
 from torch import nn
-from torchvision.ops import SqueezeExcitation
 
 from ._lookup import find_module
-from .attention import ACAM
-from .layout import Layout
-from .stages import describe_outputs
+from ._attention import ACAM
+from ._layout import Layout
+from ._stages import describe_outputs
 
-__all__ = ["SQUEEZE_EXCITE_KINDS", "ChannelsLast", "insert_after", "replace_squeeze_excite"]
+__all__ = ["ChannelsLast", "insert_after", "replace_squeeze_excite", "squeeze_excite_kinds"]
 
-SQUEEZE_EXCITE_KINDS: Mapping[str, type[nn.Module]] = MappingProxyType(
-    {
-        "timm.layers.SEModule": timm.layers.SEModule,  # also timm.layers.SqueezeExcite
-        "timm.layers.EffectiveSEModule": timm.layers.EffectiveSEModule,
-        "timm.models._efficientnet_blocks.SqueezeExcite": _efficientnet_blocks.SqueezeExcite,
-        "timm.models.hgnet.EseModule": hgnet.EseModule,
-        "timm.models.senet.SEModule": senet.SEModule,
-        "torchvision.ops.SqueezeExcitation": SqueezeExcitation,
-    }
+# The squeeze-excite classes found by default, by import path. They are imported when
+# replace_squeeze_excite runs, so importing the library loads none of their modules.
+_SQUEEZE_EXCITE_PATHS = (
+    "timm.layers.SEModule",  # also timm.layers.SqueezeExcite
+    "timm.layers.EffectiveSEModule",
+    "timm.models._efficientnet_blocks.SqueezeExcite",
+    "timm.models.hgnet.EseModule",
+    "timm.models.senet.SEModule",
+    "torchvision.ops.SqueezeExcitation",
 )
-"""The squeeze-excite classes ``replace_squeeze_excite`` finds by default, by import path.
 
-All take and return ``(N, C, H, W)`` maps. timm's channels-last ``SqueezeExciteCl`` is left out
-on purpose: ACAM expects channels on dim 1.
-"""
 
-# kinds= also takes the path where each listed class is defined (how Python prints it, e.g.
-# timm.layers.squeeze_excite.SEModule for timm.layers.SEModule).
-_KINDS_BY_NAME = {
-    **{f"{cls.__module__}.{cls.__qualname__}": cls for cls in SQUEEZE_EXCITE_KINDS.values()},
-    **SQUEEZE_EXCITE_KINDS,
-}
+@functools.cache
+def squeeze_excite_kinds() -> Mapping[str, type[nn.Module]]:
+    """The squeeze-excite classes ``replace_squeeze_excite`` finds by default, by import path.
+
+    All take and return ``(N, C, H, W)`` maps. timm's channels-last ``SqueezeExciteCl`` is left
+    out on purpose: ACAM expects channels on dim 1.
+    """
+    kinds = {}
+    for path in _SQUEEZE_EXCITE_PATHS:
+        module, _, name = path.rpartition(".")
+        kinds[path] = getattr(importlib.import_module(module), name)
+    return MappingProxyType(kinds)
+
+
+@functools.cache
+def _kinds_by_name() -> Mapping[str, type[nn.Module]]:
+    """``kinds=`` also takes the path where each listed class is defined (how Python prints it,
+    e.g. timm.layers.squeeze_excite.SEModule for timm.layers.SEModule)."""
+    kinds = squeeze_excite_kinds()
+    return {**{f"{cls.__module__}.{cls.__qualname__}": cls for cls in kinds.values()}, **kinds}
+
 
 # Where the known SE classes keep their gate (timm, torchvision, timm's hgnet and senet).
 _GATE_ATTRIBUTES = ("gate", "scale_activation", "sigmoid")
@@ -116,7 +126,7 @@ def replace_squeeze_excite(
     For models whose constructors do not take ``se_layer=ACAM`` or ``attn_layer=ACAM`` (timm
     MobileNetV3, LCNet, RegNetY, ReXNet, VoVNet, torchvision EfficientNet...). A module is
     squeeze-excite when it is an instance of one of ``kinds``: names from
-    :data:`SQUEEZE_EXCITE_KINDS` or classes (default: all of :data:`SQUEEZE_EXCITE_KINDS`). Each
+    :func:`squeeze_excite_kinds` or classes (default: all of :func:`squeeze_excite_kinds`). Each
     is replaced by ``attn_layer(channels, **options)``, where ``channels`` is the input width of
     its first conv or linear layer, on the same device and dtype and in the same train/eval mode.
     Every other module and weight keeps its name and value; the replaced modules' weights are
@@ -155,33 +165,33 @@ def replace_squeeze_excite(
 
 def _squeeze_excite_classes(kinds: Iterable[str | type[nn.Module]] | None) -> tuple[type[nn.Module], ...]:
     if kinds is None:
-        return tuple(SQUEEZE_EXCITE_KINDS.values())
+        return tuple(squeeze_excite_kinds().values())
     kinds = [kinds] if isinstance(kinds, str | type) else list(kinds)
     if not kinds:
-        raise ValueError(f"kinds is empty; give SE classes or names from {list(SQUEEZE_EXCITE_KINDS)}")
+        raise ValueError(f"kinds is empty; give SE classes or names from {list(squeeze_excite_kinds())}")
     classes = []
     for kind in kinds:
         if isinstance(kind, type) and issubclass(kind, nn.Module):
             classes.append(kind)
-        elif isinstance(kind, str) and kind in _KINDS_BY_NAME:
-            classes.append(_KINDS_BY_NAME[kind])
+        elif isinstance(kind, str) and kind in _kinds_by_name():
+            classes.append(_kinds_by_name()[kind])
         elif isinstance(kind, str):
-            close = difflib.get_close_matches(kind, _KINDS_BY_NAME, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(kind, _kinds_by_name(), n=3, cutoff=0.5)
             hint = f"close matches: {close}; " if close else ""
             raise ValueError(
-                f"unknown squeeze-excite kind {kind!r}; {hint}valid: {list(SQUEEZE_EXCITE_KINDS)}"
+                f"unknown squeeze-excite kind {kind!r}; {hint}valid: {list(squeeze_excite_kinds())}"
             )
         else:
             raise TypeError(
-                f"kinds must hold nn.Module classes or names from SQUEEZE_EXCITE_KINDS, got {kind!r}"
+                f"kinds must hold nn.Module classes or names from squeeze_excite_kinds(), got {kind!r}"
             )
     return tuple(classes)
 
 
 def _kind_name(cls: type[nn.Module]) -> str:
-    """The name ``kinds=`` takes for ``cls``: its key in :data:`SQUEEZE_EXCITE_KINDS`, else its
+    """The name ``kinds=`` takes for ``cls``: its key in :func:`squeeze_excite_kinds`, else its
     defining module and qualified name (a class not listed there is passed as the class)."""
-    listed = (name for name, known in SQUEEZE_EXCITE_KINDS.items() if known is cls)
+    listed = (name for name, known in squeeze_excite_kinds().items() if known is cls)
     return next(listed, f"{cls.__module__}.{cls.__qualname__}")
 
 

@@ -9,11 +9,11 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..losses import check_targets
-from .progress import progress
+from .._losses import check_targets
+from ._progress import progress
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
 

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..probing import main_logits
-from ..stages import default_example_input
-from .routing import Pass
+from .._probing import main_logits
+from .._stages import default_example_input
+from ._routing import Pass
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 
 def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
@@ -42,7 +42,8 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
                     f"samples cannot leave at stage {name!r}: the rest of the model fails on "
                     f"the smaller batch ({error}). A later stage probably also reads a tensor "
                     "from before this stage (cross-stage links as in HRNet or DenseNet-style "
-                    "models); tap only stages after which nothing earlier is read"
+                    "models) or reshapes to the input's batch size; tap only stages after which "
+                    "nothing earlier is read"
                 ) from error
             difference = (logits - reference[1:]).abs().max().item()
             if difference > 1e-4 * scale:
@@ -56,7 +57,7 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
 
 def probe_batch(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     """A batch of 4 different inputs: the given one if it has at least 3 samples, else random
-    images shaped like it (default: as :func:`~gradual_sd.stages.default_example_input`)."""
+    images shaped like it (default: as :func:`~gradual_sd._stages.default_example_input`)."""
     if example is not None and example.shape[0] >= 3:
         return example
     if example is None:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..exit_policy import expected_calibration_error, route
-from .calibration import curve, outcomes
-from .data import Data, device_of, first_images
-from .progress import progress
+from ._policy import expected_calibration_error, route
+from ._calibration import curve, outcomes
+from ._data import Data, device_of, first_images
+from ._progress import progress
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 
 def profile(

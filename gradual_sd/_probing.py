@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ._lookup import module_names
-from .inputs import default_example_input, input_positions, is_token_ids
-from .taps import Hooks
-from .tuning import SCALE
+from ._inputs import default_example_input, input_positions, is_token_ids
+from ._taps import Hooks
+from ._tuning import SCALE
 
 __all__ = ["DryRuns", "Output", "Probe", "Shape", "checked_model", "main_logits", "run_probe"]
 

@@ -1,5 +1,5 @@
 """Gather what the dry runs and the model say about one module's output into an
-:class:`~gradual_sd.outputs.Observation`: its shapes, timm's ``feature_info``, and the widths
+:class:`~gradual_sd._outputs.Observation`: its shapes, timm's ``feature_info``, and the widths
 its channel axis may have.
 """
 
@@ -12,9 +12,9 @@ from typing import NamedTuple
 from torch import nn
 
 from ._lookup import find_module
-from .outputs import NotAStage, Observation, select
-from .probing import DryRuns, Probe, Shape
-from .tuning import MAX_PREFIX
+from ._outputs import NotAStage, Observation, select
+from ._probing import DryRuns, Probe, Shape
+from ._tuning import MAX_PREFIX
 
 __all__ = ["FeatureInfo", "layer_widths", "observe"]
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..exit_policy import ExitCosts
-from .routing import Pass, everybody
+from ._policy import ExitCosts
+from ._routing import Pass, everybody
 
 if TYPE_CHECKING:
-    from .model import EarlyExitModel
+    from ._model import EarlyExitModel
 
 
 def flops(fn: Callable[..., object], *args: object) -> float:
