@@ -23,6 +23,7 @@ from ._inputs import checked_example, checked_forward
 from ._layout import Layout
 from ._losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
 from ._probing import checked_model
+from ._outputs import StageViews
 from ._stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
 from ._taps import StageTaps, tapped_by, to_feature_map
 from ._tuning import DEFAULT_MAX_HEADS
@@ -109,7 +110,7 @@ def step_labels(
     ]
 
 
-class GradualSelfDistiller(nn.Module):
+class GradualSelfDistiller(StageViews, nn.Module):
     """Wrap a classifier to train it with gradual self distillation (GSDNet).
 
     Each argument's full rules are in docs/api.md.
@@ -215,21 +216,6 @@ class GradualSelfDistiller(nn.Module):
         self.register_buffer("teacher_projection_weight", projection.weight.detach().clone())
         self.register_buffer("teacher_projection_bias", projection.bias.detach().clone())
         self.taps = StageTaps(model, self.stages, input_names=[self.classifier_name])
-
-    @property
-    def stage_names(self) -> tuple[str, ...]:
-        """The tapped stages, shallow to deep."""
-        return tuple(stage.name for stage in self.stages)
-
-    @property
-    def layouts(self) -> tuple[Layout, ...]:
-        """Each stage output's layout."""
-        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
-
-    @property
-    def num_prefix_tokens(self) -> tuple[int, ...]:
-        """The class/register tokens each stage's head drops."""
-        return tuple(stage.num_prefix_tokens for stage in self.stages)
 
     @property
     def head_names(self) -> tuple[str, ...]:

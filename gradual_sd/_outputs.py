@@ -27,7 +27,7 @@ from ._layout import (
 from ._probing import Output, Shape
 from ._tuning import MAX_PREFIX
 
-__all__ = ["NotAStage", "Observation", "Reason", "StageInfo", "describe", "select"]
+__all__ = ["NotAStage", "Observation", "Reason", "StageInfo", "StageViews", "describe", "select"]
 
 
 class StageInfo(NamedTuple):
@@ -54,6 +54,28 @@ class StageInfo(NamedTuple):
     reduction: float | None
     num_prefix_tokens: int = 0
     element: int | None = None
+
+
+class StageViews:
+    """Read-only per-stage tuples of a ``stages`` tuple of :class:`StageInfo`, for the classes
+    that keep one (the distiller, the exit model)."""
+
+    stages: tuple[StageInfo, ...]
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The tapped stages' names, shallow to deep."""
+        return tuple(stage.name for stage in self.stages)
+
+    @property
+    def layouts(self) -> tuple[Layout, ...]:
+        """Each stage output's layout."""
+        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
+
+    @property
+    def num_prefix_tokens(self) -> tuple[int, ...]:
+        """The class/register tokens each stage's head drops."""
+        return tuple(stage.num_prefix_tokens for stage in self.stages)
 
 
 class Reason(enum.Enum):

@@ -22,8 +22,8 @@ from torch import nn
 
 from ._policy import ExitCosts
 from .._exit_thresholds import checked_thresholds, is_enabled
-from .._layout import LAYOUTS, Layout
-from .._outputs import StageInfo
+from .._layout import LAYOUTS
+from .._outputs import StageInfo, StageViews
 from .._probing import main_logits
 from .._taps import Hooks, to_feature_map
 from . import _calibration as calibration
@@ -38,7 +38,7 @@ from ._routing import ExitOutput, Pass, Stop, drop_samples, nobody
 __all__ = ["EarlyExitModel"]
 
 
-class EarlyExitModel(nn.Module):
+class EarlyExitModel(StageViews, nn.Module):
     """A trained model with its auxiliary heads as real, per-sample early exits (inference only).
 
     Usually built with :meth:`from_distiller`. Works for every model the distiller trains whose
@@ -105,21 +105,6 @@ class EarlyExitModel(nn.Module):
             except BaseException:
                 self.remove()
                 raise
-
-    @property
-    def stage_names(self) -> tuple[str, ...]:
-        """The tapped stages' names, shallow to deep."""
-        return tuple(stage.name for stage in self.stages)
-
-    @property
-    def layouts(self) -> tuple[Layout, ...]:
-        """Each stage output's layout."""
-        return tuple(stage.layout for stage in self.stages)  # type: ignore[misc]
-
-    @property
-    def num_prefix_tokens(self) -> tuple[int, ...]:
-        """Class/register tokens each token stage drops before its head."""
-        return tuple(stage.num_prefix_tokens for stage in self.stages)
 
     @classmethod
     def from_distiller(

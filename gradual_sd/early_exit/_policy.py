@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -112,22 +112,14 @@ def choose_thresholds(
     if not 0 <= max_accuracy_drop <= 1:
         raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
     floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
-    thresholds = [math.inf] * heads
-    best = evaluate(confidence, correct, costs, thresholds)
+
+    def key(trial: list[float]) -> tuple | None:
+        """What the search minimises, or ``None`` below the accuracy floor."""
+        accuracy, cost = evaluate(confidence, correct, costs, trial)
+        return None if accuracy < floor else (cost, -accuracy, [-t for t in trial])
+
     options = [_candidates(confidence[k], max_candidates) for k in range(heads)]
-    for _ in range(max_rounds):
-        changed = False
-        for k in range(heads):
-            for value in options[k]:
-                trial = [*thresholds[:k], value, *thresholds[k + 1 :]]
-                accuracy, cost = evaluate(confidence, correct, costs, trial)
-                if accuracy < floor:
-                    continue
-                if (cost, -accuracy, -value) < (best[1], -best[0], -thresholds[k]):
-                    thresholds, best, changed = trial, (accuracy, cost), True
-        if not changed:
-            break
-    return thresholds
+    return _coordinate_descent([math.inf] * heads, options, key, max_rounds)
 
 
 def choose_thresholds_within_cost(
@@ -175,9 +167,22 @@ def choose_thresholds_within_cost(
         if found is not None and found < best:
             thresholds, best = [level] * heads, found
     options = [_candidates(confidence[k], max_candidates) for k in range(heads)]
+    return _coordinate_descent(thresholds, options, key, max_rounds)
+
+
+def _coordinate_descent(
+    thresholds: list[float],
+    options: list[list[float]],
+    key: Callable[[list[float]], tuple | None],
+    max_rounds: int,
+) -> list[float]:
+    """Visit the heads shallow to deep, moving each one's threshold to the option with the
+    smallest ``key`` (``None``: not allowed), the others fixed; repeat until a round changes
+    nothing. ``thresholds`` must be allowed; every step keeps that and lowers ``key``."""
+    best = key(thresholds)
     for _ in range(max_rounds):
         changed = False
-        for k in range(heads):
+        for k in range(len(thresholds)):
             for value in options[k]:
                 trial = [*thresholds[:k], value, *thresholds[k + 1 :]]
                 found = key(trial)
