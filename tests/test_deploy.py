@@ -194,6 +194,21 @@ def test_thresholds_change_at_run_time(exported):
         runtime.set_thresholds(exits.thresholds)
 
 
+def test_every_graph_gets_the_threads_and_idle_threads_do_not_spin(exported):
+    # A chain of sessions, each with its own pool: threads spinning after one graph would hold
+    # the cores the next one needs (2.9x the whole model at batch 1 on 2 cores, benchmarks.md).
+    *_, directory = exported
+    runtime = OnnxExitModel(directory, threads=2)
+    graphs = [*runtime._segments, runtime._final, *runtime._heads]
+    assert len(graphs) == 7
+    for graph in graphs:
+        options = graph.session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        OnnxExitModel(directory, threads=0)
+
+
 def test_bad_batches_get_clear_errors(exported):
     _, runtime, batch, _ = exported
     with pytest.raises(ValueError, match=r"no batch axis; add one \(images\[None\]\)"):

@@ -67,7 +67,9 @@ class OnnxExitModel:
     Runtime with the same per-sample routing as :class:`~gradual_sd.EarlyExitModel`.
 
     Every file's sha256 is checked against ``manifest.json`` when the folder is opened; a file
-    that differs is refused by name.
+    that differs is refused by name. The graphs' intra-op threads do not spin while they wait:
+    each graph has its own thread pool, and threads still spinning after one graph take the
+    cores the next graph needs (docs/early-exit.md, "The runtime").
 
     Args:
         directory: The exit folder.
@@ -86,6 +88,7 @@ class OnnxExitModel:
         manifest = read_manifest(directory)
         ort = _onnxruntime()
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"threads must be a positive int or None, got {threads!r}")
