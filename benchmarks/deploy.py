@@ -252,7 +252,12 @@ def benchmark_stand_in(run: Path, work: Path, args) -> str:
             )
             spinning_off = ratios.get("whole model, spinning off")
             rows.append(
-                [label, batch, format_ratio(ratios["calibrated exits"]), spinning_off and format_ratio(spinning_off)]
+                [
+                    label,
+                    batch,
+                    format_ratio(ratios["calibrated exits"]),
+                    spinning_off and format_ratio(spinning_off),
+                ]
             )
     return (
         f"### Trained stand-in ({config['model_name']} at {config['img_size']} px, digits), "
