@@ -256,7 +256,7 @@ def benchmark_stand_in(run: Path, work: Path, args) -> str:
                     label,
                     batch,
                     format_ratio(ratios["calibrated exits"]),
-                    spinning_off and format_ratio(spinning_off),
+                    format_ratio(spinning_off) if spinning_off else "-",
                 ]
             )
     return (

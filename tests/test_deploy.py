@@ -196,7 +196,7 @@ def test_thresholds_change_at_run_time(exported):
 
 def test_every_graph_gets_the_threads_and_idle_threads_do_not_spin(exported):
     # A chain of sessions, each with its own pool: threads spinning after one graph would hold
-    # the cores the next one needs (2.9x the whole model at batch 1 on 2 cores, benchmarks.md).
+    # the cores the next one needs (2.75x the whole model at batch 1 on 2 cores, benchmarks.md).
     *_, directory = exported
     runtime = OnnxExitModel(directory, threads=2)
     graphs = [*runtime._segments, runtime._final, *runtime._heads]
