@@ -42,6 +42,30 @@ def thresholds_for_every_exit(confidence: list[torch.Tensor]) -> list[float] | N
     return thresholds
 
 
+def spread_confidences(exits: EarlyExitModel, images: torch.Tensor, largest_logit: float = 8.0) -> None:
+    """Make each head's classifier answer ``images`` with logits ``f * (z - mean z)``, the mean
+    over the batch, largest about ``largest_logit``. Untrained heads on random images give every
+    sample nearly the same logits (confidences within 1e-3 on a fresh ResNet), too close to set
+    thresholds between; this keeps what differs between samples and spreads them over (0, 1)."""
+    with torch.inference_mode():
+        logits = exits.exit_logits(images)[:-1]
+    for head, z in zip(exits.heads, logits):
+        classes = z.shape[-1]
+        linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.out_features == classes]
+        assert linear, f"no Linear layer with {classes} outputs in {type(head).__name__}"
+        centred = z.double() - z.double().mean(0)
+        factor = largest_logit / max(float(centred.abs().max()), 1e-12)
+        classifier = linear[-1]
+        with torch.no_grad():
+            bias = classifier.bias if classifier.bias is not None else torch.zeros(classes)
+            new_bias = factor * (bias.double() - z.double().mean(0))
+            classifier.weight.mul_(factor)
+            if classifier.bias is None:
+                classifier.bias = torch.nn.Parameter(new_bias.to(classifier.weight.dtype))
+            else:
+                classifier.bias.copy_(new_bias)
+
+
 def expected_routing(logits: list[torch.Tensor], thresholds: list[float]) -> tuple[list[int], torch.Tensor]:
     """The rule applied sample by sample: each one's exit and that exit's logits."""
     confidence = [z.float().softmax(-1).amax(-1) for z in logits[:-1]]

@@ -19,7 +19,7 @@ import torch
 from gradual_sd import EarlyExitModel, GradualSelfDistiller
 from gradual_sd._stages import default_example_input
 
-from exit_zoo import check_exits, check_runtime
+from exit_zoo import check_exits, check_runtime, spread_confidences
 from test_zoo import REFUSED as TIMM_TRAIN_REFUSED
 from test_zoo import wrap_as_a_user_would
 from zoo import cached_families
@@ -38,11 +38,30 @@ REFUSED: dict[str, str] = {
     "efficientvim": "samples cannot leave at stage 'stages.1'",
     # Fuse layers mix every resolution branch.
     "hrnet": "samples cannot leave at stage 'incre_modules.1'",
+    # Each cell reads the outputs of the two cells before it.
+    "nasnet": "samples cannot leave at stage 'cell_stem_1.conv_1x1.act'",
+    "pnasnet": "samples cannot leave at stage 'cell_stem_1.conv_1x1.act'",
+    # Reshapes to the batch size it read from the input.
+    "qwen3_vit": "samples cannot leave at stage 'encoder.blocks.2'",
+    "twins": "samples cannot leave at stage 'blocks.0.1'",
+    # Its pixel embeddings fold the batch and the patches into one axis.
+    "tnt": "samples cannot leave at stage 'blocks.2'",
+    # The default stage lies inside a block whose shortcut reads the block's input.
+    "xception": "samples cannot leave at stage 'block2.rep.0'",
+    "xception_aligned": "samples cannot leave at stage 'blocks.1.stack.act3'",
 }
 # The same for Hugging Face classes.
 HF_REFUSED: dict[str, str] = {
     # Reshapes its last hidden state to the batch size of the input ids.
     "ImageGPTForImageClassification": "samples cannot leave at stage 'transformer.h.0'",
+    # Expand their latents to the input's batch size before the encoder.
+    **{
+        f"PerceiverForImageClassification{kind}": "samples cannot leave at stage 'perceiver.encoder.self_"
+        for kind in ("ConvProcessing", "Fourier", "Learned")
+    },
+    # Reshape each stage's output to the batch size read from the input.
+    "PvtForImageClassification": "samples cannot leave at stage 'pvt.encoder.block.0.0'",
+    "PvtV2ForImageClassification": "samples cannot leave at stage 'pvt_v2.encoder.layers.0.blocks.0'",
 }
 # Models the exporter refuses (with a ValueError saying why), among those that exit in PyTorch.
 ONNX_REFUSED: dict[str, str] = {}
@@ -98,6 +117,7 @@ def check(distiller: GradualSelfDistiller, name: str, example: torch.Tensor, tmp
     # (SAM2's Hiera at 1024 px), where every pass is seconds.
     per_exit = 3 if example[0].numel() <= 3 * 256 * 256 else 1
     images = batch_like(example, per_exit * (len(exits.heads) + 1) + 1, seed=1)
+    spread_confidences(exits, images)
     thresholds = check_exits(exits, images)
     if not (ALL_ONNX or name in ONNX_CI) or not example.is_floating_point():
         return  # the runtime takes float32 images, not token ids (ImageGPT)
