@@ -99,7 +99,9 @@ def check_exits(exits: EarlyExitModel, images: torch.Tensor) -> list[float] | No
     index, expected = expected_routing(logits, thresholds)
     assert set(index) == set(range(heads + 1)), index
     assert out.exit_index.tolist() == index
-    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-5)
+    # The routed samples run in smaller batches, whose kernels may round differently.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4 * scale)
     return thresholds
 
 
