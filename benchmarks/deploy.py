@@ -52,6 +52,7 @@ from _harness import (
 
 from gradual_sd import ACAM, BottleneckHead, EarlyExitModel, GradualSelfDistiller
 from gradual_sd.runtime import OnnxExitModel
+from gradual_sd.runtime._exits import NO_SPINNING
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 IMAGES = 32
@@ -79,7 +80,7 @@ def session(path: Path, threads: int | None, spinning: bool = True):
 
     options = ort.SessionOptions()
     if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry(*NO_SPINNING)
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

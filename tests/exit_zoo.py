@@ -53,17 +53,13 @@ def spread_confidences(exits: EarlyExitModel, images: torch.Tensor, largest_logi
         classes = z.shape[-1]
         linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.out_features == classes]
         assert linear, f"no Linear layer with {classes} outputs in {type(head).__name__}"
-        centred = z.double() - z.double().mean(0)
-        factor = largest_logit / max(float(centred.abs().max()), 1e-12)
         classifier = linear[-1]
-        with torch.no_grad():
-            bias = classifier.bias if classifier.bias is not None else torch.zeros(classes)
-            new_bias = factor * (bias.double() - z.double().mean(0))
+        assert classifier.bias is not None, f"{type(head).__name__}'s classifier has no bias"
+        mean = z.mean(0)
+        factor = largest_logit / max(float((z - mean).abs().max()), 1e-12)
+        with torch.no_grad():  # W h + b  ->  f * (W h + b - mean)
+            classifier.bias.sub_(mean).mul_(factor)
             classifier.weight.mul_(factor)
-            if classifier.bias is None:
-                classifier.bias = torch.nn.Parameter(new_bias.to(classifier.weight.dtype))
-            else:
-                classifier.bias.copy_(new_bias)
 
 
 def expected_routing(logits: list[torch.Tensor], thresholds: list[float]) -> tuple[list[int], torch.Tensor]:

@@ -50,13 +50,14 @@ REFUSED: dict[str, str] = {
     "xception": "samples cannot leave at stage 'block2.rep.0'",
     "xception_aligned": "samples cannot leave at stage 'blocks.1.stack.act3'",
 }
+PERCEIVER = "samples cannot leave at stage 'perceiver.encoder.self_attends.0'"
 # The same for Hugging Face classes.
 HF_REFUSED: dict[str, str] = {
     # Reshapes its last hidden state to the batch size of the input ids.
     "ImageGPTForImageClassification": "samples cannot leave at stage 'transformer.h.0'",
     # Expand their latents to the input's batch size before the encoder.
     **{
-        f"PerceiverForImageClassification{kind}": "samples cannot leave at stage 'perceiver.encoder.self_"
+        f"PerceiverForImageClassification{kind}": PERCEIVER
         for kind in ("ConvProcessing", "Fourier", "Learned")
     },
     # Reshape each stage's output to the batch size read from the input.

@@ -44,6 +44,11 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
+# Idle intra-op threads do not spin: each graph has its own pool, and threads spinning after one
+# graph hold the cores the next graph needs.
+NO_SPINNING = ("session.intra_op.allow_spinning", "0")
+
+
 class _Graph:
     """One ONNX file's session, called with positional arrays."""
 
@@ -88,7 +93,7 @@ class OnnxExitModel:
         manifest = read_manifest(directory)
         ort = _onnxruntime()
         options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry(*NO_SPINNING)
         if threads is not None:
             if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
                 raise ValueError(f"threads must be a positive int or None, got {threads!r}")
