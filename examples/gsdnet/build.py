@@ -34,6 +34,8 @@ def build_run(run: RunSpec, prepared: PreparedData) -> BuiltRun:
         weights=config.weights,
         caffe_resnet=config.caffe_resnet,
         img_size=config.img_size,
+        in_chans=prepared.pixels.channels,
+        stage_names=config.stages,
         teacher=config.teacher,
         head=config.head,
         head_pool_size=config.head_pool_size,

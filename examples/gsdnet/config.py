@@ -20,6 +20,10 @@ IDENTITY_KEYS = (
     "lr",
     "weight_decay",
     "lr_gamma",
+    "stages",
+    "optimizer",
+    "schedule",
+    "augment",
     "teacher",
     "head",
     "head_pool_size",
@@ -48,6 +52,10 @@ class RunConfig:
     epochs: int
     batch_size: int
     img_size: int
+    stages: tuple[str, ...] | None  # None: the library's default stages
+    optimizer: str  # engine.OPTIMIZERS
+    schedule: str  # engine.SCHEDULES
+    augment: str  # transforms.AUGMENTATIONS
     lr: float
     weight_decay: float
     lr_gamma: float
@@ -89,8 +97,12 @@ class RunConfig:
         return {name: getattr(self, name) for name in PAPER_LOSS}
 
     def identity(self) -> dict:
-        """The settings recorded in a run's checkpoint and ``metrics.json`` for ``--resume``."""
-        return {name: getattr(self, name) for name in IDENTITY_KEYS}
+        """The settings recorded in a run's checkpoint and ``metrics.json`` for ``--resume``; a
+        one-cycle schedule spans the run, so there ``--epochs`` may not change either."""
+        identity = {name: getattr(self, name) for name in IDENTITY_KEYS}
+        if self.schedule == "onecycle":
+            identity["epochs"] = self.epochs
+        return identity
 
     def as_json(self) -> dict:
         """Every flag's value, paths as text (``metrics.json``'s ``args``)."""

@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from gradual_sd import EarlyExitModel, GradualSelfDistiller
 
 from .checkpoint import atomic_write
-from .datasets.common import log
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .datasets.common import IMAGENET, PixelFormat, log
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
 EXIT_MODEL = "early_exit"  # the folder of the exit model for PyTorch (--save final)
@@ -56,6 +55,7 @@ def report_exits(
     title: str,
     classes: list[str],
     save: bool = True,
+    pixels: PixelFormat = IMAGENET,
 ) -> dict | None:
     """Turn the trained heads into early exits and report them; return the summary for
     metrics.json, or ``None`` when there are too few images to calibrate on some and report on
@@ -71,6 +71,7 @@ def report_exits(
         classes: The class names, recorded in the ONNX folder.
         save: Also write the exit model (:func:`save_exit_model`) into ``out / EXIT_MODEL``
             and ``out / EXIT_ONNX``.
+        pixels: The images' normalisation, recorded in the ONNX folder.
     """
     calibrate_on, report_on, how = calibration_split(evaluated, val)
     if len(calibrate_on) == 0 or len(report_on) == 0:
@@ -86,7 +87,7 @@ def report_exits(
     table = exits.profile(loader(report_on), batch_sizes=(1, batch_size), repeats=3, latency_images=32)
     curve = table.pop("tradeoff")  # from the same pass over report_on as the table
     if save:
-        save_exit_model(exits, out, classes, example)
+        save_exit_model(exits, out, classes, example, pixels)
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
@@ -111,13 +112,15 @@ def report_exits(
     }
 
 
-def save_exit_model(exits: EarlyExitModel, out: Path, classes: list[str], example) -> None:
+def save_exit_model(
+    exits: EarlyExitModel, out: Path, classes: list[str], example, pixels: PixelFormat = IMAGENET
+) -> None:
     """Write the calibrated exit model into ``out``: ``early_exit/`` for PyTorch
     (:meth:`EarlyExitModel.load`) and ``early_exit_onnx/`` for ONNX Runtime
     (``gradual_sd.runtime.OnnxExitModel``, ``examples/deploy_exits.py``), with the class names
     and the input normalisation the evaluation transform applies."""
     exits.save(out / EXIT_MODEL)
-    metadata = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "resize": list(example.shape[-2:])}
+    metadata = {"mean": list(pixels.mean), "std": list(pixels.std), "resize": list(example.shape[-2:])}
     exits.export_onnx(out / EXIT_ONNX, example_input=example, class_names=classes, metadata=metadata)
 
 

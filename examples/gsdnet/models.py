@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -40,6 +41,7 @@ from gradual_sd import (
 )
 from gradual_sd import FiniteCheck
 
+from . import small_models  # noqa: F401 (registers the small-image ResNets with timm)
 from .shipped import ShippedGSDNet, ShippedHead, reference_init
 from .weights import (
     file_sha256,
@@ -91,11 +93,15 @@ class PlainClassifier(nn.Module):
         return DistillerOutput(logits, loss, {"ce": loss}, (logits,), ())
 
 
-def create_backbone(model_name: str, num_classes: int, pretrained: bool = False) -> nn.Module:
-    """A timm model with ``num_classes`` outputs (timm's pretrained weights need the hub or its
-    local cache)."""
+def create_backbone(
+    model_name: str, num_classes: int, pretrained: bool = False, in_chans: int = 3
+) -> nn.Module:
+    """A timm model with ``num_classes`` outputs taking ``in_chans`` channels (timm's pretrained
+    weights need the hub or its local cache)."""
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans
+        )
     except RuntimeError as error:
         if "Unknown model" in str(error):
             raise ValueError(f"{error}; see timm.list_models()") from None
@@ -110,6 +116,8 @@ def build_gsdnet(
     weights: str | Path | None = None,
     caffe_resnet: bool | None = None,
     img_size: int = 224,
+    in_chans: int = 3,
+    stage_names: Sequence[str] | None = None,
     teacher: str = "neighbour",
     head: str = "bottleneck",
     head_pool_size: int | None = None,
@@ -127,7 +135,8 @@ def build_gsdnet(
     ``head_pool_size`` runs the bottleneck heads' projection on a pooled grid
     (``BottleneckHead(pool_size=...)``, cheaper early exits). ``loss_options`` override
     ``PAPER_LOSS``; the baseline trains with plain cross-entropy. ``config["weights"]`` records
-    the file, its sha256 and what was loaded.
+    the file, its sha256 and what was loaded. ``stage_names`` are the stages the heads follow
+    (``None``: the library's default); ``in_chans`` the input's channels (1: greyscale).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -154,7 +163,7 @@ def build_gsdnet(
         )
     if caffe_resnet is None:
         caffe_resnet = reference or (path is not None and path.suffix.lower() == ".pkl")
-    model = create_backbone(model_name, num_classes, pretrained=weights == "timm")
+    model = create_backbone(model_name, num_classes, pretrained=weights == "timm", in_chans=in_chans)
     if as_shipped:
         reference_init(model)
     if caffe_resnet:
@@ -162,7 +171,7 @@ def build_gsdnet(
     report = None
     if state is not None and not reference:
         report = load_weights(model, state, f"{find_classifier_name(model)}.", source=str(path))
-    example = torch.zeros(1, 3, img_size, img_size)
+    example = torch.zeros(1, in_chans, img_size, img_size)
     acam_after = None
     if method == "gsd-acam":
         acam_after = default_stage_names(model, example, include_last=True)[-1]
@@ -176,6 +185,7 @@ def build_gsdnet(
         head_options = {} if head_pool_size is None else {"pool_size": head_pool_size}
         module = GradualSelfDistiller(
             model,
+            None if stage_names is None else list(stage_names),
             loss=GradualDistillationLoss(teacher=teacher, **{**PAPER_LOSS, **loss_options}),
             head_factory=partial(head_factory, attn_layer=attn_layer, **head_options),
             feature_dim=FEATURE_DIM,
@@ -195,6 +205,7 @@ def build_gsdnet(
         caffe_resnet=bool(caffe_resnet),
         acam_after=acam_after,
         img_size=img_size,
+        in_chans=in_chans,
         as_shipped=as_shipped,
         weights=report.record() if report is not None else {"file": weights},
     )
@@ -204,7 +215,7 @@ def build_gsdnet(
 def export_payload(module: nn.Module, config: dict, classes: list[str], mean, std) -> dict:
     """What ``model_*.pt`` holds: the plain model's weights (``module.model``, every
     configuration's classifier) and how to rebuild it."""
-    keep = ("model_name", "num_classes", "caffe_resnet", "acam_after", "img_size")
+    keep = ("model_name", "num_classes", "caffe_resnet", "acam_after", "img_size", "in_chans")
     rebuild = {k: config[k] for k in keep}
     rebuild.update(classes=list(classes), mean=list(mean), std=list(std))
     state = {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
@@ -218,11 +229,12 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     """
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = payload["config"]
-    model = create_backbone(config["model_name"], config["num_classes"])
+    in_chans = config.setdefault("in_chans", 3)  # files written before greyscale inputs: RGB
+    model = create_backbone(config["model_name"], config["num_classes"], in_chans=in_chans)
     if config["caffe_resnet"]:
         patch_caffe_resnet(model)
     if config["acam_after"]:
         size = config["img_size"]
-        insert_after(model, config["acam_after"], example_input=torch.zeros(1, 3, size, size))
+        insert_after(model, config["acam_after"], example_input=torch.zeros(1, in_chans, size, size))
     model.load_state_dict(payload["state_dict"])
     return model.eval(), config

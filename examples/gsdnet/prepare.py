@@ -14,6 +14,7 @@ from .config import RunConfig
 from .datasets import build_datasets
 from .datasets.common import (
     ImageList,
+    PixelFormat,
     UnreadableImagesError,
     class_balanced_weights,
     find_unreadable,
@@ -75,6 +76,7 @@ class PreparedData:
     classes: list[str]
     description: str  # one line for the log and the reports
     hflip: bool  # whether horizontal flipping keeps the label
+    pixels: PixelFormat  # the images' mode and normalisation
     notes: dict[str, int]  # counts of what was dropped (parsing, unreadable images)
 
 
@@ -91,7 +93,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     if config.check_images:
         lists, skipped = check_images(lists, config.skip_bad_images)
         notes.update(skipped)
-    return PreparedData(lists, splits.classes, splits.description, splits.hflip, notes)
+    return PreparedData(lists, splits.classes, splits.description, splits.hflip, splits.pixels, notes)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class RunData:
     weights: torch.Tensor | None  # class-balanced sampling weights (--balanced)
     classes: list[str]
     description: str
+    pixels: PixelFormat
     notes: dict[str, int]
 
     def evals(self) -> dict[str, ImageList]:
@@ -122,10 +125,18 @@ def run_data(config: RunConfig, prepared: PreparedData, seed: int) -> RunData:
         train, val = train.subset(keep), train.subset(held_out)
         val_source = f"{config.val_fraction:g} of the training set, stratified, seeded by the run's seed"
     weights = class_balanced_weights(train.labels, len(prepared.classes)) if config.balanced else None
-    train.transform = train_transform(config.img_size, hflip=prepared.hflip)
+    train.transform = train_transform(config.img_size, prepared.hflip, prepared.pixels, config.augment)
     data = RunData(
-        train, test, val, val_source, weights, prepared.classes, prepared.description, prepared.notes
+        train,
+        test,
+        val,
+        val_source,
+        weights,
+        prepared.classes,
+        prepared.description,
+        prepared.pixels,
+        prepared.notes,
     )
     for split in data.evals().values():
-        split.transform = eval_transform(config.img_size)
+        split.transform = eval_transform(config.img_size, prepared.pixels)
     return data

@@ -133,6 +133,7 @@ def report(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained, repor
             title,
             data.classes,
             save="final" in config.save,  # the exit model holds a whole model, as --save final does
+            pixels=data.pixels,
         )
         if metrics["early_exit"] is not None:
             metrics["early_exit"]["epoch"] = reported.epoch

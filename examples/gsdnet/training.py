@@ -16,7 +16,6 @@ from .console import Progress, epoch_line, keep_log
 from .engine import Trained, Trainer, eval_loader, train_loader
 from .models import export_payload
 from .prepare import RunData
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +24,25 @@ def train(run: RunSpec, built: BuiltRun, data: RunData, progress: Progress) -> T
     """Train ``built.module`` on ``data`` for the configured epochs; write ``log.jsonl``,
     ``checkpoint.pt`` and the ``--save`` models into ``run.out``."""
     config, env, out = run.config, run.env, run.out
+    loader = train_loader(
+        data.train,
+        data.weights,
+        config.batch_size,
+        config.workers,
+        env,
+        run.seed,
+        drop_last=config.as_shipped,
+    )
     trainer = Trainer(
         built.module,
         env,
         config.lr,
         config.weight_decay,
         config.lr_gamma,
+        config.optimizer,
+        config.schedule,
+        config.epochs,
+        len(loader),
         config.amp,
         config.sync_bn,
         later_ties=config.as_shipped,
@@ -43,7 +55,9 @@ def train(run: RunSpec, built: BuiltRun, data: RunData, progress: Progress) -> T
 
     def save_model(kind: str, module: nn.Module) -> None:
         if kind in config.save:
-            payload = export_payload(module, built.build_info, data.classes, IMAGENET_MEAN, IMAGENET_STD)
+            payload = export_payload(
+                module, built.build_info, data.classes, data.pixels.mean, data.pixels.std
+            )
             checkpoint.save(payload, out / MODEL_FILES[kind])
 
     def on_epoch(record: dict) -> None:
@@ -52,15 +66,7 @@ def train(run: RunSpec, built: BuiltRun, data: RunData, progress: Progress) -> T
         log.info("%s  [%s]", epoch_line(record, config.epochs), progress.step(record["seconds"]))
 
     trained = trainer.fit(
-        train_loader(
-            data.train,
-            data.weights,
-            config.batch_size,
-            config.workers,
-            env,
-            run.seed,
-            drop_last=config.as_shipped,
-        ),
+        loader,
         {
             name: eval_loader(split, config.batch_size, config.workers, env)
             for name, split in data.evals().items()

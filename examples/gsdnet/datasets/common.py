@@ -35,11 +35,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class PixelFormat:
+    """How a dataset's images reach the model: Pillow mode (``"RGB"`` or ``"L"``, greyscale)
+    and the per-channel mean and std of the normalisation."""
+
+    mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+
+# The face datasets' (and the stand-in's) format: RGB, normalised as ImageNet-pretrained models expect.
+IMAGENET = PixelFormat("RGB", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
 class ImageList(Dataset):
     """``(image, label)`` pairs from a list of files (or in-memory uint8 arrays) and labels.
 
-    Images are decoded lazily and converted to 8-bit RGB (:func:`to_rgb`); a corrupt file
-    raises an error naming it.
+    Images are decoded lazily and converted to 8-bit RGB (:func:`to_rgb`), or to 8-bit
+    greyscale with ``mode="L"``; a corrupt file raises an error naming it.
     """
 
     def __init__(
@@ -47,12 +65,14 @@ class ImageList(Dataset):
         sources: Sequence[ImageSource],
         labels: Sequence[int],
         transform: Callable | None = None,
+        mode: str = "RGB",
     ) -> None:
         if len(sources) != len(labels):
             raise ValueError(f"{len(sources)} images but {len(labels)} labels")
         self.sources = list(sources)
         self.labels = [int(label) for label in labels]
         self.transform = transform
+        self.mode = mode
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -60,17 +80,18 @@ class ImageList(Dataset):
     def load(self, index: int) -> Image.Image:
         source = self.sources[index]
         if isinstance(source, np.ndarray):
-            return Image.fromarray(source).convert("RGB")
+            return Image.fromarray(source).convert(self.mode)
         try:
             with Image.open(source) as image:
-                return to_rgb(image)
+                rgb = to_rgb(image)
+                return rgb if self.mode == "RGB" else rgb.convert(self.mode)
         except (OSError, SyntaxError, ValueError) as error:
             raise OSError(f"cannot read image {source}: {error}") from error
 
     def subset(self, indices: Sequence[int]) -> ImageList:
         """The images at ``indices``, in that order, with the same transform."""
         return ImageList(
-            [self.sources[i] for i in indices], [self.labels[i] for i in indices], self.transform
+            [self.sources[i] for i in indices], [self.labels[i] for i in indices], self.transform, self.mode
         )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -88,6 +109,7 @@ class DatasetSplits:
         classes: Class names in label order (label ``i`` is ``classes[i]``).
         description: One line for the log (layout, counts, protocol).
         hflip: Whether horizontal flipping preserves the label (faces: yes; digits: no).
+        pixels: The images' mode and normalisation (the lists' ``mode`` is ``pixels.mode``).
         notes: Counts of anything dropped while parsing, by reason, for the log and metrics.
     """
 
@@ -97,6 +119,7 @@ class DatasetSplits:
     description: str
     val: ImageList | None = None
     hflip: bool = True
+    pixels: PixelFormat = IMAGENET
     notes: dict[str, int] = field(default_factory=dict)
 
 
