@@ -134,7 +134,7 @@ def test_help_shows_defaults_and_presets(capsys):
     with pytest.raises(SystemExit):
         train_gsdnet.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 40; digits: 5)" in text and "(default: 0.9)" in text
+    assert "(default: 40; digits: 5; fashion-mnist: 12)" in text and "(default: 0.9)" in text
     assert "--workers WORKERS DataLoader worker processes" in text
     assert "digits" in text and "resnet10t" in text
 

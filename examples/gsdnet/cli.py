@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 from pathlib import Path
 
 from gradual_sd import GradualDistillationLoss
@@ -76,7 +77,11 @@ MODEL_FILES = {"final": "model_final.pt", "selected": "model_selected.pt", "best
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in --help, except where the help text states them (the preset options)."""
+    """Defaults in --help, except where the help text states them (the preset options); lines
+    wrap between words only, so ``fashion-mnist`` stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None or action.default is False or "default" in (action.help or ""):
