@@ -180,7 +180,7 @@ def test_thresholds_change_at_run_time(exported):
     try:
         runtime.set_thresholds(0.0)
         assert runtime(batch.numpy()).exit_index.tolist() == [0] * 16
-        runtime.set_thresholds(2.0)
+        runtime.set_thresholds(math.inf)
         with torch.inference_mode():
             plain = exits.model(batch)
         got = runtime(batch.numpy())
@@ -188,8 +188,10 @@ def test_thresholds_change_at_run_time(exported):
         np.testing.assert_allclose(got.logits, plain.numpy(), rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="need 3 thresholds"):
             runtime.set_thresholds([0.5, 0.5])
-        with pytest.raises(ValueError, match=">= 0"):
+        with pytest.raises(ValueError, match=r"probabilities in \[0, 1\].*got \[-1, nan\]"):
             runtime.set_thresholds([0.5, -1, float("nan")])
+        with pytest.raises(ValueError, match=r"got \[95, 95, 95\].*math.inf"):
+            runtime.set_thresholds([95, 95, 95])
     finally:
         runtime.set_thresholds(exits.thresholds)
 

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._policy import ExitCosts, choose_thresholds, choose_thresholds_within_cost, evaluate
+from .._exit_thresholds import is_threshold, percent_hint
+from ._policy import ExitCosts, check_fraction, choose_thresholds, choose_thresholds_within_cost, evaluate
 from ._costs import exit_costs
 from ._data import Data, collect, device_of, first_images
 
@@ -32,6 +33,17 @@ def outcomes(exits: EarlyExitModel, data: Data, show_progress: bool | None, desc
     confidence = torch.stack([F.softmax(z, -1).amax(-1) for z in logits[:-1]])
     correct = torch.stack([z.argmax(-1) == targets for z in logits])
     return Outcomes(logits, targets, confidence, correct, costs)
+
+
+def check_levels(levels: Sequence[float]) -> None:
+    """Refuse trade-off levels that are not thresholds (probabilities in [0, 1] or ``math.inf``),
+    before the pass over the data."""
+    bad = [level for level in levels if not is_threshold(level)]
+    if bad:
+        raise ValueError(
+            "levels are thresholds for every head: probabilities in [0, 1], or math.inf for every "
+            f"head disabled; got {bad}{percent_hint('levels', list(levels))}"
+        )
 
 
 def curve(found: Outcomes, levels: Sequence[float]) -> list[dict[str, float]]:
@@ -59,11 +71,14 @@ def calibrate(
             f"pass max_accuracy_drop ({max_accuracy_drop}) or max_cost ({max_cost}), not both: "
             "one is the target, the other what it costs"
         )
+    if max_cost is not None:
+        check_fraction("max_cost", max_cost)  # before the pass over the data, not after
+    drop = 0.005 if max_accuracy_drop is None else max_accuracy_drop
+    check_fraction("max_accuracy_drop", drop)
     _, _, confidence, correct, costs = outcomes(exits, data, show_progress, "calibrate")
     if max_cost is not None:
         chosen = choose_thresholds_within_cost(confidence, correct, costs, max_cost)
     else:
-        drop = 0.005 if max_accuracy_drop is None else max_accuracy_drop
         chosen = choose_thresholds(confidence, correct, costs, drop)
     exits.set_thresholds(chosen)
     accuracy, flops = evaluate(confidence, correct, costs, exits.thresholds)

@@ -133,7 +133,8 @@ class EarlyExitModel(StageViews, nn.Module):
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         """One threshold per auxiliary head (a single number applies to all): a sample leaves at
         a head when its top softmax probability is ``>=`` the threshold. 0 takes every sample;
-        above 1 (e.g. ``math.inf``) disables the head, which then is not run at all."""
+        ``math.inf`` disables the head, which then is not run at all. Any other value (95 where
+        0.95 is meant) is refused with a ``ValueError`` naming it."""
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
     def _at_stage(self, k: int, name: str, output: object) -> object:
@@ -270,6 +271,7 @@ class EarlyExitModel(StageViews, nn.Module):
         (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
         Thresholds are not changed. :meth:`profile` returns the same curve. ``progress`` as in
         :meth:`calibrate`."""
+        calibration.check_levels(levels)
         return calibration.curve(calibration.outcomes(self, data, progress, "tradeoff"), levels)
 
     def profile(

@@ -2,8 +2,8 @@
 
 Pure tensor functions over precomputed head outputs, used by :class:`EarlyExitModel` to
 calibrate and profile. A sample leaves at the first auxiliary head whose top softmax
-probability reaches that head's threshold; a threshold above 1 disables the head (it is not
-run); samples that no head takes reach the model's own classifier, the last exit.
+probability reaches that head's threshold; a threshold above 1 (``math.inf``) disables the
+head (it is not run); samples that no head takes reach the model's own classifier, the last exit.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import NamedTuple
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .._exit_thresholds import percent_hint
 
 __all__ = [
     "ExitCosts",
@@ -109,8 +111,7 @@ def choose_thresholds(
     """
     heads = confidence.shape[0]
     _check_shapes(confidence, correct, costs)
-    if not 0 <= max_accuracy_drop <= 1:
-        raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
+    check_fraction("max_accuracy_drop", max_accuracy_drop)
     floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
 
     def key(trial: list[float]) -> tuple | None:
@@ -144,8 +145,7 @@ def choose_thresholds_within_cost(
     """
     heads = confidence.shape[0]
     _check_shapes(confidence, correct, costs)
-    if not max_cost > 0:
-        raise ValueError(f"max_cost is a fraction of the model's FLOPs, > 0; got {max_cost!r}")
+    check_fraction("max_cost", max_cost)
     budget = max_cost * costs.full * (1 + 1e-12)
     cheapest = evaluate(confidence, correct, costs, [0.0] * heads)[1] / costs.full
     if cheapest * costs.full > budget:
@@ -191,6 +191,25 @@ def _coordinate_descent(
         if not changed:
             break
     return thresholds
+
+
+# The calibration targets: each a fraction, its range and what it is a fraction of.
+_FRACTIONS = {
+    "max_accuracy_drop": ("[0, 1]", "of accuracy against the model's own classifier (0.005: half a point)"),
+    "max_cost": ("(0, 1]", "of the model's FLOPs (0.5: half)"),
+}
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Refuse a calibration target outside its range (:data:`_FRACTIONS`), naming the value, the
+    range and, for a percentage (50 for 0.5), the fraction meant."""
+    interval, meaning = _FRACTIONS[name]
+    low_open = interval.startswith("(")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((0 < value) if low_open else (0 <= value)) or not value <= 1:
+        raise ValueError(
+            f"{name}={value!r} is not a fraction in {interval} ({meaning}){percent_hint(name, value)}"
+        )
 
 
 def _check_shapes(confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._policy import expected_calibration_error, route
-from ._calibration import curve, outcomes
+from ._calibration import check_levels, curve, outcomes
 from ._data import Data, device_of, first_images
 from ._progress import progress
 
@@ -32,6 +32,7 @@ def profile(
     show_progress: bool | None,
 ) -> dict[str, Any]:
     """:meth:`EarlyExitModel.profile`'s report."""
+    check_levels(levels)
     found = outcomes(exits, data, show_progress, "profile: exit logits")
     logits, targets, confidence, _, costs = found
     device = device_of(exits.model)

@@ -114,7 +114,8 @@ class OnnxExitModel:
 
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         """One threshold per head (a single number applies to all): a sample leaves at a head
-        when its top softmax probability is ``>=`` the threshold; above 1 disables the head."""
+        when its top softmax probability is ``>=`` the threshold, a probability in ``[0, 1]``;
+        ``math.inf`` disables the head."""
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
     def _checked(self, images: object) -> np.ndarray:
