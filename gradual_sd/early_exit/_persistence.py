@@ -14,6 +14,7 @@ from torch import nn
 from .._attention import ACAM, NormalizedACAM
 from .._heads import BottleneckHead, PooledHead
 from .._outputs import StageInfo
+from ._probe import example_of_shape
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
@@ -28,6 +29,7 @@ def config(exits: EarlyExitModel) -> dict[str, Any]:
         "classifier_name": exits.classifier_name,
         "thresholds": [t if t <= 1 else None for t in exits.thresholds],
         "heads": [head_spec(head) for head in exits.heads],
+        "input_shape": None if exits.input_shape is None else list(exits.input_shape),
     }
 
 
@@ -68,6 +70,8 @@ def load(
     if reference is not None:
         head_list.to(reference.device)
     thresholds = [math.inf if t is None else t for t in saved["thresholds"]]
+    if example_input is None and saved.get("input_shape") is not None:  # absent before 0.3
+        example_input = example_of_shape(model, tuple(saved["input_shape"]))
     return cls(
         model,
         list(head_list),

@@ -34,7 +34,7 @@ def profile(
     """:meth:`EarlyExitModel.profile`'s report."""
     check_levels(levels)
     found = outcomes(exits, data, show_progress, "profile: exit logits")
-    logits, targets, confidence, _, costs = found
+    logits, targets, confidence, _, costs, _ = found
     device = device_of(exits.model)
     chosen_exit = route(confidence, exits.thresholds)
     per_exit_flops = costs.per_exit(exits.thresholds)
