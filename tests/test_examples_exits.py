@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import examples_path  # noqa: F401
+import deploy_exits
 import gsdnet.exits
 import gsdnet.report
 import train_gsdnet
@@ -83,6 +85,8 @@ def test_report_and_reload(tmp_path):
     assert [(c.strip(), e.strip()) for _, c, e, _, _ in rows] == [
         (str(int(answered.logits[i].argmax())), exit_names[int(answered.exit_index[i])]) for i in range(3)
     ]
+    # A user's mistake: one line and status 2, no traceback.
+    assert deploy_exits.main([str(out / "early_exit_onnx"), str(folder), "--thresholds", "95"]) == 2
 
 
 def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeypatch):
@@ -148,3 +152,28 @@ def test_the_tradeoff_plot_says_why_the_star_is_off_the_curve_and_past_one(tmp_p
     ]
     caption = " ".join(drawn["caption"].split())
     assert "right of 1.0x: the heads' own cost" in caption and "need not lie on the curve" in caption
+
+
+def test_deploy_exits_answers_a_file_that_is_no_image_in_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    assert deploy_exits.main([str(tmp_path / "early_exit_onnx"), str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {notes} is not an image Pillow can read")
+
+
+def test_deploy_exits_given_the_pytorch_folder_names_the_onnx_one_beside_it(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "early_exit").mkdir()
+    (tmp_path / "early_exit" / "early_exit.json").write_text("{}")
+    assert deploy_exits.main([str(tmp_path / "early_exit"), str(image)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and "EarlyExitModel.save" in err and "early_exit_onnx" not in err
+    (tmp_path / "early_exit_onnx").mkdir()
+    (tmp_path / "early_exit_onnx" / "manifest.json").write_text("{}")
+    assert deploy_exits.main([str(tmp_path / "early_exit"), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(f"pass {tmp_path / 'early_exit_onnx'}")

@@ -14,12 +14,13 @@ from torch import nn
 from .._attention import ACAM, NormalizedACAM
 from .._heads import BottleneckHead, PooledHead
 from .._outputs import StageInfo
+from ..runtime._manifest import SAVED_CONFIG as CONFIG_FILE
 from ._probe import example_of_shape
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
 
-CONFIG_FILE, MODEL_FILE, HEADS_FILE = "early_exit.json", "model.pt", "heads.pt"
+MODEL_FILE, HEADS_FILE = "model.pt", "heads.pt"
 _ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}
 
 
