@@ -1,6 +1,6 @@
 """Answer images with an exported exit folder and ONNX Runtime alone (no torch, no training code).
 
-    python examples/deploy_exits.py runs/digits-gsd-acam/seed0/early_exit_onnx photos/ a.png b.jpg
+    python examples/deploy_exits.py runs/digits-gsd-acam/early_exit_selected_onnx photos/ a.png b.jpg
 
 For each image (files, or every image in a folder): the class, the exit that answered (a stage's
 head or the model's own classifier), the confidence (top softmax probability) and the time it
@@ -61,8 +61,8 @@ def readable(path: Path) -> None:
 
 def open_folder(folder: Path, threads: int) -> OnnxExitModel:
     """The exit folder; for a folder without a manifest, the error names an exit folder beside
-    it (``train_gsdnet.py --save final`` writes ``early_exit/`` for PyTorch next to
-    ``early_exit_onnx/``)."""
+    it (``train_gsdnet.py --save final`` writes ``early_exit_<epoch>/`` for PyTorch next to
+    ``early_exit_<epoch>_onnx/``)."""
     try:
         return OnnxExitModel(folder, threads=threads)
     except ManifestError as error:
@@ -130,7 +130,9 @@ def answer(args: argparse.Namespace) -> int:
     metadata = model.manifest.get("metadata") or {}
     names = model.class_names or [str(i) for i in range(model.num_classes)]
     exits = [*model.stage_names, model.manifest["classifier_name"] + " (full model)"]
-    print(f"{model.manifest['input']['shape']} inputs; exits: {exits}; thresholds {list(model.thresholds)}")
+    trained = f"; {metadata['model']}" if "model" in metadata else ""  # the example's: names the epoch
+    shape, thresholds = model.manifest["input"]["shape"], list(model.thresholds)
+    print(f"{shape} inputs; exits: {exits}; thresholds {thresholds}{trained}")
     print("| image | class | exit | confidence | ms |")
     print("|---|---|---|---|---|")
     for path in files:
