@@ -92,9 +92,10 @@ def choose_thresholds(
     max_rounds: int = 20,
 ) -> list[float]:
     """Thresholds that minimise the mean cost while keeping the accuracy lost against the
-    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction: 0.005 is
-    half a point). The constraint is checked on the calibration data only: on a few hundred
-    samples the chosen thresholds can fit its noise, and lose more on new data.
+    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction in
+    ``[0, 1]``: 0.005 is half a point; 5 is refused, naming the 0.05 meant). The constraint is
+    checked on the calibration data only: on a few hundred samples the chosen thresholds can fit
+    its noise, and lose more on new data.
 
     Coordinate descent: start with every head disabled (the full model, which meets the
     constraint), then visit the heads shallow to deep, setting each one's threshold to the
@@ -141,7 +142,8 @@ def choose_thresholds_within_cost(
     higher threshold. Checked on the calibration data only.
 
     Raises:
-        ValueError: if ``max_cost`` is below the cheapest answer (every sample at the first head).
+        ValueError: if ``max_cost`` is not in ``(0, 1]`` (50 for half is refused, naming 0.5), or
+            below the cheapest answer (every sample at the first head).
     """
     heads = confidence.shape[0]
     _check_shapes(confidence, correct, costs)
