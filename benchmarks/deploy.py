@@ -221,7 +221,9 @@ def benchmark_stand_in(run: Path, work: Path, args) -> str:
     from gsdnet.transforms import eval_transform
 
     model, config = load_exported(run / "model_final.pt")
-    exits = EarlyExitModel.load(run / "early_exit", model)
+    # --save final writes the exits of the epoch the run reports: picked on validation, else the last
+    saved = next(p for p in (run / "early_exit_selected", run / "early_exit_final") if p.is_dir())
+    exits = EarlyExitModel.load(saved, model)
     test = build_datasets("digits").test
     test.transform = eval_transform(config["img_size"])
     pairs = [test[i] for i in range(len(test))]

@@ -57,6 +57,7 @@ HEAD_OPTIONS = {
 # The preset as these configurations were first measured with (8 epochs, no validation split),
 # one seed, so that the run's files sit in its directory; --save final keeps the exit model.
 TRAIN_FLAGS = ["--epochs", "8", "--val-fraction", "0", "--seeds", "0", "--save", "final"]
+EXITS = "early_exit_final"  # the exit model --save final writes, of the final epoch (no validation split)
 # name -> train_gsdnet flags on top of --dataset digits (the main job's preset) and TRAIN_FLAGS.
 CONFIGS: dict[str, list[str]] = {
     "gsd-acam paper loss": ["--method", "gsd-acam"],
@@ -116,7 +117,7 @@ def head_costs(model_name: str, size: int, repeats: int, device: torch.device) -
 
 
 def train_once(run: Path, flags: list[str]) -> None:
-    if (run / "early_exit" / "early_exit.json").is_file():
+    if (run / EXITS / "early_exit.json").is_file():
         return
     command = [sys.executable, str(EXAMPLES / "train_gsdnet.py"), "--dataset", "digits", *TRAIN_FLAGS, *flags]
     subprocess.run([*command, "--output-dir", str(run)], check=True, stdout=subprocess.DEVNULL)
@@ -127,7 +128,7 @@ def trained(
 ) -> tuple[list[list[object]], dict]:
     """One trained configuration, calibrated on one split and reported on another."""
     model, _ = load_exported(run / "model_final.pt")
-    exits = EarlyExitModel.load(run / "early_exit", model)
+    exits = EarlyExitModel.load(run / EXITS, model)
     rows, results = [], {}
     for calibrate_on, report_on in directions:
         calibrated = exits.calibrate(splits[calibrate_on], max_accuracy_drop=0.005)

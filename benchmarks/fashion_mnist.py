@@ -262,7 +262,9 @@ def measure_exits(args: argparse.Namespace) -> dict:
         chosen = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:TIMED_IMAGES]
         timed = test_np[chosen.numpy()]
         model = create_backbone("small_resnet18", 10, in_chans=1)
-        exits = EarlyExitModel.load(run / "early_exit", model, example_input=test_x[:4])
+        # The exits of the epoch picked on validation (runs before 0.3's folder names: early_exit/).
+        saved = next(p for p in (run / "early_exit_selected", run / "early_exit") if p.is_dir())
+        exits = EarlyExitModel.load(saved, model, example_input=test_x[:4])
         name = f"{EXIT_ARM}/seed{seed}"
         folder = exits.export_onnx(work / name, example_input=test_x[:4])
         whole = export_whole(exits.model, test_x[:2], work / f"{name}.onnx")

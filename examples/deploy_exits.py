@@ -1,12 +1,16 @@
 """Answer images with an exported exit folder and ONNX Runtime alone (no torch, no training code).
 
-    python examples/deploy_exits.py runs/digits-gsd-acam/seed0/early_exit_onnx photos/ a.png b.jpg
+    python examples/deploy_exits.py runs/digits-gsd-acam/early_exit_selected_onnx photos/ a.png b.jpg
 
 For each image (files, or every image in a folder): the class, the exit that answered (a stage's
 head or the model's own classifier), the confidence (top softmax probability) and the time it
 took, one image at a time as a stream would arrive. Images are read with Pillow, converted to
 RGB, resized to the folder's input size and normalised with the mean and std the folder's
 manifest records (``metadata``), as the training example's evaluation transform does.
+
+A mistake a user can fix (a folder that is not an exit folder for ONNX Runtime, a file that is
+no image, thresholds out of range) ends in one line, ``error: ...``, with exit status 2; every
+image is checked before the first answer is printed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gradual_sd.runtime import OnnxExitModel
+from gradual_sd.runtime import ManifestError, OnnxExitModel
+from gradual_sd.runtime._manifest import MANIFEST_FILE
+
+# What a user can fix: ManifestError and a bad threshold are ValueErrors, a file Pillow cannot
+# read an OSError, a missing onnxruntime an ImportError.
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -32,10 +41,42 @@ def image_files(paths: list[Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"error: {path} is neither an image file nor a folder")
+            raise ValueError(f"{path} is neither an image file nor a folder")
     if not files:
-        raise SystemExit(f"error: no images ({', '.join(sorted(SUFFIXES))}) in {', '.join(map(str, paths))}")
+        raise ValueError(f"no images ({', '.join(sorted(SUFFIXES))}) in {', '.join(map(str, paths))}")
+    for file in files:  # the headers only: a file that is no image fails here, not mid-table
+        readable(file)
     return files
+
+
+def readable(path: Path) -> None:
+    """Refuse a file Pillow cannot open as an image, naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        Image.open(path).close()
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path} is not an image Pillow can read ({error})") from error
+
+
+def open_folder(folder: Path, threads: int) -> OnnxExitModel:
+    """The exit folder; for a folder without a manifest, the error names an exit folder beside
+    it (``train_gsdnet.py --save final`` writes ``early_exit_<epoch>/`` for PyTorch next to
+    ``early_exit_<epoch>_onnx/``)."""
+    try:
+        return OnnxExitModel(folder, threads=threads)
+    except ManifestError as error:
+        beside = exit_folders_beside(folder)
+        if folder.is_dir() and not (folder / MANIFEST_FILE).is_file() and beside:
+            raise ManifestError(f"{error}. The exit folder beside it: pass {beside[0]}") from error
+        raise
+
+
+def exit_folders_beside(folder: Path) -> list[Path]:
+    """Folders next to ``folder`` that hold a manifest, ``<folder>_onnx`` first."""
+    folder = folder.resolve()
+    found = [p for p in sorted(folder.parent.iterdir()) if p != folder and (p / MANIFEST_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name != f"{folder.name}_onnx")  # a stable sort
 
 
 def load(path: Path, shape: tuple[int, ...], metadata: dict) -> np.ndarray:
@@ -71,18 +112,30 @@ def main(argv: list[str] | None = None) -> int:
         help="override the folder's thresholds (one per head, or one for all)",
     )
     args = parser.parse_args(argv)
-    model = OnnxExitModel(args.folder, threads=args.threads)
+    try:
+        return answer(args)
+    except USER_ERRORS as error:
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+
+
+def answer(args: argparse.Namespace) -> int:
+    """Print the table for ``args``; a user's mistake raises one of :data:`USER_ERRORS`."""
+    files = image_files(args.images)
+    model = open_folder(args.folder, args.threads)
     if args.thresholds:
         model.set_thresholds(args.thresholds[0] if len(args.thresholds) == 1 else args.thresholds)
     if len(model.input_shape) != 3:
-        raise SystemExit(f"error: the folder takes inputs of shape {model.input_shape}, not (C, H, W) images")
+        raise ValueError(f"the folder takes inputs of shape {model.input_shape}, not (C, H, W) images")
     metadata = model.manifest.get("metadata") or {}
     names = model.class_names or [str(i) for i in range(model.num_classes)]
     exits = [*model.stage_names, model.manifest["classifier_name"] + " (full model)"]
-    print(f"{model.manifest['input']['shape']} inputs; exits: {exits}; thresholds {list(model.thresholds)}")
+    trained = f"; {metadata['model']}" if "model" in metadata else ""  # the example's: names the epoch
+    shape, thresholds = model.manifest["input"]["shape"], list(model.thresholds)
+    print(f"{shape} inputs; exits: {exits}; thresholds {thresholds}{trained}")
     print("| image | class | exit | confidence | ms |")
     print("|---|---|---|---|---|")
-    for path in image_files(args.images):
+    for path in files:
         batch = load(path, model.input_shape, metadata)
         start = time.perf_counter()
         out = model(batch)

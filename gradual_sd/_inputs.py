@@ -173,7 +173,9 @@ def check_images(images: torch.Tensor, model: nn.Module) -> None:
 
 def explain_shape(shape: tuple[int, ...], example: tuple[int, ...]) -> str | None:
     """Why a batch of ``shape`` does not fit a model that ran on an ``example`` batch of that
-    shape (``(N, C, H, W)`` or ``(N, C, L)``), with the fix; ``None`` where it fits.
+    shape (``(N, C, H, W)`` or ``(N, C, L)``), with the fix; ``None`` where it fits. Called once
+    the model has failed on the batch, so images of another size than the example's are the
+    reason.
 
     Args:
         shape: The batch's shape.
@@ -187,6 +189,18 @@ def explain_shape(shape: tuple[int, ...], example: tuple[int, ...]) -> str | Non
         return f"{expects}, got one item of shape {shape} without a batch axis: add one with images[None]"
     if len(shape) != len(example):
         return f"{expects}, got a batch of shape {shape}"
+    if shape[1] == channels and len(shape) == 4 and shape[2:] != example[2:]:
+        # A model that takes one size (ViT, most Hugging Face models), or a convolutional one
+        # given images too small for its strides: resizing fits both, building for the images'
+        # size only the first, and only for images no smaller than the example.
+        size, theirs = "x".join(map(str, example[2:])), "x".join(map(str, shape[2:]))
+        fix = f"resize them to {size}"
+        if all(s >= e for s, e in zip(shape[2:], example[2:])):
+            side = str(shape[2]) if shape[2] == shape[3] else str(tuple(shape[2:]))
+            fix += (
+                f", or build the model for {theirs} (timm: img_size={side}; Hugging Face: image_size={side})"
+            )
+        return f"{expects}, got {theirs} images, a size it was not built for: {fix}"
     if shape[1] == channels:
         return None
     if len(shape) == 4 and shape[3] == channels:

@@ -210,8 +210,11 @@ def describe(
         )
     sized = other if obs.scaled else None
     grew = sized is not None and sized[1:] != shape[1:]
-    if _one_position(shape) and not grew:
-        raise _pooled(name, shape)
+    # A model that takes one input size cannot show whether a one-position output is pooled or a
+    # map its size leaves 1x1: the user who names the stage with its layout decides.
+    named_at_one_size = other is not None and not obs.scaled and stage_layout is not None
+    if _one_position(shape) and not grew and not named_at_one_size:
+        raise _one_position_refused(obs, shape)
     layout = resolve_layout(
         name,
         shape,
@@ -240,22 +243,42 @@ def describe(
             f"num_prefix_tokens={num_prefix_tokens} but stage {name!r} outputs {shape}, a channels-first "
             "(N, C, L) sequence with no prefix tokens; leave num_prefix_tokens unset"
         )
-    if math.prod(shape[a] for a in SPATIAL_AXES[layout]) - prefix <= 1 and not grew:
-        raise _pooled(name, shape)
+    if math.prod(shape[a] for a in SPATIAL_AXES[layout]) - prefix <= 1 and not grew and not named_at_one_size:
+        raise _one_position_refused(obs, shape)
     axis = 3 - CHANNEL_AXIS[layout] if layout in SEQUENCE_LAYOUTS else None
     latent = axis is not None and sized is not None and sized[axis] == shape[axis]
     reduction = None if latent else _reduction(shape, layout, prefix, obs.positions)  # no resolution
     return StageInfo(name, shape, layout, int(shape[CHANNEL_AXIS[layout]]), reduction, prefix, element)
 
 
-def _pooled(name: str, shape: Shape) -> NotAStage:
+def _one_position_refused(obs: Observation, shape: Shape) -> NotAStage:
+    """Why an output of one position is no stage: pooled (it did not grow at a larger input), or,
+    for a model that takes one input size, one position at that size (the user may name it)."""
+    if obs.other is None or obs.scaled:
+        return NotAStage(
+            Reason.POOLED,
+            f"stage {obs.name!r} outputs {shape}, pooled to one position that does not grow with the "
+            "input: not a feature map or sequence a head can use, whatever stage_layout says. Tap a "
+            "module before the pooling (see gradual_sd.list_stages); if the example is so small "
+            "that the stage is 1x1, pass a larger example_input",
+        )
+    size = "x".join(map(str, obs.positions))
     return NotAStage(
         Reason.POOLED,
-        f"stage {name!r} outputs {shape}, pooled to one position that does not grow with the input: "
-        "not a feature map or sequence a head can use, whatever stage_layout says. Tap a module "
-        "before the pooling (see gradual_sd.list_stages); if the example is so small that the stage "
-        "is 1x1, pass a larger example_input",
+        f"stage {obs.name!r} outputs {shape}: one position at {size}, the only input size the "
+        "model takes (a larger example failed), so whether it is pooled or a map this size leaves "
+        "1x1 cannot be told, and a head there sees one position. Tap an earlier stage (see "
+        "gradual_sd.list_stages), build the model for a larger input (Hugging Face: image_size=, "
+        f"timm: img_size=), or name it with stage_layout={_one_position_layout(shape)!r} to tap "
+        "it as it is",
     )
+
+
+def _one_position_layout(shape: Shape) -> str:
+    """The layout an output of one position most likely has: its one long axis is the channels."""
+    if len(shape) == 3:
+        return "NCL" if shape[1] > 1 else "NLC"
+    return "NHWC" if shape[-1] > 1 and shape[1] == 1 else "NCHW"
 
 
 def _reduction(shape: Shape, layout: str, prefix: int, spatial: tuple[int, ...]) -> float:

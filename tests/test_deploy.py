@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradual_sd import EarlyExitModel, GradualSelfDistiller, PooledHead
+from gradual_sd.early_exit._deployment import _float_batch
 from gradual_sd.early_exit._split import SplitError, run_segments, split_model
 
 from exit_zoo import check_exits, check_runtime, thresholds_for_every_exit
@@ -180,7 +181,7 @@ def test_thresholds_change_at_run_time(exported):
     try:
         runtime.set_thresholds(0.0)
         assert runtime(batch.numpy()).exit_index.tolist() == [0] * 16
-        runtime.set_thresholds(2.0)
+        runtime.set_thresholds(math.inf)
         with torch.inference_mode():
             plain = exits.model(batch)
         got = runtime(batch.numpy())
@@ -188,8 +189,10 @@ def test_thresholds_change_at_run_time(exported):
         np.testing.assert_allclose(got.logits, plain.numpy(), rtol=1e-4, atol=1e-5)
         with pytest.raises(ValueError, match="need 3 thresholds"):
             runtime.set_thresholds([0.5, 0.5])
-        with pytest.raises(ValueError, match=">= 0"):
+        with pytest.raises(ValueError, match=r"probabilities in \[0, 1\].*got \[-1, nan\]"):
             runtime.set_thresholds([0.5, -1, float("nan")])
+        with pytest.raises(ValueError, match=r"math.inf .*got \[95, 95, 95\]"):
+            runtime.set_thresholds([95, 95, 95])
     finally:
         runtime.set_thresholds(exits.thresholds)
 
@@ -217,10 +220,48 @@ def test_bad_batches_get_clear_errors(exported):
         runtime(batch.numpy().astype(np.float64))
     with pytest.raises(ValueError, match=r"takes \(N, 3, 16, 16\)"):
         runtime(np.zeros((2, 3, 8, 8), np.float32))
+    fix = r"resize them to 16x16, or export the folder at their size.*example_input=images.*8x8"
+    with pytest.raises(ValueError, match=fix):
+        runtime(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"takes \(N, 3, 16, 16\) batches \(it was exported at that size\)$"):
+        runtime(np.zeros((2, 1, 16, 16), np.float32))
     with pytest.raises(ValueError, match="empty batch"):
         runtime(np.zeros((0, 3, 16, 16), np.float32))
     with pytest.raises(TypeError, match="numpy array"):
         runtime(batch)
+
+
+def distilled_on_16px() -> EarlyExitModel:
+    """Exits of a model that records no size (its default example would be 224 px), distilled
+    on 16 px images, with no example_input past the distiller's, as docs/early-exit.md shows."""
+    torch.manual_seed(0)
+    distiller = GradualSelfDistiller(Net(), ["stage1"], example_input=images(1), head_factory=PooledHead)
+    return EarlyExitModel.from_distiller(distiller.eval())
+
+
+def test_export_defaults_to_the_size_the_exits_were_built_and_calibrated_on(tmp_path):
+    exits = distilled_on_16px()
+    assert exits.input_shape == (3, 16, 16)
+    assert _float_batch(exits, None).shape == (4, 3, 16, 16)  # the export's example
+    # Calibrated on another size (the model is convolutional): the thresholds hold at that one,
+    # and it comes back with the saved exits.
+    exits.calibrate((images(8, (3, 24, 24)), torch.zeros(8, dtype=torch.long)))
+    assert exits.input_shape == (3, 24, 24)
+    assert _float_batch(exits, None).shape == (4, 3, 24, 24)
+    assert _float_batch(exits, images(3, (3, 8, 8))).shape == (3, 3, 8, 8)  # a given one wins
+    exits.save(tmp_path)
+    assert json.loads((tmp_path / "early_exit.json").read_text())["input_shape"] == [3, 24, 24]
+    assert EarlyExitModel.load(tmp_path, Net()).input_shape == (3, 24, 24)
+
+
+@pytest.mark.slow
+def test_the_folder_takes_the_size_the_exits_were_built_on(tmp_path):
+    exits = distilled_on_16px()
+    runtime = OnnxExitModel(exits.export_onnx(tmp_path), threads=1)
+    assert runtime.input_shape == (3, 16, 16)
+    x = images(4)
+    with torch.inference_mode():
+        np.testing.assert_allclose(runtime(x.numpy()).logits, exits(x).logits.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_damaged_or_foreign_folders_are_refused_by_name(exported, tmp_path):

@@ -61,6 +61,23 @@ def test_a_one_by_one_map_seen_at_one_size_is_refused():
     assert error.value.reason is Reason.POOLED
 
 
+@pytest.mark.parametrize("shape,layout", [((1, 1, 48), "NLC"), ((1, 48, 1, 1), "NCHW")])
+def test_one_position_at_the_only_size_a_model_takes_is_the_users_to_name(shape, layout):
+    """LeViT built for 64 px takes no other size, and its second stage has one token there:
+    pooled or a 1x1 map cannot be told, so the refusal says so and how to tap it anyway; named
+    with its layout, it is a stage (a larger example would have shown it growing)."""
+    one_size = seen(shape, (2, *shape[1:]), scaled=False, positions=(64, 64))
+    with pytest.raises(
+        NotAStage, match=rf"one position at 64x64, the only input size .*stage_layout='{layout}'"
+    ):
+        describe(one_size)
+    stage = describe(one_size, stage_layout=layout)
+    assert (stage.layout, stage.channels, stage.reduction) == (layout, 48, 64.0)
+    # Where a larger input ran and the output stayed one position, it is pooled: still refused.
+    with pytest.raises(NotAStage, match="pooled to one position.*whatever stage_layout"):
+        describe(seen(shape, (2, *shape[1:])), stage_layout=layout)
+
+
 @pytest.mark.parametrize(
     "shape,other",
     [((4, 49, 96), None), ((1, 49, 96), (8, 196, 96))],  # windows folded into the batch axis

@@ -209,8 +209,29 @@ def test_bad_thresholds_are_refused(resnet):
     exits, _ = resnet
     with pytest.raises(ValueError, match="need 3 thresholds"):
         exits.set_thresholds([0.5])
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\].*got \[-0.1, nan\]"):
         exits.set_thresholds([0.5, -0.1, float("nan")])
+
+
+def test_percentages_are_refused_where_fractions_are_meant(resnet):
+    # 95 for 0.95 would turn every head off, 50 for 0.5 would allow any cost: both refused,
+    # naming the value, the range and the fraction meant; math.inf still disables a head.
+    exits, _ = resnet
+    x, targets = images(8), torch.zeros(8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"max_cost=50 is not a fraction in \(0, 1\].*max_cost=0.5"):
+        exits.calibrate((x, targets), max_cost=50)
+    drop = r"max_accuracy_drop=5 is not a fraction in \[0, 1\].*max_accuracy_drop=0.05"
+    with pytest.raises(ValueError, match=drop):
+        exits.calibrate((x, targets), max_accuracy_drop=5)
+    with pytest.raises(ValueError, match=r"\[0, 1\], or math.inf .*got \[95, 95, 95\].*\[0.95, 0.95, 0.95\]"):
+        exits.set_thresholds([95, 95, 95])
+    with pytest.raises(ValueError, match=r"\[0, 1\], or math.inf .*got \[2.0, 2.0, 2.0\]"):
+        exits.set_thresholds(2.0)
+    with pytest.raises(ValueError, match=r"levels .*got \[50, 90\]"):
+        exits.tradeoff((x, targets), levels=[50, 90])
+    assert exits.thresholds == (math.inf,) * 3
+    exits.set_thresholds([0.0, 1.0, math.inf])
+    exits.set_thresholds(math.inf)
 
 
 # -- refusal of models where a later stage reads an earlier tensor ------------------------------
@@ -642,7 +663,7 @@ def test_tradeoff_matches_real_forward_passes(resnet):
     exits, plain = resnet
     x = images(24)
     targets = torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(0))
-    levels = [0.0, 0.5, 0.9, 2.0]
+    levels = [0.0, 0.5, 0.9, math.inf]
     curve = exits.tradeoff((x, targets), levels)
     costs = exits.exit_costs(x[:1])
     assert [p["threshold"] for p in curve] == levels

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import examples_path  # noqa: F401
+import deploy_exits
 import gsdnet.exits
 import gsdnet.report
 import train_gsdnet
@@ -46,7 +48,7 @@ def test_report_and_reload(tmp_path):
 
     # Rebuilt without the training code: the exported plain model and the saved exits.
     model, _ = load_exported(out / "model_final.pt")
-    exits = EarlyExitModel.load(out / "early_exit", model)
+    exits = EarlyExitModel.load(out / "early_exit_selected", model)
     assert list(exits.thresholds) == [
         t if t is not None else float("inf") for t in report["calibration"]["thresholds"]
     ]
@@ -62,7 +64,8 @@ def test_report_and_reload(tmp_path):
     assert accuracy == pytest.approx(report["report"]["accuracy"])
 
     # The same exits for ONNX Runtime: same answers, and deploy_exits.py on image files.
-    runtime = OnnxExitModel(out / "early_exit_onnx", threads=1)
+    onnx = out / "early_exit_selected_onnx"
+    runtime = OnnxExitModel(onnx, threads=1)
     assert runtime.class_names == [str(d) for d in range(10)]
     assert runtime.thresholds == exits.thresholds
     deployed = runtime(images.numpy())
@@ -73,7 +76,7 @@ def test_report_and_reload(tmp_path):
     for i in range(3):
         test.load(i).save(folder / f"digit{i}.png")
     printed = subprocess.run(
-        [sys.executable, str(EXAMPLES / "deploy_exits.py"), str(out / "early_exit_onnx"), str(folder)],
+        [sys.executable, str(EXAMPLES / "deploy_exits.py"), str(onnx), str(folder)],
         capture_output=True,
         text=True,
         check=True,
@@ -83,6 +86,8 @@ def test_report_and_reload(tmp_path):
     assert [(c.strip(), e.strip()) for _, c, e, _, _ in rows] == [
         (str(int(answered.logits[i].argmax())), exit_names[int(answered.exit_index[i])]) for i in range(3)
     ]
+    # A user's mistake: one line and status 2, no traceback.
+    assert deploy_exits.main([str(onnx), str(folder), "--thresholds", "95"]) == 2
 
 
 def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeypatch):
@@ -108,8 +113,18 @@ def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeyp
         in (out / "early_exit.md").read_text()
     )
     assert report["report"]["full_accuracy"] == pytest.approx(selected["test"]["accuracy"])
-    # The saved exit model holds the selected epoch's weights, not the final one's.
+    # The saved exit model holds the selected epoch's weights, not the final one's, and its
+    # folders say so: a reader cannot take them for model_final.pt's exits. The log says which
+    # epoch each file holds, and the command that answers images with the exits.
     assert holds_exported_weights(out, "selected") and not holds_exported_weights(out, "final")
+    assert not (out / "early_exit").exists() and not (out / "early_exit_onnx").exists()
+    onnx = out / "early_exit_selected_onnx"
+    assert json.loads((onnx / "manifest.json").read_text())["metadata"]["model"] == plotted[0][1]
+    log = " ".join((out / "train.log").read_text().split())
+    assert "model_final.pt (epoch 2, the last)" in log
+    assert "model_selected.pt (epoch 1, picked on validation)" in log
+    assert "early_exit_selected/ and early_exit_selected_onnx/ (the exits of epoch 1, picked on" in log
+    assert f"python {EXAMPLES}/deploy_exits.py {onnx.resolve()} IMAGES..." in log
     # The table's FLOPs count the head, as the plot's curve does (threshold 0: all leave there).
     assert report["report"]["exits"][0]["flops_ratio"] == pytest.approx(report["tradeoff"][0]["flops_ratio"])
     # A resumed run gets them from its checkpoint.
@@ -120,7 +135,7 @@ def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeyp
 
 def holds_exported_weights(out, kind: str) -> bool:
     """Whether the saved exit model's weights are those of ``model_<kind>.pt``."""
-    exit_weights = torch.load(out / "early_exit" / "model.pt", weights_only=True)
+    exit_weights = torch.load(out / "early_exit_selected" / "model.pt", weights_only=True)
     exported = torch.load(out / f"model_{kind}.pt", weights_only=True)["state_dict"]
     return all(torch.equal(exit_weights[k], v) for k, v in exported.items())
 
@@ -148,3 +163,28 @@ def test_the_tradeoff_plot_says_why_the_star_is_off_the_curve_and_past_one(tmp_p
     ]
     caption = " ".join(drawn["caption"].split())
     assert "right of 1.0x: the heads' own cost" in caption and "need not lie on the curve" in caption
+
+
+def test_deploy_exits_answers_a_file_that_is_no_image_in_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    assert deploy_exits.main([str(tmp_path / "early_exit_onnx"), str(notes)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {notes} is not an image Pillow can read")
+
+
+def test_deploy_exits_given_the_pytorch_folder_names_the_onnx_one_beside_it(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "early_exit").mkdir()
+    (tmp_path / "early_exit" / "early_exit.json").write_text("{}")
+    assert deploy_exits.main([str(tmp_path / "early_exit"), str(image)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and "EarlyExitModel.save" in err and "early_exit_onnx" not in err
+    (tmp_path / "early_exit_onnx").mkdir()
+    (tmp_path / "early_exit_onnx" / "manifest.json").write_text("{}")
+    assert deploy_exits.main([str(tmp_path / "early_exit"), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith(f"pass {tmp_path / 'early_exit_onnx'}")

@@ -201,5 +201,19 @@ def test_confusion_matrix_colour_bar_reads_percent_like_the_cells(tmp_path, monk
     plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "cm.png", "title")
     main, bar = figures[0].axes
     assert bar.get_ylabel() == "% of the true class" and bar.get_ylim() == (0.0, 100.0)
-    assert [t.get_text() for t in main.texts] == ["75", "25", "0", "100"]
+    assert [t.get_text() for t in main.texts] == ["75", "25", "100"]  # an empty cell says nothing
     assert "rows normalised" in main.get_ylabel()
+    assert {label.get_rotation() for label in main.get_xticklabels()} == {0.0}  # one character: upright
+
+
+def test_confusion_matrix_marks_rare_confusions_and_slants_long_labels_only(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from gsdnet.metrics import plot_confusion_matrix
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    plot_confusion_matrix([[299, 1], [0, 5]], ["happiness", "fear"], tmp_path / "cm.png", "title")
+    main = figures[0].axes[0]
+    assert [t.get_text() for t in main.texts] == ["100", "<1", "100"]  # 1 of 300 is not 0
+    assert {label.get_rotation() for label in main.get_xticklabels()} == {45.0}

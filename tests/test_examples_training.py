@@ -104,8 +104,9 @@ def test_one_epoch_per_layout(tmp_path, layout, capsys):
     # Early exits on the trained heads of gsd-acam, the default method.
     assert metrics["early_exit"] is not None
     expected += ["early_exit.md", "early_exit.png"]
-    if "model_final.pt" in expected:  # the exit model is saved with the final model
-        expected += ["early_exit", "early_exit_onnx"]
+    if "model_final.pt" in expected:  # the exit model is saved with the final model, named by its epoch
+        epoch = "selected" if metrics["selected"] else "final"
+        expected += [f"early_exit_{epoch}", f"early_exit_{epoch}_onnx"]
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["metrics.json", "log.jsonl", "confusion_matrix.png", "train.log", *expected])
     saved = json.loads((out / "metrics.json").read_text())

@@ -169,9 +169,29 @@ def test_an_image_example_for_a_token_model_is_refused_with_the_fix():
         GradualSelfDistiller(model, example_input=torch.zeros(1, 3, 8, 8))
 
 
+def test_images_of_another_size_name_image_size_as_grey_images_name_num_channels():
+    distiller = GradualSelfDistiller(vit(num_channels=3)).eval()
+    with pytest.raises(ValueError, match=r"got 1 channel.*num_channels="):
+        distiller(torch.zeros(2, 1, 48, 48))
+    with pytest.raises(ValueError, match=r"got 96x96 images.*resize them to 48x48.*image_size=96"):
+        distiller(torch.zeros(2, 3, 96, 96))
+
+
 def test_token_ids_are_an_example_only_for_a_model_that_takes_them():
     with pytest.raises(ValueError, match=r"example_input must be .*got \(1, 48\)"):
         GradualSelfDistiller(vit(), example_input=torch.zeros(1, 48, dtype=torch.long))
+
+
+def test_a_stage_of_one_position_at_the_only_size_levit_takes_is_the_users_to_name():
+    """LeViT built for 64 px fails at a larger size, and its second stage has one token at 64 px:
+    the refusal names the size and stage_layout, and the stage named with its layout trains."""
+    model = tiny("LevitConfig", "LevitForImageClassification", **TINY_CONFIGS["levit"] | {"image_size": 64})
+    stage = "levit.encoder.stages.1"
+    with pytest.raises(ValueError, match=r"\(1, 1, 48\): one position at 64x64, the only input size"):
+        GradualSelfDistiller(model, [stage])
+    distiller = GradualSelfDistiller(model, [stage], stage_layout="NLC")
+    assert distiller.stages[0].shape == (1, 1, 48)
+    train_step(distiller, default_example_input(model))
 
 
 def test_levit_heads_skip_the_convolutional_stem():

@@ -126,6 +126,17 @@ def test_a_batch_of_another_size_still_runs(distiller):
     assert distiller.eval()(torch.zeros(2, 3, 48, 40)).logits.shape == (2, 3)
 
 
+def test_a_batch_of_another_size_for_a_model_of_one_size_names_the_resize_and_img_size():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    distiller = GradualSelfDistiller(model, ["blocks.0"])
+    fix = r"got 64x64 images, a size it was not built for: resize them to 32x32.*img_size=64.*image_size=64"
+    with pytest.raises(ValueError, match=fix):
+        distiller.eval()(torch.zeros(2, 3, 64, 64))
+    # Smaller images: resizing only, the fix that also fits a convolutional model too small for them.
+    with pytest.raises(ValueError, match=r"got 16x16 images, .*: resize them to 32x32\. The model failed"):
+        distiller(torch.zeros(2, 3, 16, 16))
+
+
 class Grey(torch.nn.Module):
     """A model that repeats a grey channel itself: a one-channel batch is its own business."""
 

@@ -21,9 +21,18 @@ from .checkpoint import atomic_write
 from .datasets.common import IMAGENET, PixelFormat, log
 
 MAX_ACCURACY_DROP = 0.005  # half a point, on the calibration images
-EXIT_MODEL = "early_exit"  # the folder of the exit model for PyTorch (--save final)
-EXIT_ONNX = "early_exit_onnx"  # the same exits for ONNX Runtime (examples/deploy_exits.py)
-EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", EXIT_MODEL, EXIT_ONNX)  # what report_exits may write
+EPOCHS = ("selected", "final")  # the epoch an exit model holds, as in model_<epoch>.pt
+
+
+def exit_folders(epoch: str) -> tuple[str, str]:
+    """The folders of the exit model of ``epoch`` (``"selected"``: picked on validation, or
+    ``"final"``): for PyTorch, and the same exits for ONNX Runtime (examples/deploy_exits.py).
+    Named as ``model_<epoch>.pt`` is, so that exits of one epoch beside a model file of another
+    (``--save final`` in a run with a validation split) cannot pass for the same model."""
+    return f"early_exit_{epoch}", f"early_exit_{epoch}_onnx"
+
+
+EXIT_OUTPUTS = ("early_exit.md", "early_exit.png", *(f for e in EPOCHS for f in exit_folders(e)))
 CAPTION = (
     "Curve: one threshold shared by every head. At 1 no sample leaves early, yet every head still "
     "runs, so the curve ends right of 1.0x: the heads' own cost. Star: the calibrated thresholds, "
@@ -54,7 +63,7 @@ def report_exits(
     out: Path,
     title: str,
     classes: list[str],
-    save: bool = True,
+    save: str | None = None,
     pixels: PixelFormat = IMAGENET,
 ) -> dict | None:
     """Turn the trained heads into early exits and report them; return the summary for
@@ -69,8 +78,8 @@ def report_exits(
         out: The run's folder, where ``early_exit.md`` and ``early_exit.png`` go.
         title: The reports' title, which names the model's epoch.
         classes: The class names, recorded in the ONNX folder.
-        save: Also write the exit model (:func:`save_exit_model`) into ``out / EXIT_MODEL``
-            and ``out / EXIT_ONNX``.
+        save: The epoch ``distiller`` holds (``"selected"`` or ``"final"``), to also write the
+            exit model (:func:`save_exit_model`) into the folders :func:`exit_folders` names.
         pixels: The images' normalisation, recorded in the ONNX folder.
     """
     calibrate_on, report_on, how = calibration_split(evaluated, val)
@@ -87,7 +96,7 @@ def report_exits(
     table = exits.profile(loader(report_on), batch_sizes=(1, batch_size), repeats=3, latency_images=32)
     curve = table.pop("tradeoff")  # from the same pass over report_on as the table
     if save:
-        save_exit_model(exits, out, classes, example, pixels)
+        save_exit_model(exits, out, save, title, classes, example, pixels)
     text = exit_table(table, calibrated, how, batch_size)
     atomic_write(out / "early_exit.md", lambda f: f.write(f"# Early exits: {title}\n\n{text}".encode()))
     plot_tradeoff(curve, table, out / "early_exit.png", title)
@@ -101,7 +110,7 @@ def report_exits(
         table["latency_ratio"][1],
         table["latency_ratio"][batch_size],
         batch_size,
-        f", {EXIT_MODEL}/, {EXIT_ONNX}/" if save else "",
+        "".join(f", {folder}/" for folder in exit_folders(save)) if save else "",
     )
     return {
         "how": how,
@@ -113,15 +122,28 @@ def report_exits(
 
 
 def save_exit_model(
-    exits: EarlyExitModel, out: Path, classes: list[str], example, pixels: PixelFormat = IMAGENET
+    exits: EarlyExitModel,
+    out: Path,
+    epoch: str,
+    title: str,
+    classes: list[str],
+    example,
+    pixels: PixelFormat = IMAGENET,
 ) -> None:
-    """Write the calibrated exit model into ``out``: ``early_exit/`` for PyTorch
-    (:meth:`EarlyExitModel.load`) and ``early_exit_onnx/`` for ONNX Runtime
-    (``gradual_sd.runtime.OnnxExitModel``, ``examples/deploy_exits.py``), with the class names
-    and the input normalisation the evaluation transform applies."""
-    exits.save(out / EXIT_MODEL)
-    metadata = {"mean": list(pixels.mean), "std": list(pixels.std), "resize": list(example.shape[-2:])}
-    exits.export_onnx(out / EXIT_ONNX, example_input=example, class_names=classes, metadata=metadata)
+    """Write the calibrated exit model of ``epoch`` into ``out``: ``early_exit_<epoch>/`` for
+    PyTorch (:meth:`EarlyExitModel.load`) and ``early_exit_<epoch>_onnx/`` for ONNX Runtime
+    (``gradual_sd.runtime.OnnxExitModel``, ``examples/deploy_exits.py``), with the class names,
+    the input normalisation the evaluation transform applies and ``title`` (which names the
+    epoch) in its manifest."""
+    pytorch, onnx = exit_folders(epoch)
+    exits.save(out / pytorch)
+    metadata = {
+        "mean": list(pixels.mean),
+        "std": list(pixels.std),
+        "resize": list(example.shape[-2:]),
+        "model": title,
+    }
+    exits.export_onnx(out / onnx, example_input=example, class_names=classes, metadata=metadata)
 
 
 def exit_table(table: dict, calibrated: dict, how: str, batch_size: int) -> str:

@@ -49,7 +49,9 @@ def plot_confusion_matrix(
     cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str
 ) -> None:
     """Row-normalised confusion matrix in percent (each true class's row sums to 100), like the
-    paper's Fig. 4; the colour bar uses the same percent scale as the cells."""
+    paper's Fig. 4; the colour bar uses the same percent scale as the cells. Empty cells stay
+    blank, so the confusions stand out; one under half a percent reads ``<1``, not 0. Column
+    labels are slanted only when they are long enough to collide."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,18 +62,26 @@ def plot_confusion_matrix(
     size = max(4.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size + 1, size))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=100.0)
-    ax.set_xticks(range(len(classes)), labels=classes, rotation=45, ha="right")
+    slanted = max(map(len, classes), default=0) > 3
+    ax.set_xticks(
+        range(len(classes)),
+        labels=classes,
+        rotation=45 if slanted else 0,
+        ha="right" if slanted else "center",
+    )
     ax.set_yticks(range(len(classes)), labels=classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (rows normalised to 100 %)")
     ax.set_title(title)
     for i in range(len(classes)):
         for j in range(len(classes)):
+            if counts[i, j] == 0:
+                continue
             value = float(rates[i, j])
             ax.text(
                 j,
                 i,
-                f"{value:.0f}",
+                f"{value:.0f}" if value >= 0.5 else "<1",
                 ha="center",
                 va="center",
                 fontsize=8,

@@ -18,7 +18,7 @@ from .build import BuiltRun
 from .cli import MODEL_FILES
 from .config import RunConfig, RunSpec
 from .engine import Trained
-from .exits import EXIT_OUTPUTS, report_exits
+from .exits import EXIT_OUTPUTS, exit_folders, report_exits
 from .metrics import comparison_table, plot_confusion_matrix
 from .prepare import RunData
 from .runs import finish
@@ -37,6 +37,10 @@ LOAD_HINT = (
     "  import sys; sys.path.insert(0, {examples!r})\n"
     "  from gsdnet.models import load_exported\n"
     "  model, config = load_exported({path!r})"
+)
+
+DEPLOY_HINT = (
+    "answer images with the exits, without torch:\n  python {examples}/deploy_exits.py {folder} IMAGES..."
 )
 
 
@@ -132,7 +136,8 @@ def report(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained, repor
             out,
             title,
             data.classes,
-            save="final" in config.save,  # the exit model holds a whole model, as --save final does
+            # the exit model holds a whole model, as --save final does
+            save=reported.kind if "final" in config.save else None,
             pixels=data.pixels,
         )
         if metrics["early_exit"] is not None:
@@ -143,7 +148,7 @@ def report(run: RunSpec, data: RunData, built: BuiltRun, trained: Trained, repor
     outputs = ["log.jsonl", "confusion_matrix.png", *MODEL_FILES.values(), *EXIT_OUTPUTS]
     finish(out, metrics, outputs, config.keep_checkpoint)
     log_headline(run.method, run.seed, trained)
-    log_outputs(config, out)
+    log_outputs(config, out, trained, reported)
     return metrics
 
 
@@ -176,25 +181,35 @@ def log_headline(method: str, seed: int, trained: Trained) -> None:
         )
 
 
-def log_outputs(config: RunConfig, out: Path) -> None:
-    """Which files the run wrote, and how to load an exported model."""
+def log_outputs(config: RunConfig, out: Path, trained: Trained, reported: Reported) -> None:
+    """Which files the run wrote, the epoch each model file and exit folder holds, how to load
+    an exported model, and the command that answers images with the exits."""
+    epochs = {
+        "final": f"epoch {trained.final['epoch']}, the last",
+        "selected": f"epoch {trained.selected['epoch']}, picked on validation" if trained.selected else "",
+        "best": f"epoch {trained.best['epoch']}, best on test, optimistic",
+    }
     files = [
         "metrics.json",
         "log.jsonl",
         "train.log" if out == config.output_dir else None,
         "confusion_matrix.png",
     ]
-    files += [
-        MODEL_FILES[k]
-        for k in ("final", "selected", "best")
-        if k in config.save and (out / MODEL_FILES[k]).is_file()
+    models = [
+        k for k in ("final", "selected", "best") if k in config.save and (out / MODEL_FILES[k]).is_file()
     ]
+    files += [f"{MODEL_FILES[k]} ({epochs[k]})" for k in models]
+    pytorch, onnx = exit_folders(reported.kind)
+    exits_saved = "final" in config.save and (out / onnx).is_dir()
+    if exits_saved:
+        files.append(f"{pytorch}/ and {onnx}/ (the exits of {epochs[reported.kind]})")
     if config.keep_checkpoint:
         files.append("checkpoint.pt")
     log.info("wrote %s: %s", out, ", ".join(f for f in files if f))
-    saved = [out / f for f in files if f and f.startswith("model_")]
-    if saved:
-        log.info(LOAD_HINT.format(examples=str(EXAMPLES), path=str(saved[0].resolve())))
+    if models:
+        log.info(LOAD_HINT.format(examples=str(EXAMPLES), path=str((out / MODEL_FILES[models[0]]).resolve())))
+    if exits_saved:
+        log.info(DEPLOY_HINT.format(examples=str(EXAMPLES), folder=str((out / onnx).resolve())))
 
 
 def summary(runs: dict[str, list[dict]], seeds: list[int]) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from ..runtime._manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
 from .._taps import to_feature_map
 from ._data import device_of
-from ._probe import probe_batch
+from ._probe import example_of_shape, probe_batch
 from ._split import Segment, batch_dynamic_shapes, run_segments, split_model
 
 if TYPE_CHECKING:
@@ -92,7 +92,10 @@ def export_onnx(
 
 
 def _float_batch(exits: EarlyExitModel, example_input: torch.Tensor | None) -> torch.Tensor:
-    """Four different float32 inputs on the model's device (the probe's batch)."""
+    """Four different float32 inputs on the model's device (the probe's batch), by default of
+    the size the exits were built or calibrated on."""
+    if example_input is None:
+        example_input = example_of_shape(exits.model, exits.input_shape)
     batch = probe_batch(exits.model, example_input)
     if batch.dtype != torch.float32:
         raise TypeError(

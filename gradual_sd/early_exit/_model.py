@@ -32,7 +32,7 @@ from . import _deployment as deployment
 from . import _persistence as persistence
 from . import _profiling as profiling
 from ._data import Data
-from ._probe import check_exits, probe_batch
+from ._probe import check_exits, example_of_shape, probe_batch
 from ._routing import ExitOutput, Pass, Stop, drop_samples, nobody
 
 __all__ = ["EarlyExitModel"]
@@ -59,6 +59,12 @@ class EarlyExitModel(StageViews, nn.Module):
             random inputs of its shape); default 4 random inputs of the distiller's default
             example (the model's configured input size).
         check: Run the probe (and refuse models that fail it).
+
+    Attributes:
+        input_shape: One input's shape without the batch axis, ``(C, H, W)`` for images: the
+            example's (the distiller's, with :meth:`from_distiller`), then that of the images
+            :meth:`calibrate` last chose the thresholds on; ``None`` where neither was given and
+            ``check=False``. :meth:`export_onnx` exports at this size, and :meth:`save` records it.
     """
 
     def __init__(
@@ -94,6 +100,8 @@ class EarlyExitModel(StageViews, nn.Module):
         self.classifier_name = classifier_name
         self.thresholds: tuple[float, ...] = (math.inf,) * len(stages)
         self.set_thresholds(thresholds if thresholds is not None else self.thresholds)
+        given = example_input is not None
+        self.input_shape: tuple[int, ...] | None = tuple(example_input.shape[1:]) if given else None
         self._pass: Pass | None = None
         self._hooks = Hooks(model)
         for k, stage in enumerate(stages):
@@ -101,7 +109,9 @@ class EarlyExitModel(StageViews, nn.Module):
         self.eval()
         if check:
             try:
-                check_exits(self, probe_batch(model, example_input))
+                batch = probe_batch(model, example_input)
+                self.input_shape = tuple(batch.shape[1:])
+                check_exits(self, batch)
             except BaseException:
                 self.remove()
                 raise
@@ -116,8 +126,11 @@ class EarlyExitModel(StageViews, nn.Module):
         check: bool = True,
     ) -> EarlyExitModel:
         """Take a trained :class:`~gradual_sd.GradualSelfDistiller`'s model, heads and stage
-        descriptions; the distiller's hooks are removed (it cannot train any more)."""
+        descriptions; the distiller's hooks are removed (it cannot train any more). The default
+        ``example_input`` is of the distiller's example's shape (the size it was built on)."""
         distiller.remove()
+        if example_input is None:
+            example_input = example_of_shape(distiller.model, distiller._example_shape[1:])
         return cls(
             distiller.model,
             list(distiller.heads),
@@ -133,7 +146,8 @@ class EarlyExitModel(StageViews, nn.Module):
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         """One threshold per auxiliary head (a single number applies to all): a sample leaves at
         a head when its top softmax probability is ``>=`` the threshold. 0 takes every sample;
-        above 1 (e.g. ``math.inf``) disables the head, which then is not run at all."""
+        ``math.inf`` disables the head, which then is not run at all. Any other value (95 where
+        0.95 is meant) is refused with a ``ValueError`` naming it."""
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
     def _at_stage(self, k: int, name: str, output: object) -> object:
@@ -270,6 +284,7 @@ class EarlyExitModel(StageViews, nn.Module):
         (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
         Thresholds are not changed. :meth:`profile` returns the same curve. ``progress`` as in
         :meth:`calibrate`."""
+        calibration.check_levels(levels)
         return calibration.curve(calibration.outcomes(self, data, progress, "tradeoff"), levels)
 
     def profile(
@@ -324,11 +339,15 @@ class EarlyExitModel(StageViews, nn.Module):
         such as the input normalisation). :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
         numpy and onnxruntime alone.
 
+        The folder takes inputs of ``example_input``'s size only (the batch is the only dynamic
+        axis); the default is random inputs of :attr:`input_shape`, the size this model was
+        built or last calibrated on (else the model's configured size).
+
         The cut is refused (``ValueError`` naming the stage and what crosses it) where a later
         part of the model reads a tensor from before a stage, and where ``torch.export`` cannot
         trace the model with a dynamic batch. The segments are checked against this model on
-        ``example_input`` (default: random inputs at the model's configured size) before any
-        file is written. Needs ``onnx`` and ``onnxscript`` (the ``deploy`` extra).
+        that example before any file is written. Needs ``onnx`` and ``onnxscript`` (the
+        ``deploy`` extra).
         """
         return deployment.export_onnx(self, directory, example_input, class_names, metadata)
 
@@ -347,7 +366,7 @@ class EarlyExitModel(StageViews, nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.pt`` (the plain model's state_dict), ``heads.pt`` (the heads') and
-        ``early_exit.json`` (:meth:`config`) into ``directory``."""
+        ``early_exit.json`` (:meth:`config`, with :attr:`input_shape`) into ``directory``."""
         return persistence.save(self, directory)
 
     @classmethod
@@ -367,7 +386,7 @@ class EarlyExitModel(StageViews, nn.Module):
         ``heads`` are rebuilt from the saved config when they are the library's
         :class:`BottleneckHead` (any ``pool_size``) or :class:`PooledHead`, with ACAM,
         NormalizedACAM or no attention at default settings; other heads must be passed, built as
-        in training.
+        in training. The default ``example_input`` is of the saved :attr:`input_shape`.
         """
         return persistence.load(cls, directory, model, heads, example_input, check)
 

@@ -14,11 +14,13 @@ from torch import nn
 from .._attention import ACAM, NormalizedACAM
 from .._heads import BottleneckHead, PooledHead
 from .._outputs import StageInfo
+from ..runtime._manifest import SAVED_CONFIG as CONFIG_FILE
+from ._probe import example_of_shape
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
 
-CONFIG_FILE, MODEL_FILE, HEADS_FILE = "early_exit.json", "model.pt", "heads.pt"
+MODEL_FILE, HEADS_FILE = "model.pt", "heads.pt"
 _ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}
 
 
@@ -28,6 +30,7 @@ def config(exits: EarlyExitModel) -> dict[str, Any]:
         "classifier_name": exits.classifier_name,
         "thresholds": [t if t <= 1 else None for t in exits.thresholds],
         "heads": [head_spec(head) for head in exits.heads],
+        "input_shape": None if exits.input_shape is None else list(exits.input_shape),
     }
 
 
@@ -68,6 +71,8 @@ def load(
     if reference is not None:
         head_list.to(reference.device)
     thresholds = [math.inf if t is None else t for t in saved["thresholds"]]
+    if example_input is None and saved.get("input_shape") is not None:  # absent before 0.3
+        example_input = example_of_shape(model, tuple(saved["input_shape"]))
     return cls(
         model,
         list(head_list),

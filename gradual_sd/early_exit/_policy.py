@@ -2,8 +2,8 @@
 
 Pure tensor functions over precomputed head outputs, used by :class:`EarlyExitModel` to
 calibrate and profile. A sample leaves at the first auxiliary head whose top softmax
-probability reaches that head's threshold; a threshold above 1 disables the head (it is not
-run); samples that no head takes reach the model's own classifier, the last exit.
+probability reaches that head's threshold; a threshold above 1 (``math.inf``) disables the
+head (it is not run); samples that no head takes reach the model's own classifier, the last exit.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import NamedTuple
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .._exit_thresholds import percent_hint
 
 __all__ = [
     "ExitCosts",
@@ -90,9 +92,10 @@ def choose_thresholds(
     max_rounds: int = 20,
 ) -> list[float]:
     """Thresholds that minimise the mean cost while keeping the accuracy lost against the
-    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction: 0.005 is
-    half a point). The constraint is checked on the calibration data only: on a few hundred
-    samples the chosen thresholds can fit its noise, and lose more on new data.
+    model's own classifier on the same data within ``max_accuracy_drop`` (a fraction in
+    ``[0, 1]``: 0.005 is half a point; 5 is refused, naming the 0.05 meant). The constraint is
+    checked on the calibration data only: on a few hundred samples the chosen thresholds can fit
+    its noise, and lose more on new data.
 
     Coordinate descent: start with every head disabled (the full model, which meets the
     constraint), then visit the heads shallow to deep, setting each one's threshold to the
@@ -109,8 +112,7 @@ def choose_thresholds(
     """
     heads = confidence.shape[0]
     _check_shapes(confidence, correct, costs)
-    if not 0 <= max_accuracy_drop <= 1:
-        raise ValueError(f"max_accuracy_drop is a fraction in [0, 1], got {max_accuracy_drop!r}")
+    check_fraction("max_accuracy_drop", max_accuracy_drop)
     floor = correct[heads].double().mean().item() - max_accuracy_drop - 1e-12
 
     def key(trial: list[float]) -> tuple | None:
@@ -140,12 +142,12 @@ def choose_thresholds_within_cost(
     higher threshold. Checked on the calibration data only.
 
     Raises:
-        ValueError: if ``max_cost`` is below the cheapest answer (every sample at the first head).
+        ValueError: if ``max_cost`` is not in ``(0, 1]`` (50 for half is refused, naming 0.5), or
+            below the cheapest answer (every sample at the first head).
     """
     heads = confidence.shape[0]
     _check_shapes(confidence, correct, costs)
-    if not max_cost > 0:
-        raise ValueError(f"max_cost is a fraction of the model's FLOPs, > 0; got {max_cost!r}")
+    check_fraction("max_cost", max_cost)
     budget = max_cost * costs.full * (1 + 1e-12)
     cheapest = evaluate(confidence, correct, costs, [0.0] * heads)[1] / costs.full
     if cheapest * costs.full > budget:
@@ -191,6 +193,25 @@ def _coordinate_descent(
         if not changed:
             break
     return thresholds
+
+
+# The calibration targets: each a fraction, its range and what it is a fraction of.
+_FRACTIONS = {
+    "max_accuracy_drop": ("[0, 1]", "of accuracy against the model's own classifier (0.005: half a point)"),
+    "max_cost": ("(0, 1]", "of the model's FLOPs (0.5: half)"),
+}
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Refuse a calibration target outside its range (:data:`_FRACTIONS`), naming the value, the
+    range and, for a percentage (50 for 0.5), the fraction meant."""
+    interval, meaning = _FRACTIONS[name]
+    low_open = interval.startswith("(")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((0 < value) if low_open else (0 <= value)) or not value <= 1:
+        raise ValueError(
+            f"{name}={value!r} is not a fraction in {interval} ({meaning}){percent_hint(name, value)}"
+        )
 
 
 def _check_shapes(confidence: torch.Tensor, correct: torch.Tensor, costs: ExitCosts) -> None:

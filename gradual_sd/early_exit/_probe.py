@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._probing import main_logits
+from .._inputs import takes_token_ids
 from .._stages import default_example_input
 from ._routing import Pass
 
@@ -53,6 +54,19 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
                     "more than this stage's output (a cross-stage link, or an operation that "
                     "mixes the batch); tap only stages after which nothing earlier is read"
                 )
+
+
+def example_of_shape(model: nn.Module, shape: tuple[int, ...] | None) -> torch.Tensor:
+    """One zero input of ``shape`` (without the batch axis) on the model's device, token ids for
+    a model that takes them, else in the model's precision; the default example where ``shape``
+    is ``None``."""
+    if shape is None:
+        return default_example_input(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    float_weights = param is not None and param.is_floating_point()
+    dtype = torch.long if takes_token_ids(model) else (param.dtype if float_weights else None)
+    return torch.zeros((1, *shape), dtype=dtype, device=device)
 
 
 def probe_batch(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:

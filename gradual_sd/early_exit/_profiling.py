@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._policy import expected_calibration_error, route
-from ._calibration import curve, outcomes
+from ._calibration import check_levels, curve, outcomes
 from ._data import Data, device_of, first_images
 from ._progress import progress
 
@@ -32,8 +32,9 @@ def profile(
     show_progress: bool | None,
 ) -> dict[str, Any]:
     """:meth:`EarlyExitModel.profile`'s report."""
+    check_levels(levels)
     found = outcomes(exits, data, show_progress, "profile: exit logits")
-    logits, targets, confidence, _, costs = found
+    logits, targets, confidence, _, costs, _ = found
     device = device_of(exits.model)
     chosen_exit = route(confidence, exits.thresholds)
     per_exit_flops = costs.per_exit(exits.thresholds)

@@ -67,6 +67,18 @@ def top_probability(logits: np.ndarray) -> np.ndarray:
     return (1.0 / np.exp(shifted).sum(axis=-1)).astype(np.float32)
 
 
+def _size_fix(shape: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """The fix for images of another size than the folder's: resize them, or export the
+    folder at theirs; ``""`` where more than the size differs."""
+    if len(shape) != len(expected) + 1 or shape[1] != expected[0]:
+        return ""
+    size, theirs = "x".join(map(str, expected[1:])), "x".join(map(str, shape[2:]))
+    return (
+        f": resize them to {size}, or export the folder at their size, "
+        f"exits.export_onnx(directory, example_input=images) with a batch of {theirs} images"
+    )
+
+
 class OnnxExitModel:
     """An exit folder written by :meth:`gradual_sd.EarlyExitModel.export_onnx`, run in ONNX
     Runtime with the same per-sample routing as :class:`~gradual_sd.EarlyExitModel`.
@@ -114,7 +126,8 @@ class OnnxExitModel:
 
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         """One threshold per head (a single number applies to all): a sample leaves at a head
-        when its top softmax probability is ``>=`` the threshold; above 1 disables the head."""
+        when its top softmax probability is ``>=`` the threshold, a probability in ``[0, 1]``;
+        ``math.inf`` disables the head."""
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
     def _checked(self, images: object) -> np.ndarray:
@@ -130,6 +143,7 @@ class OnnxExitModel:
             raise ValueError(
                 f"images of shape {images.shape}; this folder takes (N, "
                 f"{', '.join(map(str, self.input_shape))}) batches (it was exported at that size)"
+                f"{_size_fix(images.shape, self.input_shape)}"
             )
         if images.dtype != np.float32:
             raise TypeError(

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = ["MANIFEST_FILE", "FORMAT", "FORMAT_VERSION", "ManifestError", "sha256", "read_manifest"]
 
 MANIFEST_FILE = "manifest.json"
+SAVED_CONFIG = "early_exit.json"  # in the folders EarlyExitModel.save writes, for PyTorch
 FORMAT = "gradual-sd-exits"
 FORMAT_VERSION = 1
 
@@ -36,10 +37,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of ``directory``, after checking its format and every file's digest."""
     directory = Path(directory)
     path = directory / MANIFEST_FILE
-    if not path.is_file():
+    if not directory.is_dir():
         raise ManifestError(
-            f"{path} does not exist: {directory} is not an exit folder (write one with "
+            f"{directory} does not exist (not an exit folder: write one with "
             "EarlyExitModel.export_onnx(directory))"
+        )
+    if not path.is_file():
+        saved = (directory / SAVED_CONFIG).is_file()
+        kind = " (it holds exits saved for PyTorch by EarlyExitModel.save)" if saved else ""
+        raise ManifestError(
+            f"{path} does not exist: {directory} is not an exit folder for ONNX Runtime{kind}; "
+            "write one with EarlyExitModel.export_onnx(directory)"
         )
     try:
         manifest = json.loads(path.read_text())
