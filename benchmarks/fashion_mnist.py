@@ -437,7 +437,21 @@ def report(args: argparse.Namespace) -> None:
     if measured["exits"]:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
-    print(tables(results))
+    text = tables(results)
+    print(text)
+    if args.docs.is_file() and MARKERS[0] in args.docs.read_text():
+        update_docs(args.docs, text)
+        print(f"updated {args.docs} between {MARKERS[0]} and {MARKERS[1]}")
+
+
+MARKERS = ("<!-- fashion-mnist:begin -->", "<!-- fashion-mnist:end -->")
+
+
+def update_docs(path: Path, text: str) -> None:
+    """Replace what lies between the section's markers in ``path`` with ``text``."""
+    page = path.read_text()
+    start, end = page.index(MARKERS[0]) + len(MARKERS[0]), page.index(MARKERS[1])
+    path.write_text(f"{page[:start]}\n{text.strip()}\n{page[end:]}")
 
 
 def cpu_name() -> str:
@@ -584,6 +598,7 @@ def main(argv: list[str] | None = None) -> None:
     done = sub.add_parser("report", help="the results file, the docs tables and the plot")
     done.add_argument("--results", type=Path, default=RESULTS)
     done.add_argument("--plot", type=Path, default=PLOT)
+    done.add_argument("--docs", type=Path, default=DOCS, help="the page whose section gets the tables")
     for step in (run, exits, done):
         step.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the runs are")
         step.add_argument(

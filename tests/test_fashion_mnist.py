@@ -187,6 +187,8 @@ def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     finishes, the exits are calibrated, exported and timed, and the results file holds them."""
     data = write_fashion_mnist(tmp_path / "data", train=100, test=40)
     runs, results, plot = tmp_path / "runs", tmp_path / "results.json", tmp_path / "plot.png"
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\n<!-- fashion-mnist:begin -->\nold\n<!-- fashion-mnist:end -->\n\nafter\n")
     script = [sys.executable, str(ROOT / "benchmarks" / "fashion_mnist.py")]
     small = ["--example-args", "--epochs", "1", "--batch-size", "25", "--data-dir", str(data)]
     train = [*script, "train", "--runs", str(runs), "--only", "baseline", "gsd-ce", "small_resnet10"]
@@ -194,7 +196,8 @@ def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     for argv in (
         train,
         [*script, "exits", "--runs", str(runs), "--repeats", "2", *small],
-        [*script, "report", "--runs", str(runs), "--results", str(results), "--plot", str(plot)],
+        [*script, "report", "--runs", str(runs), "--results", str(results), "--plot", str(plot)]
+        + ["--docs", str(page)],
     ):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -220,3 +223,6 @@ def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     )
     assert {r["model"] for r in written["static"]} == {"baseline/seed0", "small_resnet10/seed0"}
     assert plot.stat().st_size > 0
+    text = page.read_text()
+    assert "old" not in text and text.endswith("<!-- fashion-mnist:end -->\n\nafter\n")
+    assert "| gsd-ce | 1 |" in text and "| static model | batch |" in text
