@@ -332,6 +332,59 @@ def measure_exits(args: argparse.Namespace) -> dict:
     return results
 
 
+# --- steps: what each arm's training step costs, side by side ------------------------------------
+
+
+def measure_steps(args: argparse.Namespace) -> dict:
+    """Each arm's training step (forward, loss, backward, SGD step; batch 128 of the preset's
+    28 px greyscale images) timed in one process against the baseline's: interleaved
+    repetitions, one thread, CPU time, paired ratios. The runs' own epoch times come from a
+    shared machine; these ratios do not depend on its load. Writes ``steps.json``."""
+    import torch
+    from _harness import interleaved_times, paired_ratios
+
+    parse_args, _, _ = example_modules()
+    from gsdnet.models import build_gsdnet
+
+    torch.set_num_threads(1)
+    images, targets = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    fns = {}
+    for arm, flags in ARMS.items():
+        config = parse_args(["--dataset", "fashion-mnist", *flags])
+        module, _ = build_gsdnet(
+            config.methods[0],
+            config.model,
+            10,
+            img_size=config.img_size,
+            in_chans=1,
+            stage_names=config.stages,
+            teacher=config.teacher,
+            head=config.head,
+            head_pool_size=config.head_pool_size,
+            **config.loss_options,
+        )
+        module.train()
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        fns[arm] = training_step(module, optimizer, images, targets)
+    times = interleaved_times(fns, torch.device("cpu"), args.repeats, warmup=2, clock="cpu")
+    ratios = paired_ratios(times, "baseline")
+    result = {arm: {k: ratios[arm][k] for k in ("median", "q1", "q3", "median_s")} for arm in ratios}
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / "steps.json").write_text(json.dumps(result, indent=1) + "\n")
+    for arm, stats in result.items():
+        print(f"{arm}: {stats['median']:.2f}x the baseline's step ({1000 * stats['median_s']:.0f} ms)")
+    return result
+
+
+def training_step(module, optimizer, images, targets):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        module(images, targets).loss.backward()
+        optimizer.step()
+
+    return step
+
+
 # --- report: the results file, the docs table and the plot --------------------------------------
 
 
@@ -409,6 +462,8 @@ def report(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: no finished run under {args.runs}")
     exits_path = args.runs / "exits.json"
     measured = json.loads(exits_path.read_text()) if exits_path.is_file() else {"exits": [], "static": []}
+    steps_path = args.runs / "steps.json"
+    steps = json.loads(steps_path.read_text()) if steps_path.is_file() else {}
     comparisons = {
         regime: {arm: paired(runs, regime, arm) for arm in ARMS if arm != "baseline"} for regime in REGIMES
     }
@@ -427,6 +482,7 @@ def report(args: argparse.Namespace) -> None:
         "regimes": REGIMES,
         "runs": runs,
         "comparisons": comparisons,
+        "step_time_ratio": {arm: stats["median"] for arm, stats in steps.items()},
         "exits": measured["exits"],
         "refused_settings": measured.get("refused", []),
         "static": measured["static"],
@@ -483,8 +539,8 @@ def tables(results: dict) -> str:
             "Test accuracy (%) of the last classifier at the epoch picked on validation:",
             "",
             "| arm | seeds | mean ± std | each seed | vs baseline (paired) | p | heads (mean) "
-            "| epoch time x |",
-            "|---|---|---|---|---|---|---|---|",
+            "| step time x | epoch time x |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for arm in ARMS:
             mine = sorted((r for r in rows if r["method"] == arm), key=lambda r: r["seed"])
@@ -503,9 +559,12 @@ def tables(results: dict) -> str:
                 versus = f"{100 * comparison['mean']:+.2f} ± {100 * comparison['sd']:.2f}"
                 p = f"{comparison['p_value']:.2f}"
                 ratio = f"{comparison['epoch_time_ratio']:.2f}"
+            step = results["step_time_ratio"].get(arm)
+            step_text = "-" if step is None else f"{step:.2f}"
             lines.append(
                 f"| {arm} | {len(mine)} | {pct(statistics.mean(accuracies))} ± {100 * spread:.2f} | "
-                f"{', '.join(pct(a) for a in accuracies)} | {versus} | {p} | {head_text} | {ratio} |"
+                f"{', '.join(pct(a) for a in accuracies)} | {versus} | {p} | {head_text} | "
+                f"{step_text} | {ratio} |"
             )
         lines.append("")
     if results["exits"]:
@@ -595,11 +654,13 @@ def main(argv: list[str] | None = None) -> None:
     exits = sub.add_parser("exits", help="calibrate, export and time the exits and the static models")
     exits.add_argument("--data-dir", type=Path, help="the IDX files (default: the example's)")
     exits.add_argument("--repeats", type=int, default=5, help="interleaved timing repetitions")
+    steps = sub.add_parser("steps", help="time each arm's training step against the baseline's")
+    steps.add_argument("--repeats", type=int, default=7, help="interleaved timing repetitions")
     done = sub.add_parser("report", help="the results file, the docs tables and the plot")
     done.add_argument("--results", type=Path, default=RESULTS)
     done.add_argument("--plot", type=Path, default=PLOT)
     done.add_argument("--docs", type=Path, default=DOCS, help="the page whose section gets the tables")
-    for step in (run, exits, done):
+    for step in (run, exits, steps, done):
         step.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the runs are")
         step.add_argument(
             "--example-args",
@@ -612,6 +673,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.step == "exits":
         measure_exits(args)
+    elif args.step == "steps":
+        measure_steps(args)
     else:
         report(args)
 
