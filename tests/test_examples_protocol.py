@@ -15,6 +15,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 import examples_path  # noqa: F401
 import train_gsdnet
+from gradual_sd import DistillerOutput
 from gsdnet.datasets.common import UnreadableImagesError, stratified_split
 from gsdnet.distributed import DistEnv
 from gsdnet.engine import Trainer
@@ -72,6 +73,58 @@ def test_ties_go_to_the_earlier_epoch_unless_as_shipped():
     current = {"accuracy": 0.5}
     assert not clean.improves(0.5, current) and shipped.improves(0.5, current)
     assert clean.improves(0.6, current) and not shipped.improves(0.4, current)
+
+
+class Quadratic(torch.nn.Module):
+    """A module with the trainer's call interface: the loss of ``images @ w`` against zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, images, targets):
+        loss = ((images @ self.w) ** 2).mean()
+        return DistillerOutput(images @ self.w, loss, {"ce": loss}, (), ())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_one_cycle_schedule_steps_per_batch_and_resumes(optimizer):
+    """onecycle: warm up from lr/25 to lr over the first 30 % of the run's steps, anneal to ~0
+    at its last step; stepped per batch (exponential: per epoch). A trainer restored from another's state
+    continues the same schedule."""
+    env = DistEnv(0, 1, torch.device("cpu"))
+
+    def trainer():
+        return Trainer(Quadratic(), env, 0.1, 0.0, 0.9, optimizer, "onecycle", epochs=2, steps_per_epoch=5)
+
+    first = trainer()
+    assert first.scheduler.get_last_lr()[0] == pytest.approx(0.1 / 25)
+    rates = []
+    for _ in range(3):
+        first.train_step(torch.randn(4, 2), torch.zeros(4))
+        rates.append(first.scheduler.get_last_lr()[0])
+    # Torch's one-cycle peaks at step 0.3 * 10 - 1 = 2, then anneals.
+    assert rates[0] < rates[1] == pytest.approx(0.1) and rates[2] < 0.1
+    second = trainer()
+    second.optimizer.load_state_dict(first.optimizer.state_dict())
+    second.scheduler.load_state_dict(first.scheduler.state_dict())
+    for t in (first, second):
+        for _ in range(7):
+            t.train_step(torch.randn(4, 2), torch.zeros(4))
+    assert first.scheduler.get_last_lr() == second.scheduler.get_last_lr()
+    assert first.scheduler.get_last_lr()[0] < 1e-5
+    if optimizer == "sgd":
+        assert (
+            first.optimizer.param_groups[0]["nesterov"] and first.optimizer.param_groups[0]["momentum"] == 0.9
+        )
+
+
+def test_unknown_optimizer_and_schedule_are_named():
+    env = DistEnv(0, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'; choose from \\('adam', 'sgd'\\)"):
+        Trainer(Quadratic(), env, 0.1, 0.0, 0.9, "lamb")
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        Trainer(Quadratic(), env, 0.1, 0.0, 0.9, "sgd", "cosine")
 
 
 def test_val_fraction_and_seeds_end_to_end(tmp_path, capsys):
