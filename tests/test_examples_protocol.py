@@ -111,12 +111,12 @@ def test_one_cycle_schedule_steps_per_batch_and_resumes(optimizer):
     for t in (first, second):
         for _ in range(7):
             t.train_step(torch.randn(4, 2), torch.zeros(4))
-    assert first.scheduler.get_last_lr() == second.scheduler.get_last_lr()
-    assert first.scheduler.get_last_lr()[0] < 1e-5
-    if optimizer == "sgd":
-        assert (
-            first.optimizer.param_groups[0]["nesterov"] and first.optimizer.param_groups[0]["momentum"] == 0.9
-        )
+    assert first.lr_used == second.lr_used
+    assert first.lr_used < 1e-5  # the run's last step
+    group = first.optimizer.param_groups[0]
+    # Torch's one-cycle also cycles the momentum (Adam: beta1) inversely, 0.95 -> 0.85 -> 0.95.
+    momentum = group["momentum"] if optimizer == "sgd" else group["betas"][0]
+    assert momentum > 0.94 and (optimizer == "adam" or group["nesterov"])
 
 
 def test_unknown_optimizer_and_schedule_are_named():

@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         help=preset_help(
             "schedule",
             "exponential: the rate times --lr-gamma after every epoch; onecycle: warm up to --lr "
-            "over the first 30 %% of the steps, then anneal to zero",
+            "over the first 30 %% of the steps, then anneal to zero, momentum cycled 0.95-0.85",
         ),
     )
     p.add_argument(

@@ -62,7 +62,8 @@ def make_schedule(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """``exponential``: the rate times ``gamma`` after every epoch (the reference recipe's);
     ``onecycle``: stepped after every batch, from ``lr / 25`` up to ``lr`` over the first 30 % of
-    the run's steps, then annealed (cosine) to nearly zero at its last."""
+    the run's steps, then annealed (cosine) to nearly zero at its last, the momentum (Adam's
+    beta1) cycled the other way between 0.95 and 0.85 (torch's ``OneCycleLR`` defaults)."""
     if name == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
     if name == "onecycle":
@@ -184,6 +185,7 @@ class Trainer:
             self.schedule, self.optimizer, self.lr_gamma, self.epochs, self.steps_per_epoch
         )
         self.step_per_batch = self.schedule == "onecycle"
+        self.lr_used = self.lr
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.start_epoch = 1
         self.runner: nn.Module = self.module
@@ -245,6 +247,7 @@ class Trainer:
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.lr_used = self.optimizer.param_groups[0]["lr"]
         if self.step_per_batch:
             self.scheduler.step()
         return out
@@ -268,7 +271,7 @@ class Trainer:
             correct += (out.logits.argmax(1) == targets).sum()
             seen += n
         self.module.finite_check.flush()  # the steps still in flight, before anything is saved
-        lr = self.scheduler.get_last_lr()[0]  # a one-cycle schedule's: at the epoch's end
+        lr = self.lr_used  # the rate of the epoch's last step (one-cycle: it changes every step)
         if not self.step_per_batch:
             self.scheduler.step()
         keys = sorted(sums)
