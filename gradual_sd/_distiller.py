@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from ._classifier import pre_logits
 from ._finite import FiniteCheck
 from ._heads import BottleneckHead, HeadFactory
-from ._inputs import checked_example, checked_forward
+from ._inputs import checked_example, checked_forward, placement
 from ._layout import Layout
 from ._losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
 from ._outputs import StageInfo, StageViews
@@ -200,11 +200,9 @@ class GradualSelfDistiller(StageViews, nn.Module):
             )
             for stage in self.stages
         )
-        reference = next(model.parameters(), None)
-        dd: dict[str, Any] = {}
-        if reference is not None and reference.is_floating_point():
-            dd = {"device": reference.device, "dtype": reference.dtype}
-            self.heads.to(**dd)
+        where = placement(model)
+        dd: dict[str, Any] = where if "dtype" in where else {}  # a model of float weights
+        self.heads.to(**dd)
         # The last classifier's feature only ever serves as a detached teacher, so it would
         # receive no gradient: it is a fixed random projection. (In the authors' code it is a
         # trainable layer that gets gradient only through their in-place sum of the heads'
