@@ -5,9 +5,11 @@
 
 Counts, for one construction: the model's forward passes; the distinct calls from a function of
 one ``gradual_sd`` module into a function of another (caller and callee by module and qualified
-name, each pair once); and how often each library function ran, the probes, observations and
-selections of stage discovery among them. Figures are counts, not times, so the machine and its
-load do not change them.
+name, each pair once); and how often the functions of stage discovery ran (the dry runs, the
+records made of them, the choice of each module's tapped tensor, the descriptions). Figures are
+counts, not times, so the machine and its load do not change them. At 3bafafc (before the
+discovery pipeline) torchvision's resnet18 made 44 distinct cross-module calls, 2 forwards,
+72 observations and 199 selections for 67 modules; timm's resnet18 41 and 1 forward.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--calls", type=int, default=0, help="also list the N most called functions")
     parser.add_argument(
         "--count",
-        default=r"probe|observe|select|describe|checked_model|checked_example|record",
+        default=r"probe|observe|select|_tensor_to_tap|seen_again|describe|checked_model|checked_example",
         help="a regular expression: the functions whose names match it, with their calls",
     )
     args = parser.parse_args(argv)

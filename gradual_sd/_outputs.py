@@ -218,8 +218,8 @@ class Observation:
             ``MAX_PREFIX``) and as many channels as its tokens.
         widths: Channel counts the output may have, by source (``resolve_layout``'s ``widths``).
         declared_prefix: The model's own ``num_prefix_tokens``.
-        tapped: The tensor a head would read (:func:`select`), or why there is none; chosen from
-            the fields above when the record is made.
+        tapped: The tensor a head would read, or why there is none: chosen once from the fields
+            above, when the record is made.
     """
 
     name: str
@@ -275,8 +275,8 @@ def _tensor_to_tap(name: str, output: Output, batch: int, channels: int | None) 
     )
 
 
-def select(obs: Observation) -> Tapped:
-    """The tensor to tap of ``obs``'s output, or :class:`NotAStage` where there is none."""
+def _tapped(obs: Observation) -> Tapped:
+    """The tensor ``obs``'s record chose to tap, or :class:`NotAStage` where there is none."""
     if isinstance(obs.tapped, Refusal):
         raise NotAStage(*obs.tapped)
     return obs.tapped
@@ -379,7 +379,7 @@ def describe(
         LayoutError: The evidence does not settle its layout or prefix tokens.
     """
     name = obs.name
-    shape, element = select(obs)
+    shape, element = _tapped(obs)
     other = _other_shape(obs, element)
     if other is not None and other[0] != obs.batch + 1:
         raise NotAStage(
