@@ -8,40 +8,38 @@ subpackages; modules whose names start with an underscore are internal.
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.3.0.dev0"
 
-# Each public name and the module that defines it.
-_SOURCES = {
-    "ACAM": "_attention",
-    "NormalizedACAM": "_attention",
-    "GradualSelfDistiller": "_distiller",
-    "DistillerOutput": "_distiller",
-    "FiniteCheck": "_finite",
-    "default_stage_names": "_stages",
-    "describe_stages": "_stages",
-    "list_stages": "_stages",
-    "find_classifier_name": "_stages",
-    "StageInfo": "_stages",
-    "ModelStages": "_stages",
-    "EarlyExitModel": "early_exit._model",
-    "ExitOutput": "early_exit._routing",
-    "GradualDistillationLoss": "_losses",
-    "soft_cross_entropy": "_losses",
-    "kl_divergence": "_losses",
-    "feature_l2": "_losses",
-    "feature_mse": "_losses",
-    "BottleneckHead": "_heads",
-    "PooledHead": "_heads",
-    "HeadFactory": "_heads",
-    "insert_after": "_surgery",
-    "replace_squeeze_excite": "_surgery",
-    "ChannelsLast": "_surgery",
-    "squeeze_excite_kinds": "_surgery",
-}
+if TYPE_CHECKING:  # the public names, each with the module that defines it; __getattr__ reads this block
+    from ._attention import ACAM, NormalizedACAM
+    from ._classifier import find_classifier_name
+    from ._distiller import DistillerOutput, GradualSelfDistiller
+    from ._finite import FiniteCheck
+    from ._heads import BottleneckHead, HeadFactory, PooledHead
+    from ._losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
+    from ._outputs import StageInfo
+    from ._stages import ModelStages, default_stage_names, describe_stages, list_stages
+    from ._surgery import ChannelsLast, insert_after, replace_squeeze_excite, squeeze_excite_kinds
+    from .early_exit._model import EarlyExitModel
+    from .early_exit._routing import ExitOutput
 
+
+def _sources() -> dict[str, str]:
+    """Each public name and its module, from the imports above (written once, for type checkers
+    and for the lazy loading alike, as ``lazy_loader`` reads a stub)."""
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    return {alias.name: node.module for node in block.body for alias in node.names}  # type: ignore[attr-defined]
+
+
+_SOURCES = _sources()
 __all__ = [*_SOURCES, "__version__"]
 
 
@@ -56,22 +54,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and IDEs
-    from ._attention import ACAM, NormalizedACAM
-    from ._distiller import DistillerOutput, GradualSelfDistiller
-    from ._finite import FiniteCheck
-    from ._heads import BottleneckHead, HeadFactory, PooledHead
-    from ._losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
-    from ._stages import (
-        ModelStages,
-        StageInfo,
-        default_stage_names,
-        describe_stages,
-        find_classifier_name,
-        list_stages,
-    )
-    from ._surgery import ChannelsLast, insert_after, replace_squeeze_excite, squeeze_excite_kinds
-    from .early_exit._model import EarlyExitModel
-    from .early_exit._routing import ExitOutput

@@ -21,8 +21,6 @@ from torch import nn
 
 from ._pooled_gate import gate_path, grouped_linear, weighted_linear_sum
 
-__all__ = ["ACAM", "NormalizedACAM"]
-
 
 class ACAM(nn.Module):
     """Adaptive channel attention for ``(N, C, H, W)`` feature maps.

@@ -11,24 +11,16 @@ pair: the last to run), never an auxiliary head that runs beside them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
-from ._lookup import find_module
 from ._inputs import checked_example
-from ._probing import Output, Probe, checked_model, main_logits, run_probe
+from ._lookup import find_module
+from ._outputs import Output, Probe
+from ._probing import checked_model, main_logits, run_probe
 from ._taps import Hooks
-
-__all__ = [
-    "choose_classifier",
-    "classifier_candidates",
-    "contributing_layers",
-    "find_classifier_name",
-    "is_classifier_layer",
-    "out_features",
-    "pre_logits",
-    "pre_logits_width",
-]
 
 _CONVENTIONAL_NAMES = ("fc", "classifier", "head")
 
@@ -142,14 +134,30 @@ def _is_output(value: object, logits: torch.Tensor) -> bool:
     )
 
 
+class Classifier(NamedTuple):
+    """The layer that outputs a model's logits, its pre-logits width and its class count."""
+
+    name: str
+    hidden_size: int
+    num_classes: int
+
+
 def choose_classifier(
     model: nn.Module, candidates: list[str], probe: Probe, classifier_name: str | None, example: torch.Tensor
+) -> Classifier:
+    """The classifier, from a dry run's ``probe`` (one that kept the logits): of the candidate
+    layers that ran with ``num_classes`` outputs, the one whose output is the returned logits;
+    else those the logits depend on (an averaged pair of heads: one more run, with gradients),
+    the last to run; with ``classifier_name``, the last to run. Its pre-logits width is read
+    from the input the probe saw it take."""
+    name = _classifier_layer(model, candidates, probe, classifier_name, example)
+    return Classifier(name, pre_logits_width(name, probe.inputs[name]), int(probe.logits.shape[-1]))
+
+
+def _classifier_layer(
+    model: nn.Module, candidates: list[str], probe: Probe, classifier_name: str | None, example: torch.Tensor
 ) -> str:
-    """The classifier layer, from a dry run's ``probe``: of the candidates that ran with
-    ``num_classes`` outputs, the one whose output is the returned logits; else those the logits
-    depend on (an averaged pair of heads), the last to run; with ``classifier_name``, the last
-    to run."""
-    logits = probe.logits(model)
+    logits = probe.logits
     classes = int(logits.shape[-1])
     modules = dict(model.named_modules())
     fitting = [n for n in probe.starts if n in candidates and out_features(modules[n]) == classes]
@@ -187,8 +195,8 @@ def find_classifier_name(
     model = checked_model(model)
     candidates = classifier_candidates(model, classifier_name)
     example = checked_example(model, example_input)
-    probe = run_probe(model, example, candidates)
-    return choose_classifier(model, candidates, probe, classifier_name, example)
+    probe = run_probe(model, example, candidates, logits=True)
+    return _classifier_layer(model, candidates, probe, classifier_name, example)
 
 
 def pre_logits(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Choose the default stages to tap from the outputs a dry run listed: pure functions of records.
+"""Choose the default stages to tap from the records of the dry runs: pure functions of records.
+
+Where timm's ``feature_info`` names stages the first dry run shows as maps or sequences, they
+are the candidates (:func:`feature_info_stages`). Otherwise every output that finished before
+the classifier started is listed (:func:`listing`) and the stages are found from the shapes.
 
 A stage is a stage's output: the module that finishes a resolution on the model's main path.
 Per resolution, the outermost module holding the most of that resolution's work is chosen (a
@@ -16,29 +20,19 @@ the depth, as the paper's three auxiliary classifiers are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
+from ._layout import LayoutError
+from ._outputs import FeatureInfo, NotAStage, Observation, Reason, StageInfo, Tapped, describe
 from ._tuning import (
     DEEP_RESOLUTIONS,
-    DEFAULT_MAX_HEADS,
     FINER,
     MAX_SHARE_AFTER,
     MIN_BLOCKS,
     MIN_CONTAINER,
     STEM_REDUCTION,
 )
-
-__all__ = [
-    "DEFAULT_MAX_HEADS",
-    "Listed",
-    "Ran",
-    "block_run",
-    "choose_stages",
-    "default_stages",
-    "share_after",
-    "spread",
-]
 
 
 class Listed(Protocol):
@@ -56,6 +50,48 @@ class Ran(NamedTuple):
     name: str
     parameters: int  # its own, not its submodules'
     spread_out: bool  # its output is a 3-D or 4-D batch-first tensor with several positions
+
+
+def feature_info_stages(
+    records: Mapping[str, Observation], info: FeatureInfo, max_heads: int | None
+) -> list[str] | None:
+    """timm's ``feature_info`` stages without the stem, the last included, at most ``max_heads``
+    before it, in run order; ``None`` where it names fewer than two or one the first dry run
+    did not show as a map or sequence (a module of ``features_only`` mode, a module list)."""
+    deep = (n for n, r in info.entries if (r if r is not None else STEM_REDUCTION) >= STEM_REDUCTION)
+    names = list(dict.fromkeys(deep))  # each module once, in entry order
+    if len(names) < 2 or not all(n in records and isinstance(records[n].tapped, Tapped) for n in names):
+        return None
+    order = list(records)
+    names = sorted(names, key=order.index)
+    return _with_final(names, max_heads)
+
+
+def listing(
+    records: Sequence[Observation], skip: Collection[str], parameters: Mapping[str, int]
+) -> tuple[list[StageInfo], list[Ran]]:
+    """Every output of ``records`` (those that finished before the classifier started),
+    described (``layout`` ``None`` where the evidence does not settle it or it is pooled), and
+    every module that ran there. Modules in ``skip`` (the classifier's layers, whose input is
+    the pre-logits, and padding) and modules that ran more than once (a hook sees only their
+    last call) are not listed."""
+    listed: list[StageInfo] = []
+    ran: list[Ran] = []
+    for obs in records:
+        tapped = obs.tapped if isinstance(obs.tapped, Tapped) else None
+        spread_out = tapped is not None and sum(size > 1 for size in tapped.shape[1:]) > 1
+        ran.append(Ran(obs.name, parameters[obs.name], spread_out))
+        if tapped is None or obs.calls > 1 or obs.name in skip:
+            continue
+        undecided = StageInfo(obs.name, tapped.shape, None, None, None, 0, tapped.element)
+        try:
+            listed.append(describe(obs))
+        except NotAStage as error:
+            if error.reason is Reason.POOLED:
+                listed.append(undecided)
+        except LayoutError:  # listed all the same, with what could not be decided left None
+            listed.append(undecided)
+    return listed, ran
 
 
 def spread(names: Sequence[str], max_heads: int | None) -> list[str]:

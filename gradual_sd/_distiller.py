@@ -19,16 +19,14 @@ from torch.utils.checkpoint import checkpoint
 from ._classifier import pre_logits
 from ._finite import FiniteCheck
 from ._heads import BottleneckHead, HeadFactory
-from ._inputs import checked_example, checked_forward
+from ._inputs import checked_example, checked_forward, placement
 from ._layout import Layout
 from ._losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
-from ._probing import checked_model
-from ._outputs import StageViews
-from ._stages import StageInfo, default_stage_names, describe_stages, find_classifier_name, main_logits
+from ._outputs import StageInfo, StageViews
+from ._probing import checked_model, main_logits
+from ._stages import discover
 from ._taps import StageTaps, tapped_by, to_feature_map
 from ._tuning import DEFAULT_MAX_HEADS
-
-__all__ = ["GradualSelfDistiller", "DistillerOutput", "default_stage_names", "find_classifier_name"]
 
 
 class DistillerOutput(NamedTuple):
@@ -168,13 +166,13 @@ class GradualSelfDistiller(StageViews, nn.Module):
         if not isinstance(feature_dim, int) or feature_dim < 1:
             raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
         example = checked_example(model, example_input)
-        described = describe_stages(
+        described = discover(
             model,
+            example,
             stage_names,
             classifier_name=classifier_name,
             stage_layout=stage_layout,
             num_prefix_tokens=num_prefix_tokens,
-            example_input=example,
             max_heads=max_heads,
         )
         if num_classes is not None and num_classes != described.num_classes:
@@ -202,11 +200,9 @@ class GradualSelfDistiller(StageViews, nn.Module):
             )
             for stage in self.stages
         )
-        reference = next(model.parameters(), None)
-        dd: dict[str, Any] = {}
-        if reference is not None and reference.is_floating_point():
-            dd = {"device": reference.device, "dtype": reference.dtype}
-            self.heads.to(**dd)
+        where = placement(model)
+        dd: dict[str, Any] = where if "dtype" in where else {}  # a model of float weights
+        self.heads.to(**dd)
         # The last classifier's feature only ever serves as a detached teacher, so it would
         # receive no gradient: it is a fixed random projection. (In the authors' code it is a
         # trainable layer that gets gradient only through their in-place sum of the heads'

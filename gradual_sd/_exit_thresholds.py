@@ -10,12 +10,20 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["checked_thresholds", "is_enabled", "is_threshold", "percent_hint"]
-
 
 def is_enabled(threshold: float) -> bool:
     """Whether a head with this threshold runs (thresholds above 1 disable it)."""
     return threshold <= 1
+
+
+def saved_thresholds(thresholds: Sequence[float]) -> list[float | None]:
+    """Thresholds as JSON holds them: a disabled head's as ``null``."""
+    return [t if is_enabled(t) else None for t in thresholds]
+
+
+def loaded_thresholds(saved: Sequence[float | None]) -> list[float]:
+    """Thresholds read back from :func:`saved_thresholds`' form."""
+    return [math.inf if t is None else t for t in saved]
 
 
 def is_threshold(value: object) -> bool:

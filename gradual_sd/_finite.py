@@ -16,8 +16,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["FiniteCheck"]
-
 
 class _Pending:
     def __init__(

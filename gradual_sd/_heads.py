@@ -16,8 +16,6 @@ from torch import nn
 
 from ._attention import ACAM
 
-__all__ = ["HeadFactory", "BottleneckHead", "PooledHead"]
-
 
 class HeadFactory(Protocol):
     """Builds the head for one stage. Called with keyword arguments only."""

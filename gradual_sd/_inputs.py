@@ -11,20 +11,10 @@ are raised instead of guessed beforehand.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
-
-__all__ = [
-    "check_images",
-    "checked_example",
-    "checked_forward",
-    "default_example_input",
-    "explain_shape",
-    "input_positions",
-    "is_token_ids",
-    "takes_token_ids",
-]
 
 BATCHNORM_MESSAGE = "Expected more than 1 value per channel when training"
 
@@ -75,6 +65,16 @@ def _token_length(model: nn.Module) -> int | None:
     return None
 
 
+def placement(module: nn.Module) -> dict[str, Any]:
+    """Where a module's tensors live, as keyword arguments for tensor factories and ``.to``: the
+    device of its first parameter and, where that parameter is floating point, its dtype; empty
+    for a module without parameters."""
+    param = next(module.parameters(), None)
+    if param is None:
+        return {}
+    return {"device": param.device, **({"dtype": param.dtype} if param.is_floating_point() else {})}
+
+
 def default_example_input(model: nn.Module) -> torch.Tensor:
     """A one-image zero batch at the size the model was built for.
 
@@ -87,11 +87,10 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     are the config's ``num_channels``, else the first convolution's input channels, else 3. A
     model whose first convolution is 1-D has no default: pass an ``(N, C, L)`` example_input.
     """
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
+    where = placement(model)
     length = _token_length(model) if takes_token_ids(model) else None
     if length is not None:
-        return torch.zeros(1, length, dtype=torch.long, device=device)
+        return torch.zeros(1, length, dtype=torch.long, device=where.get("device"))
     first_conv = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
     if isinstance(first_conv, (nn.Conv1d, nn.Conv3d)):
         kind = type(first_conv).__name__
@@ -113,8 +112,7 @@ def default_example_input(model: nn.Module) -> torch.Tensor:
     height, width = size or (224, 224)
     if not isinstance(channels, int) or channels < 1:
         channels = first_conv.in_channels if first_conv is not None else 3
-    dtype = param.dtype if param is not None and param.is_floating_point() else None
-    return torch.zeros(1, channels, height, width, device=device, dtype=dtype)
+    return torch.zeros(1, channels, height, width, **where)
 
 
 def checked_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:

@@ -16,15 +16,6 @@ from typing import Literal
 
 from ._tuning import PADDING_PIXELS, SCALE
 
-__all__ = [
-    "Layout",
-    "LAYOUTS",
-    "CHANNEL_AXIS",
-    "SPATIAL_AXES",
-    "LayoutError",
-    "resolve_layout",
-    "count_prefix_tokens",
-]
 
 Layout = Literal["NCHW", "NHWC", "NLC", "NCL"]
 LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC", "NLC", "NCL")

@@ -23,14 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "GradualDistillationLoss",
-    "soft_cross_entropy",
-    "kl_divergence",
-    "feature_l2",
-    "feature_mse",
-    "distillation_pairs",
-]
 
 Teacher = Literal["neighbour", "deepest"]
 Formulation = Literal["reference", "normalized"]

@@ -1,19 +1,24 @@
-"""One module's output described from what the dry runs showed of it: a pure decision.
+"""What the dry runs recorded, as typed records, and the pure step and decisions over them.
 
-:class:`Observation` is the typed record of one module's output: its shapes in the dry runs
-and the evidence about its layout (:func:`gradual_sd._evidence.observe` gathers it).
-:func:`describe` decides from it alone what :class:`StageInfo` the output has, or raises
-:class:`NotAStage` with the :class:`Reason` it is none, or a
-:class:`~gradual_sd._layout.LayoutError` where the evidence does not settle its layout.
+A dry run's record is a :class:`Probe` (what every module returned, as :class:`Output` shapes);
+what the model says of its modules without running is a :class:`ModelFacts` (timm's
+``feature_info`` as a :class:`FeatureInfo`, each module's layer widths and parameters).
+:func:`observe` turns them into one :class:`Observation` per module, once, and
+:func:`seen_again` adds the second dry run's outputs where it ran. :func:`describe` decides from
+one observation alone what :class:`StageInfo` the output has, or raises :class:`NotAStage` with
+the :class:`Reason` it is none, or a :class:`~gradual_sd._layout.LayoutError` where the evidence
+does not settle its layout. Nothing here runs or reads a model: ``_probing`` makes the records.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import TYPE_CHECKING, NamedTuple
 
 from ._layout import (
     CHANNEL_AXIS,
@@ -24,10 +29,107 @@ from ._layout import (
     count_prefix_tokens,
     resolve_layout,
 )
-from ._probing import Output, Shape
 from ._tuning import MAX_PREFIX
 
-__all__ = ["NotAStage", "Observation", "Reason", "StageInfo", "StageViews", "describe", "select"]
+if TYPE_CHECKING:
+    import torch
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a module returned in a dry run, by shape.
+
+    Attributes:
+        kind: ``"tensor"``, or the type's name (``"tuple"``, ``"list"``, ``"dict"``...).
+        shapes: A tensor's shape alone; for a tuple or list, each element's shape (``None`` for an
+            element that is not a tensor); empty for anything else.
+    """
+
+    kind: str
+    shapes: tuple[Shape | None, ...] = ()
+
+    @property
+    def tensor(self) -> Shape | None:
+        """The shape of a tensor output; ``None`` for anything else."""
+        return self.shapes[0] if self.kind == "tensor" else None
+
+    def __str__(self) -> str:
+        if self.kind == "tensor":
+            return f"a tensor of shape {self.shapes[0]}"
+        if self.kind in ("tuple", "list"):
+            parts = ", ".join(str(s) if s is not None else "a non-tensor" for s in self.shapes)
+            return f"a {self.kind} of [{parts}]"
+        return f"a {self.kind}"
+
+
+@dataclass
+class Probe:
+    """What one dry run saw.
+
+    Attributes:
+        outputs: Every module that ran, in the order it first finished (what its last call
+            returned).
+        inputs: The first input of each watched module (the classifier candidates).
+        starts: For each watched module, how many outputs had finished when it first started.
+        calls: How often each module ran.
+        logits: The returned ``(N, num_classes)`` logits, where the run was asked for them.
+        watched_outputs: The output tensor of each watched module.
+        example: The shape of the input.
+        positions: The input's sizes along the axes that grow with it (``(H, W)`` or ``(L,)``).
+        scaled: Whether the input was ``SCALE`` times larger than the example (second run).
+    """
+
+    outputs: dict[str, Output]
+    inputs: dict[str, Output]
+    starts: dict[str, int]
+    calls: Counter[str]
+    logits: torch.Tensor | None
+    watched_outputs: dict[str, torch.Tensor]
+    example: Shape
+    positions: Shape
+    scaled: bool = False
+
+    @cached_property
+    def order(self) -> list[str]:
+        return list(self.outputs)
+
+
+class FeatureInfo(NamedTuple):
+    """What timm's ``feature_info`` says: every entry's module and reduction, in order, and the
+    channels and reductions of the modules it lists once."""
+
+    entries: tuple[tuple[str, float | None], ...]
+    channels: Mapping[str, int]
+    reductions: Mapping[str, float]
+    output_fmt: str | None
+
+
+class ModelFacts(NamedTuple):
+    """What a model says of its modules without running: ``feature_info``, each module's layer
+    widths and own parameter count, the padding modules, and the declared prefix tokens."""
+
+    info: FeatureInfo
+    widths: Mapping[str, tuple[int, ...]]
+    parameters: Mapping[str, int]
+    padding: frozenset[str]
+    declared_prefix: int | None
+
+
+class Tapped(NamedTuple):
+    """The tensor of a module's output a head would read: its shape and, for a tuple or list
+    output, its index."""
+
+    shape: Shape
+    element: int | None
+
+
+class Refusal(NamedTuple):
+    """Why a module's output has no tensor a head could read (:class:`NotAStage`'s arguments)."""
+
+    reason: Reason
+    message: str
 
 
 class StageInfo(NamedTuple):
@@ -116,6 +218,8 @@ class Observation:
             ``MAX_PREFIX``) and as many channels as its tokens.
         widths: Channel counts the output may have, by source (``resolve_layout``'s ``widths``).
         declared_prefix: The model's own ``num_prefix_tokens``.
+        tapped: The tensor a head would read, or why there is none: chosen once from the fields
+            above, when the record is made.
     """
 
     name: str
@@ -130,43 +234,119 @@ class Observation:
     grid_tokens: int | None = None
     widths: tuple[tuple[str, tuple[int, ...]], ...] = ()
     declared_prefix: int | None = None
+    tapped: Tapped | Refusal = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.tapped is None:  # a record written by hand: choose it now, once
+            tapped = _tensor_to_tap(self.name, self.output, self.batch, self.channels)
+            object.__setattr__(self, "tapped", tapped)
 
 
-def select(obs: Observation) -> tuple[Shape, int | None]:
-    """The shape of the tensor to tap and, for a tuple or list output, its index: the first
-    3-D or 4-D tensor with the batch first, preferring one with ``feature_info``'s channel count
-    (TNT's blocks return pixel and patch tokens). Raises :class:`NotAStage` where there is none."""
-    output, name = obs.output, obs.name
+def _tensor_to_tap(name: str, output: Output, batch: int, channels: int | None) -> Tapped | Refusal:
+    """The first 3-D or 4-D tensor of ``output`` with the batch first, preferring one with
+    ``feature_info``'s channel count (TNT's blocks return pixel and patch tokens)."""
     shape = output.tensor
     if shape is not None:
-        if not shape or shape[0] != obs.batch:
-            raise NotAStage(
+        if not shape or shape[0] != batch:
+            return Refusal(
                 Reason.BATCH_FOLDED,
-                f"stage {name!r} outputs {output} whose first axis is not the batch ({obs.batch} "
+                f"stage {name!r} outputs {output} whose first axis is not the batch ({batch} "
                 "images): it folds patches or windows into it. Tap the module whose output is the "
                 "whole stage (see gradual_sd.list_stages)",
             )
         if len(shape) == 2:
-            raise NotAStage(
+            return Refusal(
                 Reason.POOLED,
                 f"stage {name!r} outputs {output}, a pooled (N, C) vector, not a feature map or "
                 "sequence; tap a module before the pooling (see gradual_sd.list_stages)",
             )
         if len(shape) in (3, 4):
-            return shape, None
+            return Tapped(shape, None)
     features = [
-        (i, s)
-        for i, s in enumerate(output.shapes)
-        if s is not None and len(s) in (3, 4) and s[0] == obs.batch
+        (i, s) for i, s in enumerate(output.shapes) if s is not None and len(s) in (3, 4) and s[0] == batch
     ]
-    fitting = [(i, s) for i, s in features if obs.channels in (s[1], s[-1])]
+    fitting = [(i, s) for i, s in features if channels in (s[1], s[-1])]
     for index, element in fitting or features:
-        return element, index
-    raise NotAStage(
+        return Tapped(element, index)
+    return Refusal(
         Reason.NO_FEATURES,
         f"stage {name!r} outputs {output}, not a feature map or sequence; tap a module that "
         "outputs one (see gradual_sd.list_stages) and pass it in stage_names",
     )
+
+
+def _tapped(obs: Observation) -> Tapped:
+    """The tensor ``obs``'s record chose to tap, or :class:`NotAStage` where there is none."""
+    if isinstance(obs.tapped, Refusal):
+        raise NotAStage(*obs.tapped)
+    return obs.tapped
+
+
+def observe(probe: Probe, facts: ModelFacts, hidden: int | None = None) -> dict[str, Observation]:
+    """One :class:`Observation` per module that ran in the first dry run ``probe``, in run order:
+    its output, ``feature_info``'s word on it and the widths its channel axis may have (its own
+    layers'; for a sequence also the map it was flattened from and ``hidden``, the classifier's
+    input width, where known)."""
+    info, batch = facts.info, probe.example[0]
+    records = {}
+    for name, output in probe.outputs.items():
+        channels = info.channels.get(name)
+        tapped = _tensor_to_tap(name, output, batch, channels)
+        grid, widths = None, {}
+        if isinstance(tapped, Tapped):
+            widths["its own layers"] = facts.widths[name]
+        if isinstance(tapped, Tapped) and len(tapped.shape) == 3:
+            if channels is not None and name in info.reductions:
+                grid = math.prod(int(s // info.reductions[name]) for s in probe.positions)
+            tokens, from_map = _flattened_from(probe, name, tapped.shape)
+            if tokens:
+                widths["the map its tokens come from"] = (tapped.shape[2],)
+            if hidden is not None:
+                widths["the classifier's input"] = (hidden,)
+            grid = grid if grid is not None else from_map
+        records[name] = Observation(
+            name,
+            output,
+            batch,
+            probe.positions,
+            calls=probe.calls[name],
+            channels=channels,
+            declared_layout=info.output_fmt if channels is not None else None,
+            grid_tokens=grid,
+            widths=tuple(widths.items()),
+            declared_prefix=facts.declared_prefix,
+            tapped=tapped,
+        )
+    return records
+
+
+def seen_again(records: Mapping[str, Observation], second: Probe | None) -> dict[str, Observation]:
+    """``records`` with what each module returned in the second dry run (as they are where it
+    failed at both sizes): nothing is observed again."""
+    if second is None:
+        return dict(records)
+    return {
+        name: replace(obs, other=second.outputs.get(name), scaled=second.scaled)
+        for name, obs in records.items()
+    }
+
+
+def _flattened_from(probe: Probe, name: str, shape: Shape) -> tuple[bool, int | None]:
+    """Whether a 4-D map that ran before ``name`` reads as its ``(N, L, C)`` tokens (as many
+    channels, as many positions give or take ``MAX_PREFIX``) and not also as its channels-first
+    reshape (``(N, C, H*W)``, or an audio model's ``(N, C*H, W)`` frames); and the largest
+    patch grid of the maps that read as its tokens."""
+    length, width = shape[1], shape[2]
+    grids, tokens = [], False
+    for other in probe.order[: probe.order.index(name)]:
+        map_shape = probe.outputs[other].tensor
+        if map_shape is None or len(map_shape) != 4:
+            continue
+        _, c, h, w = map_shape
+        if c == width and 0 <= length - h * w <= MAX_PREFIX:
+            grids.append(h * w)
+            tokens |= (c, h * w) != (length, width) and (c * h, w) != (length, width)
+    return tokens, max(grids) if grids else None
 
 
 def _other_shape(obs: Observation, element: int | None) -> Shape | None:
@@ -199,7 +379,7 @@ def describe(
         LayoutError: The evidence does not settle its layout or prefix tokens.
     """
     name = obs.name
-    shape, element = select(obs)
+    shape, element = _tapped(obs)
     other = _other_shape(obs, element)
     if other is not None and other[0] != obs.batch + 1:
         raise NotAStage(

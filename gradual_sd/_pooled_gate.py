@@ -1,6 +1,6 @@
 """How ACAM runs fast: the map-sized work, the grouped products, and the choice of path.
 
-Internal to :mod:`gradual_sd.attention`. ACAM computes ``x * gate(avg(x), max(x))``; a path is
+Internal to :mod:`gradual_sd._attention`. ACAM computes ``x * gate(avg(x), max(x))``; a path is
 the pair of operations around the gate network: ``pool`` (``(N, C, H, W) -> (N, 2, C)``) and
 ``multiply`` (the map times an ``(N, C)`` gate). :func:`gate_path` is the one place that
 chooses:
@@ -21,16 +21,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-__all__ = [
-    "CompiledPath",
-    "FusedPath",
-    "PlainPath",
-    "gate_path",
-    "grouped_linear",
-    "spatial_max",
-    "weighted_linear_sum",
-]
 
 
 class PlainPath:

@@ -1,12 +1,13 @@
-"""Dry runs that show what a model's modules output, and the checks on what a model must be (a
-plain module that takes images and returns logits).
+"""Everything discovery learns by running or reading the model, as the records of ``_outputs``;
+and the checks on what a model must be (a plain module that takes images and returns logits).
 
-A dry run runs the model once in eval mode without gradients, with hooks on every module that
-record the shapes of what it returns. :class:`DryRuns` runs each of the two that construction
-may need at most once: the first at the example input, the second at an input ``SCALE`` times
-larger with one more image (or, for a model that takes one size, one more image only), which
-shows which axes are spatial (they grow), which tokens are prefix tokens (they do not) and
-which axis is the batch.
+A dry run (:func:`run_probe`) runs the model once in eval mode without gradients, with hooks on
+every module that record the shapes of what it returns. Construction needs at most two: the
+first at the example input, and where that leaves something open, :func:`probe_again`, at an
+input ``SCALE`` times larger with one more image (or, for a model that takes one size, one more
+image only), which shows which axes are spatial (they grow), which tokens are prefix tokens
+(they do not) and which axis is the batch. :func:`read_model` reads what the model says of its
+modules without running it.
 """
 
 from __future__ import annotations
@@ -14,107 +15,38 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 from torch import nn
 
-from ._lookup import module_names
 from ._inputs import default_example_input, input_positions, is_token_ids
+from ._outputs import FeatureInfo, ModelFacts, Output, Probe
 from ._taps import Hooks
 from ._tuning import SCALE
 
-__all__ = ["DryRuns", "Output", "Probe", "Shape", "checked_model", "main_logits", "run_probe"]
 
-Shape = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Output:
-    """What a module returned in a dry run, by shape.
-
-    Attributes:
-        kind: ``"tensor"``, or the type's name (``"tuple"``, ``"list"``, ``"dict"``...).
-        shapes: A tensor's shape alone; for a tuple or list, each element's shape (``None`` for an
-            element that is not a tensor); empty for anything else.
-    """
-
-    kind: str
-    shapes: tuple[Shape | None, ...] = ()
-
-    @classmethod
-    def of(cls, value: object) -> Output:
-        if isinstance(value, torch.Tensor):
-            return cls("tensor", (tuple(value.shape),))
-        if isinstance(value, (tuple, list)):
-            shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
-            return cls(type(value).__name__, shapes)
-        return cls(type(value).__name__)
-
-    @property
-    def tensor(self) -> Shape | None:
-        """The shape of a tensor output; ``None`` for anything else."""
-        return self.shapes[0] if self.kind == "tensor" else None
-
-    def __str__(self) -> str:
-        if self.kind == "tensor":
-            return f"a tensor of shape {self.shapes[0]}"
-        if self.kind in ("tuple", "list"):
-            parts = ", ".join(str(s) if s is not None else "a non-tensor" for s in self.shapes)
-            return f"a {self.kind} of [{parts}]"
-        return f"a {self.kind}"
-
-
-@dataclass
-class Probe:
-    """What one dry run saw.
-
-    Attributes:
-        outputs: Every module that ran, in the order it first finished (what its last call
-            returned).
-        inputs: The first input of each watched module (the classifier candidates).
-        starts: For each watched module, how many outputs had finished when it first started.
-        calls: How often each module ran.
-        returned: What the model returned.
-        watched_outputs: The output tensor of each watched module.
-        example: The shape of the input.
-        positions: The input's sizes along the axes that grow with it (``(H, W)`` or ``(L,)``).
-        scaled: Whether the input was ``SCALE`` times larger than the example (second run).
-    """
-
-    outputs: dict[str, Output]
-    inputs: dict[str, Output]
-    starts: dict[str, int]
-    calls: Counter[str]
-    returned: object
-    watched_outputs: dict[str, torch.Tensor]
-    example: Shape
-    positions: Shape
-    scaled: bool = False
-
-    @cached_property
-    def order(self) -> list[str]:
-        return list(self.outputs)
-
-    @property
-    def batch(self) -> int:
-        return self.example[0]
-
-    def logits(self, model: nn.Module) -> torch.Tensor:
-        """The returned ``(N, num_classes)`` logits, or a ``ValueError`` that says what to change."""
-        logits = main_logits(self.returned)
-        if logits is None or logits.dim() != 2:
-            raise ValueError(_not_logits(model, self.returned))
-        return logits
+def output_of(value: object) -> Output:
+    """The record of what a module returned: its shapes, never its values."""
+    if isinstance(value, torch.Tensor):
+        return Output("tensor", (tuple(value.shape),))
+    if isinstance(value, (tuple, list)):
+        shapes = tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in value)
+        return Output(type(value).__name__, shapes)
+    return Output(type(value).__name__)
 
 
 def run_probe(
-    model: nn.Module, example: torch.Tensor, watched: Sequence[str] = (), *, scaled: bool = False
+    model: nn.Module,
+    example: torch.Tensor,
+    watched: Sequence[str] = (),
+    *,
+    logits: bool = False,
+    scaled: bool = False,
 ) -> Probe:
     """One eval-mode dry run with hooks on every module (their outputs' shapes) and on
     ``watched`` (their first input's shape and their output tensor). The train/eval state is
-    restored; a failure inside the model becomes a ``ValueError`` that says what to change."""
+    restored; a failure inside the model becomes a ``ValueError`` that says what to change, as
+    does, with ``logits``, a model that returns no ``(N, num_classes)`` logits."""
     outputs: dict[str, Output] = {}
     inputs: dict[str, Output] = {}
     starts: dict[str, int] = {}
@@ -123,22 +55,24 @@ def run_probe(
 
     def finished(name: str, value: object) -> None:
         calls[name] += 1
-        outputs[name] = Output.of(value)  # the last call's; the place is the first's
+        outputs[name] = output_of(value)  # the last call's; the place is the first's
         if name in watched and isinstance(value, torch.Tensor):
             watched_outputs[name] = value
 
     def started(name: str, value: object) -> None:
-        inputs[name] = Output.of(value)
+        inputs[name] = output_of(value)
         starts.setdefault(name, len(outputs))
 
     was_training = model.training
+    hooks = Hooks(model)
     try:
-        with Hooks(model) as hooks, torch.no_grad():
-            for name in module_names(model):
+        for name, _ in model.named_modules():
+            if name:
                 hooks.on_output(name, finished)
-            for name in watched:
-                hooks.on_input(name, started)
-            model.eval()
+        for name in watched:
+            hooks.on_input(name, started)
+        model.eval()
+        with torch.no_grad():
             returned = model(example)
     except Exception as error:  # the model's own failure, whatever its type
         raise ValueError(
@@ -146,50 +80,83 @@ def run_probe(
             f"{type(error).__name__}: {error}. {_failure_advice(model, example)}"
         ) from error
     finally:
+        hooks.remove()
         model.train(was_training)
+    found = main_logits(returned)
+    if logits and (found is None or found.dim() != 2):
+        raise ValueError(_not_logits(model, returned))
     shape, positions = tuple(example.shape), input_positions(example)
-    return Probe(outputs, inputs, starts, calls, returned, watched_outputs, shape, positions, scaled)
+    return Probe(outputs, inputs, starts, calls, found, watched_outputs, shape, positions, scaled)
 
 
-class DryRuns:
-    """The dry runs of one construction, each run at most once, when first asked for.
+def probe_again(model: nn.Module, example: torch.Tensor, positions: Sequence[int]) -> Probe | None:
+    """The second dry run: one more item at an input ``SCALE`` times larger along each of the
+    example's ``positions`` axes (those that grow with it), else at the example's size;
+    ``None`` where neither runs."""
+    batch = example.shape[0] + 1
+    channels = example.shape[1 : example.dim() - len(positions)]  # none for token ids
+    bigger = (batch, *channels, *(s * SCALE for s in positions))
+    for shape, scaled in ((bigger, True), ((batch, *example.shape[1:]), False)):
+        other = torch.zeros(shape, device=example.device, dtype=example.dtype)
+        try:
+            return run_probe(model, other, scaled=scaled)
+        except ValueError:
+            continue
+    return None
 
-    Args:
-        model: The model.
-        example: The example input.
-        watched: Modules whose inputs and output tensors the first run keeps (the classifier
-            candidates).
-    """
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, watched: Sequence[str] = ()) -> None:
-        self.model = model
-        self.example = example
-        self.watched = tuple(watched)
-        self.count = 0  # dry runs started, the failed attempts of the second one included
+def read_model(model: nn.Module) -> ModelFacts:
+    """What ``model`` says of its modules without running: timm's ``feature_info`` and
+    ``output_fmt``, each module's layer widths and own parameters, its padding modules and
+    its ``num_prefix_tokens``."""
+    modules = dict(model.named_modules())
+    return ModelFacts(
+        _feature_info(model),
+        {name: layer_widths(module) for name, module in modules.items()},
+        {name: sum(p.numel() for p in module.parameters(recurse=False)) for name, module in modules.items()},
+        frozenset(name for name, module in modules.items() if _is_padding(module)),
+        getattr(model, "num_prefix_tokens", None),
+    )
 
-    @cached_property
-    def first(self) -> Probe:
-        """The run at the example input."""
-        self.count += 1
-        return run_probe(self.model, self.example, self.watched)
 
-    @cached_property
-    def second(self) -> Probe | None:
-        """A run with one more item at an input ``SCALE`` times larger along each spatial axis,
-        else at the example's size; ``None`` where neither runs."""
-        example = self.example
-        batch = example.shape[0] + 1
-        positions = input_positions(example)
-        channels = example.shape[1 : example.dim() - len(positions)]  # none for token ids
-        bigger = (batch, *channels, *(s * SCALE for s in positions))
-        for shape, scaled in ((bigger, True), ((batch, *example.shape[1:]), False)):
-            self.count += 1
-            other = torch.zeros(shape, device=example.device, dtype=example.dtype)
-            try:
-                return run_probe(self.model, other, scaled=scaled)
-            except ValueError:
-                continue
-        return None
+def _feature_info(model: nn.Module) -> FeatureInfo:
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)) and all(isinstance(e, dict) and "module" in e for e in info):
+        entries = list(info)
+    else:
+        get_dicts = getattr(info, "get_dicts", None)
+        entries = list(get_dicts()) if callable(get_dicts) else []
+    names = [e["module"] for e in entries]
+    once = [e for e in entries if names.count(e["module"]) == 1]
+    fmt = getattr(model, "output_fmt", None)
+    return FeatureInfo(
+        tuple((e["module"], e.get("reduction")) for e in entries),
+        {e["module"]: int(e["num_chs"]) for e in once if "num_chs" in e},
+        {e["module"]: e["reduction"] for e in once if e.get("reduction")},
+        fmt if isinstance(fmt, str) else None,
+    )
+
+
+def layer_widths(module: nn.Module) -> tuple[int, ...]:
+    """Channel widths a module's own layers produce: linear and convolution outputs, norm widths."""
+    widths = set()
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            widths.add(layer.out_features)
+        elif isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+            widths.add(layer.out_channels)
+        elif isinstance(layer, nn.LayerNorm):
+            widths.add(layer.normalized_shape[-1])
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            widths.add(layer.num_features)
+        elif isinstance(layer, nn.GroupNorm):
+            widths.add(layer.num_channels)
+    return tuple(sorted(widths))
+
+
+def _is_padding(module: nn.Module) -> bool:
+    """Padding changes a map's size, not its resolution."""
+    return type(module).__module__ == nn.ZeroPad2d.__module__
 
 
 def main_logits(output: object) -> torch.Tensor | None:

@@ -15,10 +15,10 @@ from torch import nn
 
 from ._lookup import find_module
 from ._attention import ACAM
+from ._inputs import placement
 from ._layout import Layout
 from ._stages import describe_outputs
 
-__all__ = ["ChannelsLast", "insert_after", "replace_squeeze_excite", "squeeze_excite_kinds"]
 
 # The squeeze-excite classes found by default, by import path. They are imported when
 # replace_squeeze_excite runs, so importing the library loads none of their modules.
@@ -100,10 +100,7 @@ def insert_after(
     inserted: dict[str, nn.Module] = {}
     for stage in outputs:
         target = find_module(model, stage.name)
-        param = next(target.parameters(), None)
-        attention = attn_layer(stage.channels)
-        if param is not None:
-            attention.to(device=param.device, dtype=param.dtype)
+        attention = attn_layer(stage.channels).to(**placement(target))
         module = ChannelsLast(attention) if stage.layout == "NHWC" else attention
         if isinstance(target, nn.Sequential):
             target.append(module)
@@ -225,5 +222,4 @@ def _build_like(
             f"attn_layer({channels}, **{options}) failed for {name!r}: {error}; "
             f"for an attn_layer without these arguments pass {fix}"
         ) from error
-    param = next(se.parameters())
-    return attention.to(device=param.device, dtype=param.dtype).train(se.training)
+    return attention.to(**placement(se)).train(se.training)

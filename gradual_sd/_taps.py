@@ -9,8 +9,7 @@ outputs per device, only between :meth:`StageTaps.start` and :meth:`StageTaps.st
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -21,8 +20,6 @@ from torch.utils.hooks import RemovableHandle
 
 from ._lookup import find_module
 from ._layout import Layout
-
-__all__ = ["Hooks", "StageTaps", "Tapped", "to_feature_map", "tapped_by"]
 
 OutputHook = Callable[[str, object], object]  # (name, output or element) -> replacement or None
 InputHook = Callable[[str, object], None]  # (name, first positional input or None)
@@ -113,9 +110,9 @@ class Hooks:
 class StageTaps:
     """Capture the outputs of ``stages`` and the first input of ``input_names`` in one forward.
 
-    Use ``with taps.capture(device) as captured: model(x)``; afterwards ``captured`` maps each
-    name that fired to its tensor (a stage that returns a tuple or list: its ``element``).
-    Captures are kept per device, so DataParallel replicas running in threads do not overwrite
+    ``captured = taps.start(device)``, ``model(x)``, ``taps.stop(device)``: afterwards ``captured``
+    maps each name that fired to its tensor (a stage that returns a tuple or list: its
+    ``element``). Captures are kept per device, so DataParallel replicas running in threads do not overwrite
     each other, and only between :meth:`start` and :meth:`stop`, so a plain ``model(x)`` or a
     recomputation during backward stores nothing.
     """
@@ -144,15 +141,6 @@ class StageTaps:
     def stop(self, device: str) -> None:
         """Stop recording on ``device``; the tensors stay only in the dict ``start`` returned."""
         self._store.pop(device, None)
-
-    @contextlib.contextmanager
-    def capture(self, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
-        """``start``/``stop`` as a context manager."""
-        captured = self.start(str(device))
-        try:
-            yield captured
-        finally:
-            self.stop(str(device))
 
     def remove(self) -> None:
         """Detach every hook; safe to call more than once."""

@@ -2,18 +2,6 @@
 
 from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_HEADS",
-    "SCALE",
-    "PADDING_PIXELS",
-    "MAX_PREFIX",
-    "FINER",
-    "STEM_REDUCTION",
-    "DEEP_RESOLUTIONS",
-    "MIN_CONTAINER",
-    "MIN_BLOCKS",
-    "MAX_SHARE_AFTER",
-]
 
 # Heads before the model's own classifier by default: the paper's three auxiliary classifiers.
 DEFAULT_MAX_HEADS = 3

@@ -15,6 +15,7 @@ import torch
 
 from gradual_sd import EarlyExitModel
 from gradual_sd._probing import main_logits
+from gradual_sd.early_exit._calibration import forced_exit
 
 # Thresholds sit halfway between two neighbouring confidences at least this far apart, so that
 # float32 rounding in another runtime cannot move a sample across one.
@@ -84,7 +85,7 @@ def check_exits(exits: EarlyExitModel, images: torch.Tensor) -> list[float] | No
         assert out.exit_index.tolist() == [heads] * len(images)
         logits = exits.exit_logits(images)
         for k in range(heads):
-            forced = exits._forced(images, k)
+            forced = forced_exit(exits, images, k)
             assert forced.exit_index.tolist() == [k] * len(images)
             assert torch.equal(forced.logits, logits[k]), f"forced exit {k}"
         thresholds = thresholds_for_every_exit([z.float().softmax(-1).amax(-1) for z in logits[:-1]])

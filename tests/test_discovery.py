@@ -6,8 +6,7 @@ import pytest
 
 from gradual_sd._discovery import Ran, choose_stages, default_stages, share_after
 from gradual_sd._layout import LayoutError
-from gradual_sd._outputs import NotAStage, Observation, Reason, StageInfo, describe
-from gradual_sd._probing import Output
+from gradual_sd._outputs import NotAStage, Observation, Output, Reason, StageInfo, describe
 
 
 def seen(shape, other=None, *, scaled=True, positions=(32, 32), **evidence):

@@ -37,6 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 API_GUIDE = ROOT / "docs" / "api.md"
 README = ROOT / "README.md"
 PUBLIC = {name: getattr(gradual_sd, name) for name in gradual_sd.__all__}
+SUBPACKAGE_NAMES = {
+    name: getattr(package, name)
+    for package in (
+        importlib.import_module("gradual_sd.early_exit"),
+        importlib.import_module("gradual_sd.runtime"),
+    )
+    for name in package.__all__
+}
 DEFAULTS_NAMESPACE = {**PUBLIC, "nn": nn, "torch": torch, "math": math}
 SUBMODULES = [
     importlib.import_module(info.name)
@@ -226,6 +234,8 @@ def attribute_chain(obj: Any, names: list[str]) -> Any:
 
 
 def real_parameters(obj: Any) -> list[inspect.Parameter]:
+    if getattr(obj, "_is_protocol", False):  # a protocol of callables: its call's signature
+        obj = obj.__call__
     parameters = list(inspect.signature(obj).parameters.values())
     if parameters and parameters[0].name == "self":  # a method looked up on its class
         parameters = parameters[1:]
@@ -383,15 +393,23 @@ def test_calls_in_python_blocks_bind(block):
             assert not problems, f"{where}: a call of {name} does not bind: {problems}"
 
 
-def test_every_public_function_and_module_class_has_a_documented_signature():
+def test_every_public_function_and_class_has_a_documented_signature():
+    """Modules, named tuples, protocols and plain classes alike (errors are raised, not built), of
+    ``gradual_sd`` and its public subpackages."""
     documented = {id(declared_object(s)) for s in DECLARED if s.where.startswith("api.md")}
     missing = [
         name
-        for name, obj in PUBLIC.items()
-        if (inspect.isfunction(obj) or (inspect.isclass(obj) and issubclass(obj, nn.Module)))
+        for name, obj in {**PUBLIC, **SUBPACKAGE_NAMES}.items()
+        if (inspect.isfunction(obj) or inspect.isclass(obj) and not issubclass(obj, Exception))
         and id(obj) not in documented
     ]
     assert not missing, f"docs/api.md gives no signature for {missing}"
+
+
+def test_the_api_guide_names_every_public_name():
+    text = API_GUIDE.read_text()
+    unnamed = [name for name in [*PUBLIC, *SUBPACKAGE_NAMES] if not re.search(rf"\b{name}\b", text)]
+    assert not unnamed, f"docs/api.md does not name {unnamed}"
 
 
 def test_the_readme_table_gives_signatures():

@@ -87,8 +87,9 @@ def test_stage_taps_capture_only_between_start_and_stop():
     model, x = Net(), inputs().float()
     taps = StageTaps(model, [Stage("stage", 0)], input_names=["fc"])
     model(x)  # nothing is recording
-    with taps.capture(x.device) as captured:
-        model(x)
+    captured = taps.start(str(x.device))
+    model(x)
+    taps.stop(str(x.device))
     assert captured["stage"].shape == (2, 4, 8, 8) and captured["fc"].shape == (2, 4)
     assert taps._store == {}
     taps.remove()

@@ -1,11 +1,12 @@
-"""Early exit's calibration policy: pure functions from per-exit confidences to thresholds.
+"""Early exit's calibration policy, pure functions from per-exit confidences to thresholds,
+and :class:`Route`, what decides one pass through :meth:`gradual_sd.EarlyExitModel.run`.
 
-:class:`~gradual_sd.EarlyExitModel` (imported from ``gradual_sd``) uses these to calibrate; they
-work on plain tensors, for users who collect confidences their own way. The modules of this
-package are internal: the routing model (``_model``, with one pass's bookkeeping in
-``_routing`` and the construction check in ``_probe``), FLOP counting (``_costs``), calibration
-and the trade-off curve (``_calibration``), the per-exit report (``_profiling``), saving and
-loading (``_persistence``) and the ONNX export (``_split``, ``_deployment``).
+:class:`~gradual_sd.EarlyExitModel` (imported from ``gradual_sd``) uses the policy to
+calibrate; it works on plain tensors, for users who collect confidences their own way. The
+modules of this package are internal: the routing model (``_model``, with one pass's
+bookkeeping in ``_routing`` and the construction check in ``_probe``), FLOP counting
+(``_costs``), calibration and reports (``_calibration``), saving and loading (``_persistence``)
+and the ONNX export (``_split``, ``_deployment``).
 """
 
 from ._policy import (
@@ -16,6 +17,7 @@ from ._policy import (
     expected_calibration_error,
     route,
 )
+from ._routing import Route
 
 __all__ = [
     "ExitCosts",
@@ -24,4 +26,5 @@ __all__ = [
     "choose_thresholds",
     "choose_thresholds_within_cost",
     "expected_calibration_error",
+    "Route",
 ]

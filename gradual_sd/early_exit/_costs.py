@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._policy import ExitCosts
-from ._routing import Pass, everybody
+from ._routing import Route, everybody
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
@@ -47,8 +47,8 @@ def exit_costs(exits: EarlyExitModel, example: torch.Tensor) -> ExitCosts:
         full = flops(exits.model, example)
         stages, head_costs = [], []
         for k in range(heads):
-            run = Pass(1, example.device, [False] * heads, everybody, stop_at=k)
-            stages.append(flops(exits._run, example, run))
-            run = Pass(1, example.device, [j == k for j in range(heads)], everybody)
-            head_costs.append(flops(exits._run, example, run) - stages[-1])
+            backbone = Route(1, example.device, [False] * heads, everybody, stop_at=k)
+            stages.append(flops(exits.run, example, backbone))
+            head = Route(1, example.device, [j == k for j in range(heads)], everybody)
+            head_costs.append(flops(exits.run, example, head) - stages[-1])
     return ExitCosts(tuple(stages), tuple(head_costs), full)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from .._inputs import placement
 from .._losses import check_targets
 from ._progress import progress
 
@@ -19,8 +20,7 @@ Data = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Te
 
 
 def device_of(model: nn.Module) -> torch.device:
-    reference = next(model.parameters(), None)
-    return reference.device if reference is not None else torch.device("cpu")
+    return placement(model).get("device", torch.device("cpu"))
 
 
 def batches(data: Data, device: torch.device, size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,5 +1,6 @@
 """Write an early-exit model as an exit folder: one ONNX file per backbone segment and per head,
-and a manifest, for :class:`gradual_sd.runtime.OnnxExitModel`."""
+and a manifest, for :class:`gradual_sd.runtime.OnnxExitModel`. :class:`ExportMixin` gives
+:class:`~gradual_sd.EarlyExitModel` its ``export_onnx``; the graph is cut in ``_split``."""
 
 from __future__ import annotations
 
@@ -13,18 +14,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..runtime._manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
+from .._exit_thresholds import saved_thresholds
 from .._taps import to_feature_map
+from ..runtime._manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, sha256
 from ._data import device_of
+from ._persistence import stage_entry
 from ._probe import example_of_shape, probe_batch
+from ._routing import difference
 from ._split import Segment, batch_dynamic_shapes, run_segments, split_model
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
-
-# How far the segments' results may differ from the model's own before the split is refused:
-# float32 kernels on differently shaped graphs round differently, not more.
-_TOLERANCE = 1e-4
 
 
 class _HeadGraph(nn.Module):
@@ -38,57 +38,71 @@ class _HeadGraph(nn.Module):
         return self.head(to_feature_map(stage_output, self.layout, self.num_prefix_tokens))[0]
 
 
-def export_onnx(
-    exits: EarlyExitModel,
-    directory: str | Path,
-    example_input: torch.Tensor | None,
-    class_names: Sequence[str] | None,
-    metadata: dict[str, Any] | None,
-) -> Path:
-    """:meth:`EarlyExitModel.export_onnx`."""
-    directory = Path(directory)
-    metadata_text = json.dumps(metadata or {})  # refuse what JSON cannot hold before any work
-    example = _float_batch(exits, example_input)
-    with torch.no_grad():
-        segments = split_model(exits.model, exits.stages, example[:2])
-        _check_against_model(exits, segments, example)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written folder has no manifest
-    files: dict[str, str] = {}
-    stage_entries = []
-    carried: tuple[torch.Tensor, ...] = (example[:2],)
-    for k, (segment, stage) in enumerate(zip(segments, exits.stages)):
-        name, head_name = f"segment_{k}.onnx", f"head_{k}.onnx"
+class ExportMixin:
+    """:class:`~gradual_sd.EarlyExitModel`'s export for ONNX Runtime."""
+
+    def export_onnx(
+        self: EarlyExitModel,
+        directory: str | Path,
+        *,
+        example_input: torch.Tensor | None = None,
+        class_names: Sequence[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the exits for ONNX Runtime into ``directory``; returns it.
+
+        The model's exported graph is cut after each tapped stage (``torch.export`` keeps the
+        stages' call signatures, so no stage list is written by hand): ``segment_k.onnx`` takes
+        the previous segment's outputs (the images for the first) and returns stage ``k``'s,
+        the last returns the logits; ``head_k.onnx`` takes stage ``k``'s tapped output and
+        returns that head's logits. Every file has a dynamic batch axis. ``manifest.json``
+        holds the thresholds, the class names (``class_names``, else the model's own
+        ``id2label``/``label_names`` if it has them), the input's shape and dtype (float32),
+        the stages with their layouts, the FLOPs of each part, the library version, the
+        sha256 of every file and ``metadata`` (anything JSON can hold that a deployment needs,
+        such as the input normalisation). :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
+        numpy and onnxruntime alone.
+
+        The folder takes inputs of ``example_input``'s size only (the batch is the only dynamic
+        axis); the default is random inputs of :attr:`input_shape`, the size this model was
+        built or last calibrated on (else the model's configured size).
+
+        The cut is refused (``ValueError`` naming the stage and what crosses it) where a later
+        part of the model reads a tensor from before a stage, and where ``torch.export`` cannot
+        trace the model with a dynamic batch. The segments are checked against this model on
+        that example before any file is written. Needs ``onnx`` and ``onnxscript`` (the
+        ``deploy`` extra).
+        """
+        directory = Path(directory)
+        metadata_text = json.dumps(metadata or {})  # refuse what JSON cannot hold before any work
+        example = _float_batch(self, example_input)
         with torch.no_grad():
-            produced = segment.module(*carried)
-        _write(
-            segment.module,
-            carried,
-            directory / name,
-            _input_names(k, len(carried)),
-            _output_names(produced),
-            files,
-        )
-        head = _HeadGraph(exits.heads[k], stage.layout, stage.num_prefix_tokens).eval()
-        _write(
-            head, (produced[segment.head_input],), directory / head_name, ["stage_output"], ["logits"], files
-        )
-        entry = {**stage._asdict(), "shape": list(stage.shape)}
-        stage_entries.append({**entry, "segment": name, "head": head_name, "head_input": segment.head_input})
-        carried = produced
-    final = f"segment_{len(exits.stages)}.onnx"
-    _write(
-        segments[-1].module,
-        carried,
-        directory / final,
-        _input_names(len(exits.stages), len(carried)),
-        ["logits"],
-        files,
-    )
-    manifest = _manifest(exits, example, class_names, stage_entries, final, files)
-    manifest["metadata"] = json.loads(metadata_text)
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return directory
+            segments = split_model(self.model, self.stages, example[:2])
+            _check_against_model(self, segments, example)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MANIFEST_FILE).unlink(missing_ok=True)  # a half-written folder has no manifest
+        files: dict[str, str] = {}
+        stage_entries = []
+        carried: tuple[torch.Tensor, ...] = (example[:2],)
+        for k, (segment, stage) in enumerate(zip(segments, self.stages)):
+            name, head_name = f"segment_{k}.onnx", f"head_{k}.onnx"
+            with torch.no_grad():
+                produced = segment.module(*carried)
+            inputs = _input_names(k, len(carried))
+            _write(segment.module, carried, directory / name, inputs, _output_names(produced), files)
+            head = _HeadGraph(self.heads[k], stage.layout, stage.num_prefix_tokens).eval()
+            head_input = (produced[segment.head_input],)
+            _write(head, head_input, directory / head_name, ["stage_output"], ["logits"], files)
+            entry = {"segment": name, "head": head_name, "head_input": segment.head_input}
+            stage_entries.append({**stage_entry(stage), **entry})
+            carried = produced
+        final = f"segment_{len(self.stages)}.onnx"
+        inputs = _input_names(len(self.stages), len(carried))
+        _write(segments[-1].module, carried, directory / final, inputs, ["logits"], files)
+        manifest = _manifest(self, example, class_names, stage_entries, final, files)
+        manifest["metadata"] = json.loads(metadata_text)
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return directory
 
 
 def _float_batch(exits: EarlyExitModel, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -113,8 +127,7 @@ def _check_against_model(exits: EarlyExitModel, segments: list[Segment], images:
         for head, stage, x in zip(exits.heads, exits.stages, head_inputs)
     ]
     for name, a, b in zip([*exits.stage_names, exits.classifier_name], [*got, logits], expected):
-        scale = float(b.abs().max()) + 1.0
-        if a.shape != b.shape or float((a - b).abs().max()) > _TOLERANCE * scale:
+        if difference(a, b) is not None:
             raise ValueError(
                 f"the graph cut at the stages does not reproduce the exit at {name!r} (the model "
                 "probably runs differently when traced); exits can still run in PyTorch"
@@ -190,7 +203,7 @@ def _manifest(
         "num_classes": num_classes,
         "class_names": names,
         "classifier_name": exits.classifier_name,
-        "thresholds": [t if t <= 1 else None for t in exits.thresholds],
+        "thresholds": saved_thresholds(exits.thresholds),
         "stages": stages,
         "final_segment": final,
         "flops": {"stages": list(costs.stages), "heads": list(costs.heads), "full": costs.full},

@@ -1,52 +1,47 @@
 """The routing model: :class:`EarlyExitModel` puts a forward hook on every tapped stage that runs
 that stage's head; the samples confident enough leave there, and the hook returns the stage
 output without them, so the rest of the backbone runs on a smaller batch. When no sample is
-left, the hook raises :class:`~.routing.Stop`, which ends the model's forward early (caught in
-``_run``): later stages never run.
+left, the hook raises ``_routing.Stop``, which ends the model's forward early (caught in
+:meth:`~EarlyExitModel.run`): later stages never run.
 
-Calibration, profiling and persistence are in their own modules; the methods here that expose
-them only document and delegate.
+Calibration and reports (``_calibration``), the ONNX export (``_deployment``) and saving and
+loading (``_persistence``) are mixins in their own modules, where their methods are documented;
+they reach the model through its public methods only.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
-from pathlib import Path
-from typing import Any
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._policy import ExitCosts
 from .._exit_thresholds import checked_thresholds, is_enabled
 from .._layout import LAYOUTS
 from .._outputs import StageInfo, StageViews
 from .._probing import main_logits
 from .._taps import Hooks, to_feature_map
-from . import _calibration as calibration
-from . import _costs as costs
-from . import _deployment as deployment
-from . import _persistence as persistence
-from . import _profiling as profiling
-from ._data import Data
+from ._calibration import CalibrationMixin
+from ._deployment import ExportMixin
+from ._persistence import SaveLoadMixin
 from ._probe import check_exits, example_of_shape, probe_batch
-from ._routing import ExitOutput, Pass, Stop, drop_samples, nobody
-
-__all__ = ["EarlyExitModel"]
+from ._routing import ExitOutput, Route, Stop, drop_samples, nobody
 
 
-class EarlyExitModel(StageViews, nn.Module):
+class EarlyExitModel(CalibrationMixin, ExportMixin, SaveLoadMixin, StageViews, nn.Module):
     """A trained model with its auxiliary heads as real, per-sample early exits (inference only).
 
     Usually built with :meth:`from_distiller`. Works for every model the distiller trains whose
     later stages read only the tapped stage's output, in every stage layout; a model where a
     later stage also reads an earlier tensor is refused at construction with a ``ValueError``
     naming the stage (docs/early-exit.md says how the probe decides). ``exits.model(x)`` stays
-    the plain model; training mode raises. :meth:`export_onnx` writes the exits for ONNX
-    Runtime (:mod:`gradual_sd.runtime`).
+    the plain model; training mode raises. Besides routing, it calibrates and reports
+    (:meth:`calibrate`, :meth:`tradeoff`, :meth:`profile`, :meth:`exit_costs`), exports for ONNX
+    Runtime (:meth:`export_onnx`, run by :mod:`gradual_sd.runtime`) and saves and loads
+    (:meth:`save`, :meth:`load`, :meth:`config`).
 
     Args:
         model: The trained classifier (the distiller's ``model``).
@@ -102,7 +97,7 @@ class EarlyExitModel(StageViews, nn.Module):
         self.set_thresholds(thresholds if thresholds is not None else self.thresholds)
         given = example_input is not None
         self.input_shape: tuple[int, ...] | None = tuple(example_input.shape[1:]) if given else None
-        self._pass: Pass | None = None
+        self._route: Route | None = None
         self._hooks = Hooks(model)
         for k, stage in enumerate(stages):
             self._hooks.on_output(stage.name, partial(self._at_stage, k))
@@ -141,8 +136,6 @@ class EarlyExitModel(StageViews, nn.Module):
             check=check,
         )
 
-    # -- routing -----------------------------------------------------------------------------
-
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:
         """One threshold per auxiliary head (a single number applies to all): a sample leaves at
         a head when its top softmax probability is ``>=`` the threshold. 0 takes every sample;
@@ -151,7 +144,7 @@ class EarlyExitModel(StageViews, nn.Module):
         self.thresholds = checked_thresholds(thresholds, self.stage_names)
 
     def _at_stage(self, k: int, name: str, output: object) -> object:
-        run = self._pass
+        run = self._route
         if run is None:
             return None
         stage = self.stages[k]
@@ -186,9 +179,12 @@ class EarlyExitModel(StageViews, nn.Module):
             raise Stop
         return drop_samples(output, keep, batch)
 
-    def _run(self, images: torch.Tensor, run: Pass) -> torch.Tensor | None:
-        """The model's forward with ``run`` in charge of the hooks; ``None`` if every sample
-        left before the end."""
+    def run(self, images: torch.Tensor, route: Route) -> torch.Tensor | None:
+        """The model's forward with ``route`` (:class:`~gradual_sd.early_exit.Route`) deciding at
+        each tapped stage which samples leave; returns the logits of the samples still running
+        at the end, ``None`` where none is. ``route`` records who left where; its ``result``
+        puts every exit's logits back in the input order. :meth:`forward` and
+        :meth:`exit_logits` are two routes."""
         if not self._hooks.active:
             raise RuntimeError("this EarlyExitModel's hooks were removed (remove()); build it again")
         if self.training:
@@ -196,17 +192,17 @@ class EarlyExitModel(StageViews, nn.Module):
                 "EarlyExitModel is for inference: call .eval() first (in training mode batch "
                 "norm would mix the samples of a batch that shrinks at every exit)"
             )
-        self._pass = run
+        self._route = route
         try:
             logits = main_logits(self.model(images))
         except Stop:
             return None
         finally:
-            self._pass = None
-        if not isinstance(logits, torch.Tensor) or logits.shape[:1] != run.remaining.shape:
+            self._route = None
+        if not isinstance(logits, torch.Tensor) or logits.shape[:1] != route.remaining.shape:
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise RuntimeError(
-                f"the model returned {got} for the {run.remaining.numel()} samples still running; "
+                f"the model returned {got} for the {route.remaining.numel()} samples still running; "
                 "expected (N, num_classes) logits"
             )
         return logits
@@ -217,178 +213,16 @@ class EarlyExitModel(StageViews, nn.Module):
     def forward(self, images: torch.Tensor) -> ExitOutput:
         """Classify ``images``, each sample at the first head confident enough."""
         active = [is_enabled(t) for t in self.thresholds]
-        run = Pass(images.shape[0], images.device, active, self._by_threshold)
-        return run.result(self._run(images, run), images.shape[0], len(self.heads))
+        route = Route(images.shape[0], images.device, active, self._by_threshold)
+        return route.result(self.run(images, route))
 
     def exit_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit for every sample (all heads, then the classifier), from one full
         forward pass: what :meth:`calibrate` and :meth:`profile` work from."""
         record: dict[int, torch.Tensor] = {}
-        run = Pass(images.shape[0], images.device, [True] * len(self.heads), nobody, record=record)
-        logits = self._run(images, run)
+        route = Route(images.shape[0], images.device, [True] * len(self.heads), nobody, record=record)
+        logits = self.run(images, route)
         return [record[k] for k in range(len(self.heads))] + [logits]
-
-    def _forced(self, images: torch.Tensor, exit: int) -> ExitOutput:
-        """Every sample answers at ``exit``; the enabled heads before it still run (as they would
-        for a sample that exits there), for timing an exit."""
-        active = [is_enabled(t) or k == exit for k, t in enumerate(self.thresholds)]
-        everyone = lambda k, z: torch.full((z.shape[0],), k == exit, device=z.device)  # noqa: E731
-        run = Pass(images.shape[0], images.device, active, everyone)
-        return run.result(self._run(images, run), images.shape[0], len(self.heads))
-
-    # -- calibration and reporting (calibration.py, costs.py, profiling.py) ------------------
-
-    def exit_costs(self, example: torch.Tensor) -> ExitCosts:
-        """FLOPs per sample of the backbone up to each stage, of each head and of the whole model,
-        counted with ``torch.utils.flop_counter`` on ``example`` (one sample). That counter counts
-        matrix multiplications and convolutions, not element-wise operations."""
-        return costs.exit_costs(self, example)
-
-    def calibrate(
-        self,
-        data: Data,
-        max_accuracy_drop: float | None = None,
-        *,
-        max_cost: float | None = None,
-        progress: bool | None = None,
-    ) -> dict[str, Any]:
-        """Choose the thresholds on held-out ``data`` (an ``(images, targets)`` pair or an
-        iterable of such batches), for one of two targets:
-
-        - ``max_accuracy_drop`` (default 0.005 when neither is given): the lowest expected FLOPs
-          whose accuracy stays within that fraction of the model's own classifier;
-        - ``max_cost``: the best accuracy at or under that mean cost, as a fraction of the
-          model's FLOPs (0.5: half), as a deployment budget is stated.
-
-        Every exit's logits come from one full pass over ``data``; the searches are
-        :func:`~gradual_sd.early_exit.choose_thresholds` and
-        :func:`~gradual_sd.early_exit.choose_thresholds_within_cost`. Sets and returns the
-        thresholds with the accuracy, its drop and the relative FLOPs they reach on ``data``. On
-        new data the result can be worse: on a few hundred images the thresholds fit the set's
-        noise (docs/early-exit.md), so calibrate on as many held-out images as there are.
-        Targets must be class indices of the classifier's classes.
-
-        ``progress``: a bar over the batches of ``data`` (tqdm, when installed) on stderr;
-        the default shows it only when stderr is a terminal, ``False`` never.
-        """
-        return calibration.calibrate(self, data, max_accuracy_drop, max_cost, progress)
-
-    def tradeoff(
-        self,
-        data: Data,
-        levels: Sequence[float] = tuple(i / 20 for i in range(21)),
-        *,
-        progress: bool | None = None,
-    ) -> list[dict[str, float]]:
-        """The accuracy-compute curve on ``data``: for each level, every head at that threshold
-        (simulated from one full pass), the accuracy and the mean FLOPs relative to the model's.
-        Thresholds are not changed. :meth:`profile` returns the same curve. ``progress`` as in
-        :meth:`calibrate`."""
-        calibration.check_levels(levels)
-        return calibration.curve(calibration.outcomes(self, data, progress, "tradeoff"), levels)
-
-    def profile(
-        self,
-        data: Data,
-        *,
-        batch_sizes: Sequence[int] = (1, 64),
-        repeats: int = 5,
-        latency_images: int = 64,
-        levels: Sequence[float] = tuple(i / 20 for i in range(21)),
-        progress: bool | None = None,
-    ) -> dict[str, Any]:
-        """Per exit, at the current thresholds: share of samples, their accuracy and expected
-        calibration error, the head's accuracy on every sample, FLOPs per sample to reach it,
-        and measured latency; overall: accuracy against the full model's, mean FLOPs and
-        latency as ratios to the plain model.
-
-        Latency is timed on the first ``latency_images`` images at each batch size (batch 1:
-        one image at a time; a larger batch: as many whole batches as fit, at least one, since
-        the exits' saving depends on which images a batch holds), the plain model and every
-        variant in turn within each repetition;
-        the ratios are medians over ``repeats`` repetitions of per-repetition ratios. On a CPU
-        with one torch thread the clock is the process's CPU time, else wall time. Per exit,
-        every sample is forced to leave there (the enabled heads before it still run).
-        ``tradeoff`` is :meth:`tradeoff`'s curve at ``levels``, from the same pass over ``data``.
-        ``progress``: bars over the pass over ``data`` and over the repetitions at each batch
-        size, as in :meth:`calibrate`.
-        """
-        return profiling.profile(self, data, batch_sizes, repeats, latency_images, levels, progress)
-
-    # -- deployment (deployment.py, split.py) ------------------------------------------------
-
-    def export_onnx(
-        self,
-        directory: str | Path,
-        *,
-        example_input: torch.Tensor | None = None,
-        class_names: Sequence[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write the exits for ONNX Runtime into ``directory``; returns it.
-
-        The model's exported graph is cut after each tapped stage (``torch.export`` keeps the
-        stages' call signatures, so no stage list is written by hand): ``segment_k.onnx`` takes
-        the previous segment's outputs (the images for the first) and returns stage ``k``'s,
-        the last returns the logits; ``head_k.onnx`` takes stage ``k``'s tapped output and
-        returns that head's logits. Every file has a dynamic batch axis. ``manifest.json``
-        holds the thresholds, the class names (``class_names``, else the model's own
-        ``id2label``/``label_names`` if it has them), the input's shape and dtype (float32),
-        the stages with their layouts, the FLOPs of each part, the library version, the
-        sha256 of every file and ``metadata`` (anything JSON can hold that a deployment needs,
-        such as the input normalisation). :class:`gradual_sd.runtime.OnnxExitModel` runs the folder with
-        numpy and onnxruntime alone.
-
-        The folder takes inputs of ``example_input``'s size only (the batch is the only dynamic
-        axis); the default is random inputs of :attr:`input_shape`, the size this model was
-        built or last calibrated on (else the model's configured size).
-
-        The cut is refused (``ValueError`` naming the stage and what crosses it) where a later
-        part of the model reads a tensor from before a stage, and where ``torch.export`` cannot
-        trace the model with a dynamic batch. The segments are checked against this model on
-        that example before any file is written. Needs ``onnx`` and ``onnxscript`` (the
-        ``deploy`` extra).
-        """
-        return deployment.export_onnx(self, directory, example_input, class_names, metadata)
-
-    # -- saving and loading (persistence.py) --------------------------------------------------
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"thresholds": list(self.thresholds)}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.set_thresholds(state["thresholds"])
-
-    def config(self) -> dict[str, Any]:
-        """What :meth:`load` needs besides the weights: stages, layouts, thresholds and, for the
-        library's heads, how to rebuild them."""
-        return persistence.config(self)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``model.pt`` (the plain model's state_dict), ``heads.pt`` (the heads') and
-        ``early_exit.json`` (:meth:`config`, with :attr:`input_shape`) into ``directory``."""
-        return persistence.save(self, directory)
-
-    @classmethod
-    def load(
-        cls,
-        directory: str | Path,
-        model: nn.Module,
-        heads: Sequence[nn.Module] | None = None,
-        *,
-        example_input: torch.Tensor | None = None,
-        check: bool = True,
-    ) -> EarlyExitModel:
-        """Rebuild a saved early-exit model without the training code.
-
-        ``model`` is built by the user's own constructor, exactly as trained (same architecture,
-        same inserted modules, e.g. ACAM before the pooling); its weights are loaded here.
-        ``heads`` are rebuilt from the saved config when they are the library's
-        :class:`BottleneckHead` (any ``pool_size``) or :class:`PooledHead`, with ACAM,
-        NormalizedACAM or no attention at default settings; other heads must be passed, built as
-        in training. The default ``example_input`` is of the saved :attr:`input_shape`.
-        """
-        return persistence.load(cls, directory, model, heads, example_input, check)
 
     def remove(self) -> None:
         """Detach the hooks from the model; safe to call more than once. The model stays usable,

@@ -1,9 +1,9 @@
-"""Saving an early-exit model to a folder and rebuilding it without the training code."""
+"""Saving an early-exit model to a folder and rebuilding it without the training code:
+:class:`SaveLoadMixin` gives :class:`~gradual_sd.EarlyExitModel` these methods."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from collections.abc import Sequence
@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from .._attention import ACAM, NormalizedACAM
+from .._exit_thresholds import loaded_thresholds, saved_thresholds
 from .._heads import BottleneckHead, PooledHead
+from .._inputs import placement
 from .._outputs import StageInfo
 from ..runtime._manifest import SAVED_CONFIG as CONFIG_FILE
 from ._probe import example_of_shape
@@ -24,64 +26,91 @@ MODEL_FILE, HEADS_FILE = "model.pt", "heads.pt"
 _ATTENTION = {"ACAM": ACAM, "NormalizedACAM": NormalizedACAM, "Identity": None}
 
 
-def config(exits: EarlyExitModel) -> dict[str, Any]:
-    return {
-        "stages": [{**stage._asdict(), "shape": list(stage.shape)} for stage in exits.stages],
-        "classifier_name": exits.classifier_name,
-        "thresholds": [t if t <= 1 else None for t in exits.thresholds],
-        "heads": [head_spec(head) for head in exits.heads],
-        "input_shape": None if exits.input_shape is None else list(exits.input_shape),
-    }
+class SaveLoadMixin:
+    """:class:`~gradual_sd.EarlyExitModel`'s saving and loading."""
+
+    def get_extra_state(self: EarlyExitModel) -> dict[str, Any]:
+        return {"thresholds": list(self.thresholds)}
+
+    def set_extra_state(self: EarlyExitModel, state: dict[str, Any]) -> None:
+        self.set_thresholds(state["thresholds"])
+
+    def config(self: EarlyExitModel) -> dict[str, Any]:
+        """What :meth:`load` needs besides the weights: stages, layouts, thresholds and, for the
+        library's heads, how to rebuild them."""
+        return {
+            "stages": [stage_entry(stage) for stage in self.stages],
+            "classifier_name": self.classifier_name,
+            "thresholds": saved_thresholds(self.thresholds),
+            "heads": [head_spec(head) for head in self.heads],
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
+        }
+
+    def save(self: EarlyExitModel, directory: str | Path) -> Path:
+        """Write ``model.pt`` (the plain model's state_dict), ``heads.pt`` (the heads') and
+        ``early_exit.json`` (:meth:`config`, with :attr:`input_shape`) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), directory / MODEL_FILE)
+        torch.save(self.heads.state_dict(), directory / HEADS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | Path,
+        model: nn.Module,
+        heads: Sequence[nn.Module] | None = None,
+        *,
+        example_input: torch.Tensor | None = None,
+        check: bool = True,
+    ) -> EarlyExitModel:
+        """Rebuild a saved early-exit model without the training code.
+
+        ``model`` is built by the user's own constructor, exactly as trained (same architecture,
+        same inserted modules, e.g. ACAM before the pooling); its weights are loaded here.
+        ``heads`` are rebuilt from the saved config when they are the library's
+        :class:`BottleneckHead` (any ``pool_size``) or :class:`PooledHead`, with ACAM,
+        NormalizedACAM or no attention at default settings; other heads must be passed, built as
+        in training. The default ``example_input`` is of the saved :attr:`input_shape`.
+        """
+        directory = Path(directory)
+        saved = json.loads((directory / CONFIG_FILE).read_text())
+        stages = saved_stages(saved)
+        trained = f"stages {[s.name for s in stages]}, classifier {saved['classifier_name']!r}"
+        load_weights(
+            model,
+            directory / MODEL_FILE,
+            f"build the model exactly as trained ({trained}; the same architecture, num_classes and "
+            "inserted modules such as ACAM) and pass it to EarlyExitModel.load",
+        )
+        head_list = nn.ModuleList(heads if heads is not None else [build_head(s) for s in saved["heads"]])
+        load_weights(
+            head_list,
+            directory / HEADS_FILE,
+            "pass heads built as in training, one per stage (or heads=None for the library's heads)",
+        )
+        where = placement(model)
+        if where:
+            head_list.to(where["device"])
+        if example_input is None and saved.get("input_shape") is not None:  # absent before 0.3
+            example_input = example_of_shape(model, tuple(saved["input_shape"]))
+        return cls(
+            model,
+            list(head_list),
+            stages,
+            saved["classifier_name"],
+            thresholds=loaded_thresholds(saved["thresholds"]),
+            example_input=example_input,
+            check=check,
+        )
 
 
-def save(exits: EarlyExitModel, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(exits.model.state_dict(), directory / MODEL_FILE)
-    torch.save(exits.heads.state_dict(), directory / HEADS_FILE)
-    (directory / CONFIG_FILE).write_text(json.dumps(config(exits), indent=2) + "\n")
-    return directory
-
-
-def load(
-    cls: type[EarlyExitModel],
-    directory: str | Path,
-    model: nn.Module,
-    heads: Sequence[nn.Module] | None,
-    example_input: torch.Tensor | None,
-    check: bool,
-) -> EarlyExitModel:
-    directory = Path(directory)
-    saved = json.loads((directory / CONFIG_FILE).read_text())
-    stages = saved_stages(saved)
-    trained = f"stages {[s.name for s in stages]}, classifier {saved['classifier_name']!r}"
-    load_weights(
-        model,
-        directory / MODEL_FILE,
-        f"build the model exactly as trained ({trained}; the same architecture, num_classes and "
-        "inserted modules such as ACAM) and pass it to EarlyExitModel.load",
-    )
-    head_list = nn.ModuleList(heads if heads is not None else [build_head(s) for s in saved["heads"]])
-    load_weights(
-        head_list,
-        directory / HEADS_FILE,
-        "pass heads built as in training, one per stage (or heads=None for the library's heads)",
-    )
-    reference = next(model.parameters(), None)
-    if reference is not None:
-        head_list.to(reference.device)
-    thresholds = [math.inf if t is None else t for t in saved["thresholds"]]
-    if example_input is None and saved.get("input_shape") is not None:  # absent before 0.3
-        example_input = example_of_shape(model, tuple(saved["input_shape"]))
-    return cls(
-        model,
-        list(head_list),
-        stages,
-        saved["classifier_name"],
-        thresholds=thresholds,
-        example_input=example_input,
-        check=check,
-    )
+def stage_entry(stage: StageInfo) -> dict[str, Any]:
+    """A stage description as JSON holds it, in ``early_exit.json`` and in an exit folder's
+    manifest."""
+    return {**stage._asdict(), "shape": list(stage.shape)}
 
 
 def saved_stages(saved: dict[str, Any]) -> list[StageInfo]:

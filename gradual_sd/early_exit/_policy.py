@@ -14,16 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._exit_thresholds import percent_hint
-
-__all__ = [
-    "ExitCosts",
-    "route",
-    "evaluate",
-    "choose_thresholds",
-    "choose_thresholds_within_cost",
-    "expected_calibration_error",
-]
+from .._exit_thresholds import is_enabled, percent_hint
 
 
 class ExitCosts(NamedTuple):
@@ -44,7 +35,7 @@ class ExitCosts(NamedTuple):
         to it, every enabled head run on the way, and its own head, enabled or not (a sample
         forced to leave at a disabled exit runs that head, as the trade-off curve counts it)."""
         enabled = torch.tensor(
-            [h if t <= 1 else 0.0 for h, t in zip(self.heads, thresholds)], dtype=torch.float64
+            [h if is_enabled(t) else 0.0 for h, t in zip(self.heads, thresholds)], dtype=torch.float64
         )
         before = enabled.cumsum(0) - enabled
         own = torch.tensor(self.heads, dtype=torch.float64)

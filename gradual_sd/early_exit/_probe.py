@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .._inputs import default_example_input, placement, takes_token_ids
 from .._probing import main_logits
-from .._inputs import takes_token_ids
-from .._stages import default_example_input
-from ._routing import Pass
+from ._routing import Route, difference
 
 if TYPE_CHECKING:
     from ._model import EarlyExitModel
@@ -27,17 +26,16 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
                 "early exit needs (N, num_classes) logits from the model (a tensor, a .logits "
                 "field or a tuple's first element)"
             )
-        run = Pass(batch.shape[0], batch.device, [False] * heads, lambda k, z: z)
-        exits._run(batch, run)
-        if run.fired != list(range(heads)):
-            ran = [names[k] for k in run.fired]
+        watch = Route(batch.shape[0], batch.device, [False] * heads, lambda k, z: z)
+        exits.run(batch, watch)
+        if watch.fired != list(range(heads)):
+            ran = [names[k] for k in watch.fired]
             raise ValueError(f"each stage must run once, in order {list(names)}; they ran as {ran}")
-        scale = float(reference.abs().max()) + 1.0
         for k, name in enumerate(names):
             first = lambda j, z: torch.arange(z.shape[0], device=z.device) == 0  # noqa: E731
-            run = Pass(batch.shape[0], batch.device, [j == k for j in range(heads)], first)
+            route = Route(batch.shape[0], batch.device, [j == k for j in range(heads)], first)
             try:
-                logits = exits._run(batch, run)
+                logits = exits.run(batch, route)
             except (RuntimeError, ValueError) as error:
                 raise ValueError(
                     f"samples cannot leave at stage {name!r}: the rest of the model fails on "
@@ -46,11 +44,11 @@ def check_exits(exits: EarlyExitModel, batch: torch.Tensor) -> None:
                     "models) or reshapes to the input's batch size; tap only stages after which "
                     "nothing earlier is read"
                 ) from error
-            difference = (logits - reference[1:]).abs().max().item()
-            if difference > 1e-4 * scale:
+            changed = difference(logits, reference[1:])
+            if changed is not None:
                 raise ValueError(
                     f"samples cannot leave at stage {name!r}: when one sample leaves there, "
-                    f"the others' logits change by up to {difference:.3g}. A later stage reads "
+                    f"the others' logits change by up to {changed:.3g}. A later stage reads "
                     "more than this stage's output (a cross-stage link, or an operation that "
                     "mixes the batch); tap only stages after which nothing earlier is read"
                 )
@@ -62,16 +60,15 @@ def example_of_shape(model: nn.Module, shape: tuple[int, ...] | None) -> torch.T
     is ``None``."""
     if shape is None:
         return default_example_input(model)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    float_weights = param is not None and param.is_floating_point()
-    dtype = torch.long if takes_token_ids(model) else (param.dtype if float_weights else None)
-    return torch.zeros((1, *shape), dtype=dtype, device=device)
+    where = placement(model)
+    if takes_token_ids(model):
+        where["dtype"] = torch.long
+    return torch.zeros((1, *shape), **where)
 
 
 def probe_batch(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     """A batch of 4 different inputs: the given one if it has at least 3 samples, else random
-    images shaped like it (default: as :func:`~gradual_sd._stages.default_example_input`)."""
+    images shaped like it (default: as :func:`~gradual_sd._inputs.default_example_input`)."""
     if example is not None and example.shape[0] >= 3:
         return example
     if example is None:

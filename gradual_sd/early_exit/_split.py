@@ -27,8 +27,6 @@ from .._outputs import StageInfo
 from .._probing import main_logits
 from .._taps import Hooks
 
-__all__ = ["Segment", "SplitError", "split_model", "run_segments", "batch_dynamic_shapes"]
-
 
 class SplitError(ValueError):
     """The model cannot be cut at these stages; the message names the stage and the reason."""

@@ -15,10 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._exit_thresholds import checked_thresholds, is_enabled
+from .._exit_thresholds import checked_thresholds, is_enabled, loaded_thresholds
 from ._manifest import read_manifest
-
-__all__ = ["OnnxExitModel", "ExitResult"]
 
 
 class ExitResult(NamedTuple):
@@ -121,7 +119,7 @@ class OnnxExitModel:
         self._final = _Graph(directory / manifest["final_segment"], options, providers)
         self._heads = [_Graph(directory / stage["head"], options, providers) for stage in stages]
         self._head_inputs = [stage["head_input"] for stage in stages]
-        saved = [float("inf") if t is None else t for t in manifest["thresholds"]]
+        saved = loaded_thresholds(manifest["thresholds"])
         self.thresholds: tuple[float, ...] = checked_thresholds(saved, self.stage_names)
 
     def set_thresholds(self, thresholds: Sequence[float] | float) -> None:

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST_FILE", "FORMAT", "FORMAT_VERSION", "ManifestError", "sha256", "read_manifest"]
-
 MANIFEST_FILE = "manifest.json"
 SAVED_CONFIG = "early_exit.json"  # in the folders EarlyExitModel.save writes, for PyTorch
 FORMAT = "gradual-sd-exits"
