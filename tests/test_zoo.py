@@ -5,6 +5,8 @@ Each family's smallest model (see ``zoo.py``) at a small input must either train
 every head parameter gets a gradient, eval logits equal the plain model's, heads as wide as
 ``feature_info`` says, nothing left behind by ``export``) or, for the families in
 ``REFUSED``, refuse with a ``ValueError``/``TypeError`` that names the argument that fixes it.
+The model that trained then goes through the early-exit checks (``exit_zoo.check_as_exits``,
+exported to ONNX for the families in ``exit_zoo.ONNX_CI``): one build per family for both.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from gradual_sd import GradualSelfDistiller, default_stage_names, list_stages
 from gradual_sd._stages import default_example_input
 from gradual_sd._taps import tapped_by
 
+from exit_zoo import check_as_exits
 from zoo import cached_families, timm_families, train_two_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,7 +89,7 @@ def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_family(family: str, model_name: str) -> None:
+def test_family(family: str, model_name: str, tmp_path) -> None:
     if family in REFUSED:
         model, _ = create_small(model_name)
         hooks_before = hook_counts(model)
@@ -117,6 +120,8 @@ def test_family(family: str, model_name: str) -> None:
     assert plain is model
     assert tapped_by(plain) == []
     assert hook_counts(plain) == hooks_before
+
+    check_as_exits(distiller, family, torch.zeros(1, 3, size, size), tmp_path)
 
 
 def test_most_families_train_with_defaults() -> None:
