@@ -79,6 +79,24 @@ def wrap_as_a_user_would(name: str) -> tuple[GradualSelfDistiller, int, dict]:
     return GradualSelfDistiller(model), default_example_input(model).shape[-1], hooks
 
 
+def smallest_input(distiller: GradualSelfDistiller, size: int) -> int:
+    """The input size to train and exit at: the model's smallest (timm's ``min_input_size``,
+    else ``SIZE``), as timm's own test_models.py shrinks its inputs, where the model runs at it;
+    else ``size``, the one it was wrapped at: where its pretrained config fixes the input size,
+    or a forward at the smaller size fails (too small for its downsampling or its windows)."""
+    cfg = getattr(distiller.model, "pretrained_cfg", None) or {}
+    smallest = max(SIZE, *(cfg.get("min_input_size") or (3, SIZE, SIZE))[1:])
+    if size <= smallest or cfg.get("fixed_input_size"):
+        return size
+    distiller.eval()
+    try:
+        with torch.no_grad():
+            distiller(torch.zeros(2, 3, smallest, smallest))
+    except Exception:  # whatever the model raises at a size it does not take
+        return size
+    return smallest
+
+
 def head_input_width(head: torch.nn.Module) -> int:
     first = next(m for m in head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     return first.in_channels if isinstance(first, torch.nn.Conv2d) else first.in_features
@@ -100,6 +118,7 @@ def test_family(family: str, model_name: str, tmp_path) -> None:
         return
 
     distiller, size, hooks_before = wrap_as_a_user_would(model_name)
+    size = smallest_input(distiller, size)
     model = distiller.model
     assert len(distiller.heads) >= 1
     channels = {e["module"]: e["num_chs"] for e in getattr(model, "feature_info", [])}
