@@ -1,7 +1,7 @@
 """Exits that deploy: the graph cut at the stages, the exit folder, and the ONNX Runtime exit model.
 
 The models here are small hand-written ones, so that an export takes seconds; every timm family
-and Hugging Face class goes through the same checks in ``test_exit_zoo.py``.
+and Hugging Face class goes through the same checks in ``test_zoo.py`` and ``test_hf_zoo.py``.
 """
 
 from __future__ import annotations

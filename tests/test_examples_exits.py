@@ -22,6 +22,7 @@ from gsdnet.engine import Trainer
 from gsdnet.models import load_exported
 from gsdnet.transforms import eval_transform
 
+from example_runs import train
 from gradual_sd.runtime import OnnxExitModel
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -29,13 +30,36 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--model", "test_resnet", "--img-size", "32", "--batch-size", "16", "--workers", "0"]
+DIGITS = ["--dataset", "digits", "--train-limit", "48", "--epochs", "2", "--method", "gsd-acam"]
+DIGITS += ["--seeds", "0", "--save", "final", "selected", "--keep-checkpoint", *TINY, "--device", "cpu"]
 
 
-def test_report_and_reload(tmp_path):
-    out = tmp_path / "run"
-    argv = ["--dataset", "digits", "--train-limit", "48", "--epochs", "1", "--method", "gsd-acam"]
-    argv += ["--seeds", "0", "--save", "final"]
-    metrics = train_gsdnet.main([*argv, *TINY, "--device", "cpu", "--output-dir", str(out)])
+def first_epoch_only(self, accuracy, current) -> bool:
+    """Trainer.improves where validation keeps epoch 1: no later epoch counts as better."""
+    return current is None
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """Two epochs of gsd-acam on the stand-in with the final and the selected models saved,
+    where validation keeps epoch 1, so the epoch reported differs from the final one; and the
+    confusion matrices plotted, with their titles. Trained once for the module's tests."""
+    plotted = []
+    original = gsdnet.report.plot_confusion_matrix
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "improves", first_epoch_only)
+        patch.setattr(
+            gsdnet.report,
+            "plot_confusion_matrix",
+            lambda cm, *a: plotted.append((cm, a[-1])) or original(cm, *a),
+        )
+        run = train(DIGITS, tmp_path_factory.mktemp("digits") / "run")
+    return run, plotted
+
+
+def test_report_and_reload(digits_run, tmp_path):
+    run, _ = digits_run
+    out, metrics = run.out, run.metrics
     for name in ("early_exit.md", "early_exit.png", "confusion_matrix.png"):
         assert (out / name).is_file()
     report = metrics["early_exit"]
@@ -46,7 +70,8 @@ def test_report_and_reload(tmp_path):
     assert len(report["tradeoff"]) == 21
     assert json.loads((out / "metrics.json").read_text())["early_exit"]["how"] == report["how"]
 
-    # Rebuilt without the training code: the exported plain model and the saved exits.
+    # Rebuilt without the training code: the exported plain model and the saved exits (whose
+    # weights, the reported epoch's, EarlyExitModel.load puts into it).
     model, _ = load_exported(out / "model_final.pt")
     exits = EarlyExitModel.load(out / "early_exit_selected", model)
     assert list(exits.thresholds) == [
@@ -90,18 +115,9 @@ def test_report_and_reload(tmp_path):
     assert deploy_exits.main([str(onnx), str(folder), "--thresholds", "95"]) == 2
 
 
-def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeypatch):
-    # Validation keeps epoch 1 (no later epoch counts as better), so the final epoch differs.
-    monkeypatch.setattr(Trainer, "improves", lambda self, accuracy, current: current is None)
-    plotted = []
-    original = gsdnet.report.plot_confusion_matrix
-    monkeypatch.setattr(
-        gsdnet.report, "plot_confusion_matrix", lambda cm, *a: plotted.append((cm, a[-1])) or original(cm, *a)
-    )
-    out = tmp_path / "run"
-    argv = ["--dataset", "digits", "--train-limit", "48", "--epochs", "2", "--method", "gsd-acam"]
-    argv += ["--seeds", "0", "--save", "final", "selected", "--keep-checkpoint", *TINY, "--device", "cpu"]
-    metrics = train_gsdnet.main([*argv, "--output-dir", str(out)])
+def test_every_report_describes_the_epoch_the_headline_reports(digits_run):
+    run, plotted = digits_run
+    out, metrics = run.out, run.metrics
     selected, report = metrics["selected"], metrics["early_exit"]
     assert (selected["epoch"], metrics["final"]["epoch"], report["epoch"]) == (1, 2, 1)
     # The confusion matrix, early_exit.md and its plot name the epoch and show its results.
@@ -127,10 +143,15 @@ def test_every_report_describes_the_epoch_the_headline_reports(tmp_path, monkeyp
     assert f"python {EXAMPLES}/deploy_exits.py {onnx.resolve()} IMAGES..." in log
     # The table's FLOPs count the head, as the plot's curve does (threshold 0: all leave there).
     assert report["report"]["exits"][0]["flops_ratio"] == pytest.approx(report["tradeoff"][0]["flops_ratio"])
-    # A resumed run gets them from its checkpoint.
-    resumed = train_gsdnet.main([*argv, "--epochs", "3", "--resume", "--output-dir", str(out)])
+
+
+def test_a_resumed_run_reports_the_epoch_validation_picked(digits_run, tmp_path, monkeypatch):
+    """A resumed run gets the selected epoch and its weights from its checkpoint."""
+    run = digits_run[0].copy(tmp_path)
+    monkeypatch.setattr(Trainer, "improves", first_epoch_only)
+    resumed = train_gsdnet.main([*run.argv, "--epochs", "3", "--resume"])
     assert (resumed["final"]["epoch"], resumed["early_exit"]["epoch"]) == (3, 1)
-    assert holds_exported_weights(out, "selected")
+    assert holds_exported_weights(run.out, "selected")
 
 
 def holds_exported_weights(out, kind: str) -> bool:

@@ -4,7 +4,9 @@ The classes come from ``transformers``' auto-mapping (``hf_zoo.image_classifiers
 from a tiny random config (no hub access). Each must either train (two steps, every head
 parameter gets a gradient, eval logits equal the plain model's, ``export()`` returns the model,
 ``save_pretrained``/``from_pretrained`` round-trips it) with stages that are stage outputs, or,
-for the classes in ``REFUSED``, refuse with an error that says what to do.
+for the classes in ``REFUSED``, refuse with an error that says what to do. The model that
+trained then goes through the early-exit checks (``exit_zoo.check_as_exits``, exported to ONNX
+for the classes in ``exit_zoo.ONNX_CI``): one build per class for both.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gradual_sd._taps import tapped_by
 
 transformers = pytest.importorskip("transformers", reason="the hf extra: pip install -e '.[hf]'")
 
+from exit_zoo import check_as_exits  # noqa: E402
 from hf_zoo import NUM_LABELS, TINY_CONFIGS, assert_reloaded_equal, build, image_classifiers  # noqa: E402
 from zoo import train_two_steps  # noqa: E402
 
@@ -111,7 +114,9 @@ def test_class(model_type: str, class_name: str, tmp_path) -> None:
     plain = distiller.export()
     assert plain is model and tapped_by(plain) == [] and hooks(plain) == before
 
-    plain.save_pretrained(tmp_path)
+    plain.save_pretrained(tmp_path / "saved")
     # num_labels again: transformers 4.x's PvtConfig saves its default of 1000 instead
-    reloaded = type(plain).from_pretrained(tmp_path, num_labels=NUM_LABELS).eval()
+    reloaded = type(plain).from_pretrained(tmp_path / "saved", num_labels=NUM_LABELS).eval()
     assert_reloaded_equal(plain, reloaded, images)
+
+    check_as_exits(distiller, class_name, example, tmp_path / "onnx")

@@ -58,6 +58,51 @@ def test_package_page_is_the_long_description_and_has_only_absolute_links():
         assert f"`{folder}`" in page, f"the package page does not say where {folder} is"
 
 
+def test_ci_runs_both_readme_test_commands_with_their_slowest_tests_and_the_budget():
+    bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    assert len(bash) >= 3, "README needs its set-up command and the two test commands"
+    quick = bash[1].strip().split("&&")[-1].strip()
+    full = bash[2].strip()
+    assert quick == "python -m pytest -n 2", "the quick tier is pytest's default selection, on two cores"
+    assert full == 'python -m pytest -n 2 -v -m "slow or not slow"'
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    runs = [c for c in commands if c.startswith("python -m pytest")]
+    assert len(runs) == 2, runs
+    # CI adds what it reports (the ten slowest tests, the quick tier's durations for the budget)
+    # to the README's commands, and selects nothing else.
+    assert runs[0].startswith(quick + " ") and runs[1].startswith(full + " "), runs
+    assert all("--durations=10" in run for run in runs)
+    junit = re.search(r'--junitxml="?(\S+?)"?(\s|$)', runs[0])
+    assert junit, "the quick tier must write the durations the budget reads"
+    check = next((c for c in commands if c.startswith("python .ci/check_durations.py")), None)
+    assert check is not None and junit.group(1) in check, "CI must hold the quick tier to its budget"
+    assert commands.index(check) < commands.index(runs[1]), "the budget is checked before the full suite"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"""^addopts = ".*-m 'not slow'""", pyproject, flags=re.M), "the default skips slow"
+    assert re.search(r'^    "slow: ', pyproject, flags=re.M), "the slow marker must be registered"
+
+
+def pip_extras(command: str) -> set[str]:
+    """The extras of the editable install in a shell command (``pip install -e ".[a,b]"``)."""
+    match = re.search(r"""pip install[^\n]*-e ["']?\.\[([^\]]*)\]""", command)
+    assert match, f"no editable install with extras in {command!r}"
+    return {extra.strip() for extra in match.group(1).split(",")}
+
+
+def test_the_quick_tier_command_installs_what_the_tests_skip_without_and_ci_installs_it():
+    bash = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    readme_extras = pip_extras(bash[1])
+    assert "test" in readme_extras, "the test extra brings pytest-xdist, which -n 2 needs"
+    tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    skipped_without = set(re.findall(r"importorskip\([^)]*reason=\"the (\w+) extra", tests))
+    assert skipped_without, "no test module names the extra it skips without"
+    missing = skipped_without - readme_extras
+    assert not missing, f"the README's test command skips the tests that need {sorted(missing)}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert readme_extras <= pip_extras(ci), ".ci/run must install what the README's command installs"
+
+
 def test_api_reference_lists_every_public_name():
     reference = (ROOT / "docs" / "reference.md").read_text()
     documented = re.findall(r"^::: gradual_sd\.(\w+)$", reference, flags=re.M)

@@ -5,6 +5,8 @@ Each family's smallest model (see ``zoo.py``) at a small input must either train
 every head parameter gets a gradient, eval logits equal the plain model's, heads as wide as
 ``feature_info`` says, nothing left behind by ``export``) or, for the families in
 ``REFUSED``, refuse with a ``ValueError``/``TypeError`` that names the argument that fixes it.
+The model that trained then goes through the early-exit checks (``exit_zoo.check_as_exits``,
+exported to ONNX for the families in ``exit_zoo.ONNX_CI``): one build per family for both.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from gradual_sd import GradualSelfDistiller, default_stage_names, list_stages
 from gradual_sd._stages import default_example_input
 from gradual_sd._taps import tapped_by
 
-from zoo import cached_families, train_two_steps
+from exit_zoo import check_as_exits
+from zoo import cached_families, timm_families, train_two_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +79,24 @@ def wrap_as_a_user_would(name: str) -> tuple[GradualSelfDistiller, int, dict]:
     return GradualSelfDistiller(model), default_example_input(model).shape[-1], hooks
 
 
+def smallest_input(distiller: GradualSelfDistiller, size: int) -> int:
+    """The input size to train and exit at: the model's smallest (timm's ``min_input_size``,
+    else ``SIZE``), as timm's own test_models.py shrinks its inputs, where the model runs at it;
+    else ``size``, the one it was wrapped at: where its pretrained config fixes the input size,
+    or a forward at the smaller size fails (too small for its downsampling or its windows)."""
+    cfg = getattr(distiller.model, "pretrained_cfg", None) or {}
+    smallest = max(SIZE, *(cfg.get("min_input_size") or (3, SIZE, SIZE))[1:])
+    if size <= smallest or cfg.get("fixed_input_size"):
+        return size
+    distiller.eval()
+    try:
+        with torch.no_grad():
+            distiller(torch.zeros(2, 3, smallest, smallest))
+    except Exception:  # whatever the model raises at a size it does not take
+        return size
+    return smallest
+
+
 def head_input_width(head: torch.nn.Module) -> int:
     first = next(m for m in head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     return first.in_channels if isinstance(first, torch.nn.Conv2d) else first.in_features
@@ -86,7 +107,7 @@ def hook_counts(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.slow
-def test_family(family: str, model_name: str) -> None:
+def test_family(family: str, model_name: str, tmp_path) -> None:
     if family in REFUSED:
         model, _ = create_small(model_name)
         hooks_before = hook_counts(model)
@@ -97,6 +118,7 @@ def test_family(family: str, model_name: str) -> None:
         return
 
     distiller, size, hooks_before = wrap_as_a_user_would(model_name)
+    size = smallest_input(distiller, size)
     model = distiller.model
     assert len(distiller.heads) >= 1
     channels = {e["module"]: e["num_chs"] for e in getattr(model, "feature_info", [])}
@@ -118,9 +140,11 @@ def test_family(family: str, model_name: str) -> None:
     assert tapped_by(plain) == []
     assert hook_counts(plain) == hooks_before
 
+    check_as_exits(distiller, family, torch.zeros(1, 3, size, size), tmp_path)
+
 
 def test_most_families_train_with_defaults() -> None:
-    total = len(timm.models._registry.list_modules())
+    total = len(timm_families())
     assert len(REFUSED) <= 0.1 * total, f"{len(REFUSED)} of {total} families refuse the defaults"
 
 

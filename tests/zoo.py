@@ -38,11 +38,25 @@ def parameter_count(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def timm_families() -> list[str]:
+    """The modules of ``timm.models`` that register a model; not those of other packages that
+    register models with timm (the training example's small ResNets), whose registration
+    depends on what was imported before."""
+    return sorted(
+        family
+        for family in _registry.list_modules()
+        if any(
+            _registry.model_entrypoint(name).__module__.startswith("timm.")
+            for name in timm.list_models(module=family)
+        )
+    )
+
+
 @functools.cache
 def smallest_per_family() -> dict[str, str]:
     """``{family: model name}`` for every module of ``timm.models`` that registers a model."""
     chosen = {}
-    for family in sorted(_registry.list_modules()):
+    for family in timm_families():
         names = sorted(timm.list_models(module=family), key=_size_rank)[:CANDIDATES_PER_FAMILY]
         if names:
             chosen[family] = min(names, key=lambda n: (parameter_count(n), n))
@@ -53,7 +67,7 @@ def cached_families(config) -> dict[str, str]:
     """:func:`smallest_per_family`, cached in pytest's cache per timm version (choosing builds
     about 300 models on the meta device)."""
     cache = getattr(config, "cache", None)
-    key = f"gradual_sd/zoo/timm-{timm.__version__}"
+    key = f"gradual_sd/zoo/timm-families-{timm.__version__}"
     families = cache.get(key, None) if cache is not None else None
     if families is None:
         families = smallest_per_family()
