@@ -141,3 +141,16 @@ def test_the_library_names_no_private_timm_module_and_no_torchvision_in_its_impo
             for module in modules:
                 assert not module.startswith("torchvision"), (path.name, module)
                 assert not (module.startswith("timm") and "._" in module), (path.name, module)
+
+
+DURATION = re.compile(r"\b\d+ min(?: \d+ s)?\b")  # a measured time; budgets are in seconds
+
+
+def test_times_are_stated_in_one_place():
+    """The README and the other pages cite docs/benchmarks.md (section 6) for how long the
+    project's commands take, instead of stating times that drift apart from it."""
+    section = (ROOT / "docs" / "benchmarks.md").read_text().split("## 6. How long the project's commands take")
+    assert len(section) == 2, "docs/benchmarks.md has no section 6 on how long the commands take"
+    for page in (ROOT / "README.md", ROOT / "docs" / "reproducing.md", ROOT / "docs" / "index.md"):
+        stated = DURATION.findall(page.read_text())
+        assert not stated, f"{page.name} states {stated}: give them in docs/benchmarks.md, section 6"
