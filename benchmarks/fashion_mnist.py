@@ -63,15 +63,14 @@ class Job:
 
 
 def priority() -> list[Job]:
-    """Every job, most needed first: three paired seeds of the three methods, the exit model
-    and a smaller static model, then the rest."""
+    """Every job, most needed first: seed 0 of every arm the exits need (the three methods, the
+    exit model and the smaller static models), seeds 1 and 2 of the three methods, then the rest."""
     jobs = []
     for seed in (0, 1, 2):
         jobs += [Job("full", arm, seed) for arm in ("baseline", "gsd", "gsd-acam")]
         if seed == 0:
-            jobs += [Job("full", "gsd-ce", 0), Job("full", "small_resnet10", 0)]
+            jobs += [Job("full", arm, 0) for arm in ("gsd-ce", "small_resnet10", "small_resnet18_narrow")]
     jobs += [Job("full", "gsd-ce", seed) for seed in (1, 2)]
-    jobs += [Job("full", "small_resnet18_narrow", 0)]
     jobs += [Job("10pct", arm, seed) for seed in (0, 1, 2) for arm in ("baseline", "gsd", "gsd-acam")]
     jobs += [Job("full", "byot", seed) for seed in (0, 1, 2)]
     jobs += [Job("full", arm, seed) for arm in ("small_resnet10", "small_resnet18_narrow") for seed in (1, 2)]
@@ -424,22 +423,25 @@ def paired(runs: list[dict], regime: str, arm: str, reference: str = "baseline")
 
     mine, theirs = by_seed(arm), by_seed(reference)
     seeds = sorted(set(mine) & set(theirs))
-    if len(seeds) < 2:
+    if not seeds:
         return None
     differences = [mine[s]["test_accuracy"] - theirs[s]["test_accuracy"] for s in seeds]
     mean = statistics.mean(differences)
-    sd = statistics.stdev(differences)
-    from scipy import stats
+    # One seed gives a difference but no spread and no test: both stay None.
+    sd = statistics.stdev(differences) if len(seeds) > 1 else None
+    p = None
+    if sd is not None:
+        from scipy import stats
 
-    p = (
-        float(
-            stats.ttest_rel(
-                [mine[s]["test_accuracy"] for s in seeds], [theirs[s]["test_accuracy"] for s in seeds]
-            ).pvalue
+        p = (
+            float(
+                stats.ttest_rel(
+                    [mine[s]["test_accuracy"] for s in seeds], [theirs[s]["test_accuracy"] for s in seeds]
+                ).pvalue
+            )
+            if sd > 0
+            else (0.0 if mean else 1.0)
         )
-        if sd > 0
-        else (0.0 if mean else 1.0)
-    )
     time_ratio = statistics.median(
         mine[s]["seconds_per_epoch"] / theirs[s]["seconds_per_epoch"] for s in seeds
     )
@@ -547,7 +549,7 @@ def tables(results: dict) -> str:
             if not mine:
                 continue
             accuracies = [r["test_accuracy"] for r in mine]
-            spread = statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan")
+            spread = f" ± {100 * statistics.stdev(accuracies):.2f}" if len(accuracies) > 1 else ""
             heads = {}
             for r in mine:
                 for head, value in r["head_accuracy"].items():
@@ -556,13 +558,15 @@ def tables(results: dict) -> str:
             comparison = results["comparisons"][regime].get(arm)
             versus = p = ratio = "-"
             if comparison:
-                versus = f"{100 * comparison['mean']:+.2f} ± {100 * comparison['sd']:.2f}"
-                p = f"{comparison['p_value']:.2f}"
+                versus = f"{100 * comparison['mean']:+.2f}"
+                if comparison["sd"] is not None:
+                    versus += f" ± {100 * comparison['sd']:.2f}"
+                    p = f"{comparison['p_value']:.2f}"
                 ratio = f"{comparison['epoch_time_ratio']:.2f}"
             step = results["step_time_ratio"].get(arm)
             step_text = "-" if step is None else f"{step:.2f}"
             lines.append(
-                f"| {arm} | {len(mine)} | {pct(statistics.mean(accuracies))} ± {100 * spread:.2f} | "
+                f"| {arm} | {len(mine)} | {pct(statistics.mean(accuracies))}{spread} | "
                 f"{', '.join(pct(a) for a in accuracies)} | {versus} | {p} | {head_text} | "
                 f"{step_text} | {ratio} |"
             )
@@ -618,8 +622,17 @@ def plot(results: dict, path: Path) -> None:
             color="tab:blue",
             label="exits, calibrated on validation" if model == rows[0]["model"] else None,
         )
+        labels: dict[tuple, list[dict]] = {}  # settings that chose the same thresholds share a label
         for r in points:
-            ax.annotate(r["setting"], (r["latency_ratio"], 100 * r["test_accuracy"]), fontsize=6)
+            labels.setdefault(tuple(r["thresholds"]), []).append(r)
+        for same in labels.values():
+            ax.annotate(
+                ", ".join(r["setting"] for r in same),
+                (same[0]["latency_ratio"], 100 * same[0]["test_accuracy"]),
+                xytext=(4, -3),
+                textcoords="offset points",
+                fontsize=7,
+            )
     statics = [r for r in results["static"] if r["batch"] == 1]
     markers = {"baseline": "s", "small_resnet10": "^", "small_resnet18_narrow": "v"}
     for arm, marker in markers.items():
@@ -632,7 +645,7 @@ def plot(results: dict, path: Path) -> None:
                 color="black",
                 label=f"static {'small_resnet18' if arm == 'baseline' else arm}",
             )
-    ax.set_xlabel("time per image relative to the exit model's backbone (ONNX Runtime, batch 1, 1 thread)")
+    ax.set_xlabel("time per image / the exit model's whole backbone\n(ONNX Runtime, batch 1, 1 thread)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fashion-MNIST: exits against smaller static models", fontsize=9)
     ax.grid(alpha=0.3)

@@ -226,3 +226,47 @@ def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     text = page.read_text()
     assert "old" not in text and text.endswith("<!-- fashion-mnist:end -->\n\nafter\n")
     assert "| gsd-ce | 1 |" in text and "| static model | batch |" in text
+
+
+def study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fashion_study", ROOT / "benchmarks" / "fashion_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_and_t_test_against_the_formula():
+    """The paired comparison: mean and spread of the per-seed differences, and the two-sided
+    p-value of t = mean / (sd / sqrt(n)) with n - 1 degrees of freedom; one seed gives the
+    difference alone, without a spread or a test."""
+    from scipy.stats import t as student
+
+    paired = study_module().paired
+    ours, theirs = [0.930, 0.925, 0.934, 0.921], [0.926, 0.924, 0.927, 0.922]
+
+    def run(method, seed, accuracy):
+        return {
+            "method": method,
+            "seed": seed,
+            "regime": "full",
+            "test_accuracy": accuracy,
+            "seconds_per_epoch": 2.0 if method == "gsd" else 1.0,
+        }
+
+    runs = [run("gsd", s, a) for s, a in enumerate(ours)] + [
+        run("baseline", s, a) for s, a in enumerate(theirs)
+    ]
+    runs.append(run("baseline", 9, 0.5))  # a seed the other arm lacks is not paired
+    result = paired(runs, "full", "gsd")
+    d = np.array(ours) - np.array(theirs)
+    statistic = d.mean() / (d.std(ddof=1) / np.sqrt(len(d)))
+    assert result["seeds"] == [0, 1, 2, 3]
+    assert result["mean"] == pytest.approx(d.mean()) and result["sd"] == pytest.approx(d.std(ddof=1))
+    assert result["p_value"] == pytest.approx(2 * student.sf(abs(statistic), len(d) - 1))
+    assert result["epoch_time_ratio"] == 2.0
+    one = paired(runs[:1] + runs[4:5], "full", "gsd")
+    assert one["mean"] == pytest.approx(0.004) and one["sd"] is None and one["p_value"] is None
+    assert paired(runs, "10pct", "gsd") is None
