@@ -7,7 +7,7 @@ first to need, such as a run trained once per session and read by several tests,
 larger budget. The budgets are about order of magnitude, not noise: a test over them is to be
 shrunk, made to share a fixture, or marked ``slow``.
 
-    python .ci/check_durations.py quick.xml --call-budget 10 --setup-budget 30
+    python .ci/check_durations.py quick.xml --call-budget 15 --setup-budget 45
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def phase_seconds(path: str) -> dict[str, dict[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("junit_xml")
-    parser.add_argument("--call-budget", type=float, default=10.0, help="seconds for a test's own run")
-    parser.add_argument("--setup-budget", type=float, default=30.0, help="seconds for a test's fixtures")
+    parser.add_argument("--call-budget", type=float, default=15.0, help="seconds for a test's own run")
+    parser.add_argument("--setup-budget", type=float, default=45.0, help="seconds for a test's fixtures")
     args = parser.parse_args(argv)
     phases = phase_seconds(args.junit_xml)
     over = []

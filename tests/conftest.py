@@ -3,30 +3,54 @@ import os
 import pytest
 import torch
 
-# How the tests go over pytest-xdist's workers (``-n 2 --dist loadgroup``): a module's tests stay
-# together on one worker, so its module-scoped fixtures are built once, except in the sweeps
-# below, whose tests share nothing and go one at a time to whichever worker is free; and the
-# example modules that read the session's shared runs (``rafdb_run``) share one worker, so that
-# each run trains once.
+# How the tests go over pytest-xdist's workers (``-n 2``): a module's tests stay together on one
+# worker, so its module-scoped fixtures are built once, except in the sweeps below, whose tests
+# share nothing and go one at a time to whichever worker is free; and the example modules that
+# read the session's shared runs (``rafdb_run``) share one worker, so that each run trains once.
 SPREAD = {"test_zoo", "test_hf_zoo"}
 SHARED_RUNS = {"test_examples_training", "test_examples_protocol"}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of tests that one worker runs together, for a test's node id."""
+    module = nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+    if module in SPREAD:
+        return nodeid
+    return "shared_runs" if module in SHARED_RUNS else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scope scheduling with :func:`work_unit` as the scope. (Its ``loadgroup`` mode
+    would do this from marks, but it renames node ids in a way pytest 9.2 no longer sees, and
+    then spreads a module's tests over both workers.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
+# The longest work units, started first so that no worker is left with one at the end while the
+# other idles (about a quarter of the quick tier's time, measured with --durations).
+FIRST = ["test_examples_protocol", "test_examples_exits", "test_examples_reliability", "test_deploy"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
+        unit = "test_examples_protocol" if module in SHARED_RUNS else module
+        return FIRST.index(unit) if unit in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order is kept
 
 
 def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:  # a worker: its share of the cores, not all of them for each worker
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module not in SPREAD:
-            group = "shared_runs" if module in SHARED_RUNS else module
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(tryfirst=True)

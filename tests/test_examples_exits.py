@@ -145,6 +145,7 @@ def test_every_report_describes_the_epoch_the_headline_reports(digits_run):
     assert report["report"]["exits"][0]["flops_ratio"] == pytest.approx(report["tradeoff"][0]["flops_ratio"])
 
 
+@pytest.mark.slow  # a third epoch and every export again: 19 s, over the quick tier's 10 s budget
 def test_a_resumed_run_reports_the_epoch_validation_picked(digits_run, tmp_path, monkeypatch):
     """A resumed run gets the selected epoch and its weights from its checkpoint."""
     run = digits_run[0].copy(tmp_path)

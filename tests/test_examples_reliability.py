@@ -96,7 +96,8 @@ def test_metrics_json_is_strict_with_a_note_for_non_finite_values(tmp_path):
 # --- run identity on --resume ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A two-epoch imagefolder run from a weights file, checkpoint kept."""
+    """A two-epoch imagefolder run from a weights file, checkpoint kept; the plain baseline,
+    since what the run's identity holds does not depend on the method (and it saves no exits)."""
     root = tmp_path_factory.mktemp("identity")
     data = image_folder(root / "data")
     torch.manual_seed(0)
@@ -104,6 +105,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(1)
     torch.save(timm.create_model("test_resnet", num_classes=2).state_dict(), root / "w1.pth")
     run = [*data, *NO_WEIGHTS, "--weights", str(root / "w0.pth"), "--epochs", "2", "--keep-checkpoint"]
+    run += ["--method", "baseline"]
     train_gsdnet.main([*run, "--output-dir", str(root / "run")])
     return root, run
 

@@ -53,27 +53,12 @@ def timm_families() -> list[str]:
 
 
 @functools.cache
-def smallest_per_family() -> dict[str, str]:
-    """``{family: model name}`` for every module of ``timm.models`` that registers a model."""
-    chosen = {}
-    for family in timm_families():
-        names = sorted(timm.list_models(module=family), key=_size_rank)[:CANDIDATES_PER_FAMILY]
-        if names:
-            chosen[family] = min(names, key=lambda n: (parameter_count(n), n))
-    return chosen
-
-
-def cached_families(config) -> dict[str, str]:
-    """:func:`smallest_per_family`, cached in pytest's cache per timm version (choosing builds
-    about 300 models on the meta device)."""
-    cache = getattr(config, "cache", None)
-    key = f"gradual_sd/zoo/timm-families-{timm.__version__}"
-    families = cache.get(key, None) if cache is not None else None
-    if families is None:
-        families = smallest_per_family()
-        if cache is not None:
-            cache.set(key, families)
-    return families
+def smallest_in(family: str) -> str:
+    """The model a zoo test builds for ``family``: of the first few names by size word, the one
+    with the fewest parameters. Chosen when the family's test runs, not at collection, so that
+    a run that deselects the zoo (the quick tier) builds none of the candidates."""
+    names = sorted(timm.list_models(module=family), key=_size_rank)[:CANDIDATES_PER_FAMILY]
+    return min(names, key=lambda n: (parameter_count(n), n))
 
 
 def train_two_steps(distiller, images: torch.Tensor, targets: torch.Tensor) -> None:
