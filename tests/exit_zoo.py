@@ -53,13 +53,19 @@ def thresholds_for_every_exit(confidence: list[torch.Tensor]) -> list[float] | N
     return thresholds
 
 
-def spread_confidences(exits: EarlyExitModel, images: torch.Tensor, largest_logit: float = 8.0) -> None:
+def spread_confidences(exits: EarlyExitModel, images: torch.Tensor, largest_logit: float = 8.0) -> float:
     """Make each head's classifier answer ``images`` with logits ``f * (z - mean z)``, the mean
     over the batch, largest about ``largest_logit``. Untrained heads on random images give every
     sample nearly the same logits (confidences within 1e-3 on a fresh ResNet), too close to set
-    thresholds between; this keeps what differs between samples and spreads them over (0, 1)."""
+    thresholds between; this keeps what differs between samples and spreads them over (0, 1).
+
+    Returns the rounding the spread logits may carry: ``f`` times a float32 pass's rounding of
+    ``z`` (1e-6 of its size; 5e-7 measured between batch sizes), since ``f`` magnifies it too.
+    Where the samples' logits differ by little (NextViT after two steps), that exceeds the usual
+    tolerance."""
     with torch.inference_mode():
         logits = exits.exit_logits(images)[:-1]
+    rounding = 0.0
     for head, z in zip(exits.heads, logits):
         classes = z.shape[-1]
         linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.out_features == classes]
@@ -68,9 +74,11 @@ def spread_confidences(exits: EarlyExitModel, images: torch.Tensor, largest_logi
         assert classifier.bias is not None, f"{type(head).__name__}'s classifier has no bias"
         mean = z.mean(0)
         factor = largest_logit / max(float((z - mean).abs().max()), 1e-12)
+        rounding = max(rounding, factor * 1e-6 * float(z.abs().max()))
         with torch.no_grad():  # W h + b  ->  f * (W h + b - mean)
             classifier.bias.sub_(mean).mul_(factor)
             classifier.weight.mul_(factor)
+    return rounding
 
 
 def expected_routing(logits: list[torch.Tensor], thresholds: list[float]) -> tuple[list[int], torch.Tensor]:
@@ -83,9 +91,10 @@ def expected_routing(logits: list[torch.Tensor], thresholds: list[float]) -> tup
     return index, torch.stack([logits[k][i] for i, k in enumerate(index)])
 
 
-def check_exits(exits: EarlyExitModel, images: torch.Tensor) -> list[float] | None:
+def check_exits(exits: EarlyExitModel, images: torch.Tensor, rounding: float = 0.0) -> list[float] | None:
     """The PyTorch checks; returns the thresholds of the mixed batch (``None`` if its
-    confidences could not be split), left set on ``exits``."""
+    confidences could not be split), left set on ``exits``. ``rounding``: what the logits may
+    differ by between batch sizes beyond the usual tolerance (``spread_confidences``)."""
     heads = len(exits.heads)
     with torch.inference_mode():
         exits.set_thresholds(float("inf"))
@@ -108,7 +117,7 @@ def check_exits(exits: EarlyExitModel, images: torch.Tensor) -> list[float] | No
     assert out.exit_index.tolist() == index
     # The routed samples run in smaller batches, whose kernels may round differently.
     scale = float(expected.abs().max())
-    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-4, atol=max(1e-4 * scale, rounding))
     return thresholds
 
 
@@ -208,8 +217,8 @@ def check_as_exits(distiller: GradualSelfDistiller, name: str, example: torch.Te
     # (SAM2's Hiera at 1024 px), where every pass is seconds.
     per_exit = 3 if example[0].numel() <= 3 * 256 * 256 else 1
     images = batch_like(example, per_exit * (len(exits.heads) + 1) + 1, seed=1)
-    spread_confidences(exits, images)
-    thresholds = check_exits(exits, images)
+    rounding = spread_confidences(exits, images)
+    thresholds = check_exits(exits, images, rounding)
     if not (ALL_ONNX or name in ONNX_CI) or not example.is_floating_point():
         return  # the runtime takes float32 images, not token ids (ImageGPT)
     assert thresholds is not None, f"{name}: no batch where samples leave at every exit"
