@@ -572,24 +572,32 @@ def tables(results: dict) -> str:
             )
         lines.append("")
     if results["exits"]:
+
+        def times(rows: list[dict]) -> str:
+            return " / ".join(f"{r['latency_ratio']:.2f}" for r in sorted(rows, key=lambda r: r["batch"]))
+
+        batches = " / ".join(str(b) for b in sorted({r["batch"] for r in results["exits"]}))
         lines += [
-            "Exits (ONNX Runtime, 1 thread) against the exit model's backbone as one ONNX file:",
+            "Exits (ONNX Runtime, 1 thread), time against the exit model's backbone as one ONNX file:",
             "",
-            "| model | setting | batch | test accuracy % | share per exit % | time x |",
-            "|---|---|---|---|---|---|",
+            f"| model | setting | test accuracy % | share per exit % | time x (batch {batches}) |",
+            "|---|---|---|---|---|",
         ]
+        calibrated: dict[tuple, list[dict]] = {}
         for row in results["exits"]:
-            if row["setting"].startswith("shared"):
-                continue
-            shares = " / ".join(f"{100 * s:.0f}" for s in row["exit_shares"])
+            if not row["setting"].startswith("shared"):
+                calibrated.setdefault((row["model"], row["setting"]), []).append(row)
+        for (model, setting), rows in calibrated.items():
+            shares = " / ".join(f"{100 * s:.0f}" for s in rows[0]["exit_shares"])
             lines.append(
-                f"| {row['model']} | {row['setting']} | {row['batch']} | {pct(row['test_accuracy'])} | "
-                f"{shares} | {row['latency_ratio']:.2f} |"
+                f"| {model} | {setting} | {pct(rows[0]['test_accuracy'])} | {shares} | {times(rows)} |"
             )
-        lines += ["", "| static model | batch | test accuracy % | time x |", "|---|---|---|---|"]
+        lines += ["", f"| static model | test accuracy % | time x (batch {batches}) |", "|---|---|---|"]
+        static: dict[str, list[dict]] = {}
         for row in results["static"]:
-            accuracy, ratio = pct(row["test_accuracy"]), f"{row['latency_ratio']:.2f}"
-            lines.append(f"| {row['model']} | {row['batch']} | {accuracy} | {ratio} |")
+            static.setdefault(row["model"], []).append(row)
+        for model, rows in static.items():
+            lines.append(f"| {model} | {pct(rows[0]['test_accuracy'])} | {times(rows)} |")
     return "\n".join(lines)
 
 

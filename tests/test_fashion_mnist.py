@@ -225,7 +225,7 @@ def test_study_end_to_end_on_a_tiny_folder(tmp_path):
     assert plot.stat().st_size > 0
     text = page.read_text()
     assert "old" not in text and text.endswith("<!-- fashion-mnist:end -->\n\nafter\n")
-    assert "| gsd-ce | 1 |" in text and "| static model | batch |" in text
+    assert "| gsd-ce | 1 |" in text and "| static model | test accuracy % |" in text
 
 
 def study_module():
