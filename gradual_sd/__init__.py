@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the public names, each with the module that defines it; __g
     from ._finite import FiniteCheck
     from ._heads import BottleneckHead, HeadFactory, PooledHead
     from ._losses import GradualDistillationLoss, feature_l2, feature_mse, kl_divergence, soft_cross_entropy
-    from ._outputs import StageInfo
+    from ._records import StageInfo
     from ._stages import ModelStages, default_stage_names, describe_stages, list_stages
     from ._surgery import ChannelsLast, insert_after, replace_squeeze_excite, squeeze_excite_kinds
     from .early_exit._model import EarlyExitModel

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._inputs import checked_example
 from ._lookup import find_module
-from ._outputs import Output, Probe
+from ._records import Output, Probe
 from ._probing import checked_model, main_logits, run_probe
 from ._taps import Hooks
 

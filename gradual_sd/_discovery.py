@@ -24,7 +24,8 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 from ._layout import LayoutError
-from ._outputs import FeatureInfo, NotAStage, Observation, Reason, StageInfo, Tapped, describe
+from ._outputs import NotAStage, Observation, Reason, Tapped, describe
+from ._records import FeatureInfo, StageInfo
 from ._tuning import (
     DEEP_RESOLUTIONS,
     FINER,

@@ -22,7 +22,7 @@ from ._heads import BottleneckHead, HeadFactory
 from ._inputs import checked_example, checked_forward, placement
 from ._layout import Layout
 from ._losses import INDEX_DTYPES, GradualDistillationLoss, check_targets, target_rule, targets_valid
-from ._outputs import StageInfo, StageViews
+from ._records import StageInfo, StageViews
 from ._probing import checked_model, main_logits
 from ._stages import discover
 from ._taps import StageTaps, tapped_by, to_feature_map

@@ -1,4 +1,4 @@
-"""Everything discovery learns by running or reading the model, as the records of ``_outputs``;
+"""Everything discovery learns by running or reading the model, as the records of ``_records``;
 and the checks on what a model must be (a plain module that takes images and returns logits).
 
 A dry run (:func:`run_probe`) runs the model once in eval mode without gradients, with hooks on
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._inputs import default_example_input, input_positions, is_token_ids
-from ._outputs import FeatureInfo, ModelFacts, Output, Probe
+from ._records import FeatureInfo, ModelFacts, Output, Probe
 from ._taps import Hooks
 from ._tuning import SCALE
 

@@ -24,7 +24,8 @@ from ._discovery import default_stages, feature_info_stages, listing
 from ._inputs import checked_example
 from ._layout import Layout, LayoutError
 from ._lookup import find_module
-from ._outputs import ModelFacts, NotAStage, Observation, Probe, Reason, StageInfo, Tapped, describe
+from ._outputs import NotAStage, Observation, Reason, Tapped, describe
+from ._records import ModelFacts, Probe, StageInfo
 from ._outputs import observe, seen_again
 from ._probing import checked_model, probe_again, read_model, run_probe
 from ._tuning import DEFAULT_MAX_HEADS

@@ -33,20 +33,6 @@ def pytest_xdist_make_scheduler(config, log):
     return ByWorkUnit(config, log)
 
 
-# The longest work units, started first so that no worker is left with one at the end while the
-# other idles (about a quarter of the quick tier's time, measured with --durations).
-FIRST = ["test_examples_protocol", "test_examples_exits", "test_examples_reliability", "test_deploy"]
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        module = item.nodeid.split("::", 1)[0].rpartition("/")[2].removesuffix(".py")
-        unit = "test_examples_protocol" if module in SHARED_RUNS else module
-        return FIRST.index(unit) if unit in FIRST else len(FIRST)
-
-    items.sort(key=rank)  # stable: each module's own order is kept
-
-
 def pytest_configure(config):
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:  # a worker: its share of the cores, not all of them for each worker

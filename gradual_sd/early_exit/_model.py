@@ -21,7 +21,7 @@ from torch import nn
 
 from .._exit_thresholds import checked_thresholds, is_enabled
 from .._layout import LAYOUTS
-from .._outputs import StageInfo, StageViews
+from .._records import StageInfo, StageViews
 from .._probing import main_logits
 from .._taps import Hooks, to_feature_map
 from ._calibration import CalibrationMixin

@@ -15,7 +15,7 @@ from .._attention import ACAM, NormalizedACAM
 from .._exit_thresholds import loaded_thresholds, saved_thresholds
 from .._heads import BottleneckHead, PooledHead
 from .._inputs import placement
-from .._outputs import StageInfo
+from .._records import StageInfo
 from ..runtime._manifest import SAVED_CONFIG as CONFIG_FILE
 from ._probe import example_of_shape
 

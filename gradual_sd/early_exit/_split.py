@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 from torch.utils import _pytree as pytree
 
-from .._outputs import StageInfo
+from .._records import StageInfo
 from .._probing import main_logits
 from .._taps import Hooks
 
